@@ -1,0 +1,133 @@
+"""Attention over the paged KV cache.
+
+The model files carry no batching metadata: the ModelRunner sets a forward `Context` (which tokens belong to which
+sequence, where their keys go in the cache, each sequence's block table) and attention reads it from here, as in
+nano-vllm. The torch path below is the CPU path and the reference the GPU kernels are tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Context:
+    is_prefill: bool = False
+    slot_mapping: torch.Tensor | None = None  # [T] flat cache slot of each new token
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] (padded with 0)
+    context_lens: torch.Tensor | None = None  # [B] tokens in the cache after this step
+    query_lens: list[int] = field(default_factory=list)  # prefill: new tokens of each sequence
+    context_lens_list: list[int] = field(default_factory=list)
+    block_size: int = 16
+
+
+_CONTEXT = Context()
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def set_context(ctx: Context) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def reset_context() -> None:
+    set_context(Context())
+
+
+def _gather_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(n, device=block_table.device)
+    return block_table[pos // block_size] * block_size + pos % block_size  # [n]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: Context,
+                    scale: float) -> torch.Tensor:
+    """q [T, H, Dk] against every cached key of its sequence (the new ones already stored) -> [T, H, Dv].
+
+    k_cache [N, block, Hkv, Dk], v_cache [N, block, Hkv, Dv]; Hkv divides H (grouped-query attention).
+    """
+    H = q.shape[1]
+    Hkv = k_cache.shape[2]
+    gqa = H != Hkv
+    if not ctx.is_prefill:
+        B = q.shape[0]
+        k = k_cache[ctx.block_tables].flatten(1, 2)  # [B, L, Hkv, Dk]
+        v = v_cache[ctx.block_tables].flatten(1, 2)  # [B, L, Hkv, Dv]
+        L = k.shape[1]
+        mask = torch.arange(L, device=q.device)[None, :] < ctx.context_lens[:, None]  # [B, L]
+        out = F.scaled_dot_product_attention(q.view(B, H, 1, -1), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa)
+        return out.view(B, H, -1)
+    outs = []
+    k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    start = 0
+    for i, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens_list)):
+        qi = q[start:start + qlen].transpose(0, 1)  # [H, qlen, Dk]
+        slots = _gather_slots(ctx.block_tables[i], clen, ctx.block_size)
+        ki, vi = k_flat[slots].transpose(0, 1), v_flat[slots].transpose(0, 1)  # [Hkv, clen, D]
+        if qlen == clen:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:  # a cached prefix (resumed or chunked): query t sits at position clen - qlen + t
+            qpos = torch.arange(clen - qlen, clen, device=q.device)
+            mask = torch.arange(clen, device=q.device)[None, :] <= qpos[:, None]
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        outs.append(oi.transpose(0, 1))
+        start += qlen
+    return torch.cat(outs, dim=0)
+
+
+def store_kv(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """cache [N, block, ...] <- x [T, ...] at the flat slots."""
+    cache.view(-1, *cache.shape[2:])[slot_mapping] = x.to(cache.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a paged cache; the runner assigns `k_cache` / `v_cache`."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, num_kv_heads, scale
+        self.k_cache = self.v_cache = torch.tensor([])
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
+        return [(num_blocks, block_size, self.num_kv_heads, self.head_dim)] * 2
+
+    def bind_cache(self, caches: list[torch.Tensor]) -> None:
+        self.k_cache, self.v_cache = caches
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
+        ctx = get_context()
+        store_kv(self.k_cache, k, ctx.slot_mapping)
+        store_kv(self.v_cache, v, ctx.slot_mapping)
+        return paged_attention(q, self.k_cache, self.v_cache, ctx, self.scale)
+
+
+class MLAAttention(nn.Module):
+    """Multi-head latent attention in the absorbed form: the cache holds only the compressed latent and the rope
+    key of each token, [N, block, kv_lora_rank + qk_rope_head_dim], read by all heads at once."""
+
+    def __init__(self, num_heads: int, kv_lora_rank: int, qk_rope_head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.kv_lora_rank, self.rope_dim, self.scale = num_heads, kv_lora_rank, qk_rope_head_dim, scale
+        self.kv_cache = torch.tensor([])
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> list[tuple[int, ...]]:
+        return [(num_blocks, block_size, 1, self.kv_lora_rank + self.rope_dim)]
+
+    def bind_cache(self, caches: list[torch.Tensor]) -> None:
+        (self.kv_cache,) = caches
+
+    def forward(self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_latent: torch.Tensor,
+                k_pe: torch.Tensor) -> torch.Tensor:
+        """q_latent [T, H, r] (q_nope absorbed through W_UK), q_pe [T, H, dr], kv_latent [T, r], k_pe [T, dr]
+        -> the attention-weighted latent [T, H, r] (the caller applies W_UV)."""
+        ctx = get_context()
+        store_kv(self.kv_cache, torch.cat([kv_latent, k_pe], dim=-1)[:, None, :], ctx.slot_mapping)
+        q = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, r + dr]
+        return paged_attention(q, self.kv_cache, self.kv_cache[..., :self.kv_lora_rank], ctx, self.scale)

@@ -1,0 +1,176 @@
+"""Linear layers that ask a quant method to create and apply their weights, tensor-parallel aware.
+
+As in nano-vllm and vLLM: each layer knows its logical [out, in] size and its partition on this rank; the quant
+method (one per scheme, `lowbit.quant.methods`) registers the parameters it needs (a bf16 `weight`, or
+`weight_packed` + `weight_scale` + ...) through `layer.register()`, tagging which axis of each parameter follows
+the layer's output or input features. The layer's `weight_loader` then slices any checkpoint tensor for this rank
+from those tags alone, so a new scheme needs no new loading code, and merged layers (qkv, gate_up) place each
+shard at its offset.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.engine import parallel
+
+
+class LinearMethod:
+    """How one linear layer's weights are stored and multiplied. One subclass per scheme."""
+
+    def create_weights(self, layer: "LinearBase") -> None:
+        raise NotImplementedError
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
+        """x [T, in_per_partition] -> [T, out_per_partition], bias excluded."""
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: "LinearBase") -> None:
+        """Repack loaded tensors for the kernels that will read them (no-op by default)."""
+
+    def dequantized_weight(self, layer: "LinearBase") -> torch.Tensor:
+        """The weight this layer multiplies by, [out_per_partition, in_per_partition], in float32."""
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    def create_weights(self, layer):
+        layer.register("weight", torch.empty(layer.out_per_partition, layer.in_per_partition, dtype=layer.params_dtype),
+                       output_dim=0, input_dim=1)
+
+    def apply(self, layer, x):
+        return F.linear(x, layer.weight)
+
+    def dequantized_weight(self, layer):
+        return layer.weight.float()
+
+
+def _divide(a: int, b: int, what: str) -> int:
+    if a % b:
+        raise ValueError(f"{what}={a} is not divisible by the tensor-parallel size {b}")
+    return a // b
+
+
+class LinearBase(nn.Module):
+    """A linear layer whose weights a LinearMethod owns.
+
+    tp_dim: 0 shards the output features across tensor-parallel ranks (column parallel), 1 shards the input
+    features (row parallel), None replicates. `output_sizes` lists the logical outputs merged in this layer
+    (q, k, v; gate, up), each split across ranks on its own.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, tp_dim: int | None = None,
+                 quant_method: LinearMethod | None = None, params_dtype: torch.dtype | None = None,
+                 prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
+        self.tp_dim = tp_dim
+        self.tp_size = parallel.tp_size() if tp_dim is not None else 1
+        self.tp_rank = parallel.tp_rank() if tp_dim is not None else 0
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(output_sizes)
+        if tp_dim == 0:
+            self.output_partition_sizes = [_divide(s, self.tp_size, f"{prefix} output size") for s in output_sizes]
+            self.in_per_partition = input_size
+        elif tp_dim == 1:
+            self.output_partition_sizes = list(output_sizes)
+            self.in_per_partition = _divide(input_size, self.tp_size, f"{prefix} input size")
+        else:
+            self.output_partition_sizes = list(output_sizes)
+            self.in_per_partition = input_size
+        self.out_per_partition = sum(self.output_partition_sizes)
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self)
+        if bias:
+            # a row-parallel bias is added once, after the all-reduce, so it is not sharded
+            self.register("bias", torch.zeros(self.out_per_partition, dtype=self.params_dtype),
+                          output_dim=0 if tp_dim != 1 else None)
+        else:
+            self.bias = None
+
+    # ------------------------------------------------------------------ parameters
+    def register(self, name: str, tensor: torch.Tensor, output_dim: int | None = None, input_dim: int | None = None,
+                 weight_loader: Callable | None = None) -> nn.Parameter:
+        """Register a parameter; output_dim / input_dim name the axes that follow the layer's out / in features."""
+        param = nn.Parameter(tensor, requires_grad=False)
+        param.output_dim = output_dim
+        param.input_dim = input_dim
+        param.weight_loader = weight_loader or self.weight_loader
+        self.register_parameter(name, param)
+        return param
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None = None) -> None:
+        """Copy this rank's part of a checkpoint tensor into `param` (at shard `shard_id` of a merged layer)."""
+        dst = param.data
+        out_dim, in_dim = param.output_dim, param.input_dim
+        if out_dim is not None:
+            # the parameter's extent along out_dim relative to the features (1 for weights and per-channel
+            # scales, 1/8 for zero points packed eight to an int32, ...)
+            ratio = dst.shape[out_dim] / self.out_per_partition
+            if shard_id is None:
+                if len(self.output_sizes) > 1:
+                    raise ValueError(f"{self.prefix}: merged layer needs a shard id to load {tuple(loaded.shape)}")
+                shard_id = 0
+            offset = round(sum(self.output_partition_sizes[:shard_id]) * ratio)
+            size = round(self.output_partition_sizes[shard_id] * ratio)
+            dst = dst.narrow(out_dim, offset, size)
+            if self.tp_dim == 0 and self.tp_size > 1:
+                loaded = loaded.narrow(out_dim, self.tp_rank * size, size)
+        elif shard_id not in (None, 0) and dst.numel() == loaded.numel():
+            pass  # a per-tensor value shared by every shard (e.g. a static input scale): the last one loaded wins
+        if in_dim is not None and self.tp_dim == 1 and self.tp_size > 1:
+            size = dst.shape[in_dim]
+            loaded = loaded.narrow(in_dim, self.tp_rank * size, size)
+        if tuple(dst.shape) != tuple(loaded.shape):
+            raise ValueError(f"{self.prefix}: checkpoint tensor of shape {tuple(loaded.shape)} does not fit "
+                             f"parameter of shape {tuple(dst.shape)}")
+        dst.copy_(loaded)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quant_method.apply(self, x)
+        if self.tp_dim == 1 and self.tp_size > 1:
+            y = parallel.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_sizes}, tp_dim={self.tp_dim}, "
+                f"method={type(self.quant_method).__name__}")
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, **kw):
+        super().__init__(input_size, [output_size], bias=bias, tp_dim=None, **kw)
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, **kw):
+        super().__init__(input_size, [output_size], bias=bias, tp_dim=0, **kw)
+
+
+class MergedColumnParallelLinear(LinearBase):
+    """Several column-parallel outputs of the same input in one matmul (gate and up)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, **kw):
+        super().__init__(input_size, output_sizes, bias=bias, tp_dim=0, **kw)
+
+
+class QKVParallelLinear(LinearBase):
+    """q, k and v projections in one matmul; heads split across ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 **kw):
+        super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+                         bias=bias, tp_dim=0, **kw)
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, **kw):
+        super().__init__(input_size, [output_size], bias=bias, tp_dim=1, **kw)

@@ -1,0 +1,191 @@
+"""Reading a checkpoint (a Hugging Face folder of safetensors shards, or a GGUF file) into a lowbit model.
+
+Safetensors and GGUF only: never pickle, never remote code. Every error names the file and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lowbit.config import ConfigError, ModelConfig
+from lowbit.quant.config import quant_config_for
+
+INCOMPLETE_MARKER = ".lowbit-incomplete"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint on disk does not hold what its config says."""
+
+
+class Checkpoint:
+    """A model on disk: its config.json (or GGUF metadata) and its tensors, read lazily one at a time."""
+
+    def __init__(self, path: str):
+        if not os.path.exists(path):
+            raise ConfigError(f"{path}: no such file or directory")
+        self.path = path
+        self.is_gguf = os.path.isfile(path) and path.endswith(".gguf")
+        if self.is_gguf:
+            from lowbit.quant import gguf
+            self.config_dict = gguf.read_config(path)
+            self._names = {n: path for n in gguf.tensor_names(path)}
+            return
+        if os.path.isfile(path):
+            raise ConfigError(f"{path}: expected a model folder (config.json + safetensors) or a .gguf file")
+        if os.path.exists(os.path.join(path, INCOMPLETE_MARKER)):
+            raise CheckpointError(f"{path}: this checkpoint is incomplete (a quantization was interrupted); "
+                                  f"run the same lowbit quantize command again to finish it")
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise ConfigError(f"{cfg_path}: no such file (is {path} a Hugging Face model folder?)")
+        with open(cfg_path) as f:
+            try:
+                self.config_dict = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
+        if any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(path)) and not any(
+                name.endswith(".safetensors") for name in os.listdir(path)):
+            raise CheckpointError(f"{path}: only pickle weights (.bin/.pt) found; lowbit reads safetensors only")
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self._names = {n: os.path.join(path, f) for n, f in weight_map.items()}
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"{path}: no .safetensors files")
+            from safetensors import safe_open
+            self._names = {}
+            for fn in files:
+                with safe_open(os.path.join(path, fn), "pt") as f:
+                    for n in f.keys():
+                        self._names[n] = os.path.join(path, fn)
+
+    def model_config(self) -> ModelConfig:
+        src = self.path if self.is_gguf else os.path.join(self.path, "config.json")
+        return ModelConfig.from_dict(self.config_dict, source=src)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def file_of(self, name: str) -> str:
+        return self._names[name]
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for the given names (all when None), opening each shard once."""
+        if self.is_gguf:
+            from lowbit.quant import gguf
+            wanted = None if names is None else set(names)
+            for n, t in gguf.iter_tensors(self.path, self.config_dict):
+                if wanted is None or n in wanted:
+                    yield n, t
+            return
+        from safetensors import safe_open
+        by_file: dict[str, list[str]] = {}
+        for n in (self._names if names is None else names):
+            if n not in self._names:
+                raise CheckpointError(f"{self.path}: no tensor named {n}")
+            by_file.setdefault(self._names[n], []).append(n)
+        for fn, ns in by_file.items():
+            if not os.path.exists(fn):
+                raise CheckpointError(f"{fn}: shard listed in model.safetensors.index.json is missing")
+            with safe_open(fn, "pt") as f:
+                for n in ns:
+                    yield n, f.get_tensor(n)
+
+
+def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"shape {tuple(loaded.shape)} does not fit parameter of shape {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def model_class(cfg: ModelConfig):
+    if cfg.is_deepseek:
+        from lowbit.models.deepseek import DeepseekForCausalLM
+        return DeepseekForCausalLM
+    from lowbit.models.llama import LlamaForCausalLM
+    return LlamaForCausalLM
+
+
+def param_target(model: nn.Module, name: str) -> tuple[str, int | None]:
+    """The model parameter a checkpoint tensor loads into, and its shard of a merged layer."""
+    to_param = getattr(model, "checkpoint_to_param_name", None)
+    if to_param is not None:
+        name = to_param(name)
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in model.packed_modules_mapping:
+            merged, shard = model.packed_modules_mapping[part]
+            parts[i] = merged
+            return ".".join(parts), shard
+    return name, None
+
+
+def build_model(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+                quant_config=None) -> nn.Module:
+    quant_config = quant_config if quant_config is not None else quant_config_for(cfg)
+    with torch.device(device):
+        return model_class(cfg)(cfg, quant_config, dtype, checkpoint_names=ckpt.names())
+
+
+def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> None:
+    """Load every tensor into its parameter; fail naming the tensor on a missing, extra or misshapen one."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[tuple[str, int | None]] = set()
+    for name, tensor in ckpt.iter_tensors():
+        if "rotary_emb.inv_freq" in name:
+            continue
+        pname, shard = param_target(model, name)
+        param = params.get(pname)
+        if param is None:
+            raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name} has no place in a "
+                                  f"{model.config.model_type} model of this config")
+        loader = getattr(param, "weight_loader", _default_weight_loader)
+        try:
+            loader(param, tensor.to(device), shard) if shard is not None else loader(param, tensor.to(device))
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name}: {e}") from None
+        loaded.add((pname, shard))
+    _check_complete(model, params, loaded, ckpt)
+    for module in model.modules():
+        qm = getattr(module, "quant_method", None)
+        if qm is not None:
+            qm.process_weights_after_loading(module)
+    for module in model.modules():
+        hook = getattr(module, "process_weights_after_loading", None)
+        if hook is not None:
+            hook()
+
+
+def _check_complete(model, params, loaded, ckpt) -> None:
+    inverse = {v[0]: k for k, v in model.packed_modules_mapping.items()}
+    tied = {n for n, p in params.items() if any(p is q for m, q in params.items() if m != n)}
+    for pname, param in params.items():
+        n_shards = _num_shards(model, pname)
+        needed = [(pname, None)] if n_shards is None else [(pname, s) for s in range(n_shards)]
+        for key in needed:
+            if key in loaded or (pname in tied and any(k[0] in tied for k in loaded)):
+                continue
+            ckpt_name = pname
+            if key[1] is not None:
+                merged = next(p for p in pname.split(".") if p in inverse or _is_merged(model, p))
+                orig = [k for k, v in model.packed_modules_mapping.items() if v == (merged, key[1])][0]
+                ckpt_name = pname.replace(merged, orig)
+            raise CheckpointError(f"{ckpt.path}: checkpoint is missing tensor {ckpt_name}")
+
+
+def _is_merged(model, part: str) -> bool:
+    return any(v[0] == part for v in model.packed_modules_mapping.values())
+
+
+def _num_shards(model, pname: str) -> int | None:
+    for part in pname.split(".")[:-1]:
+        if _is_merged(model, part):
+            return sum(1 for v in model.packed_modules_mapping.values() if v[0] == part)
+    return None
