@@ -40,6 +40,23 @@ def reset_context() -> None:
     set_context(Context())
 
 
+def prefill_context(seq_lens: list[int], block_size: int, device) -> tuple[Context, int]:
+    """A context for running whole sequences through attention outside the engine (calibration, scoring): the
+    sequences are laid out one after another in a cache of the returned number of blocks, which the caller binds."""
+    tables, slots, next_block = [], [], 0
+    for n in seq_lens:
+        nb = -(-n // block_size)
+        tables.append(list(range(next_block, next_block + nb)))
+        slots.append(torch.arange(n) + next_block * block_size)
+        next_block += nb
+    width = max(len(t) for t in tables)
+    ctx = Context(is_prefill=True, slot_mapping=torch.cat(slots).to(device),
+                  block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
+                  context_lens=torch.tensor(seq_lens, device=device), query_lens=list(seq_lens),
+                  context_lens_list=list(seq_lens), block_size=block_size)
+    return ctx, next_block
+
+
 def _gather_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
     pos = torch.arange(n, device=block_table.device)
     return block_table[pos // block_size] * block_size + pos % block_size  # [n]
