@@ -11,17 +11,14 @@ from torch import nn
 from lowbit.layers.mlp import GatedMLP
 
 
-class Experts(nn.Module):
+class Experts(nn.ModuleList):
+    """Expert e is `self[e]`, so its parameters are named `experts.{e}.gate_up_proj...` as in checkpoints."""
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, quant_config=None,
                  prefix: str = "", params_dtype=None):
-        super().__init__()
+        super().__init__(GatedMLP(hidden_size, intermediate_size, quant_config, f"{prefix}.{e}", params_dtype)
+                         for e in range(num_experts))
         self.num_experts = num_experts
-        self.experts = nn.ModuleList(
-            GatedMLP(hidden_size, intermediate_size, quant_config, f"{prefix}.{e}", params_dtype)
-            for e in range(num_experts))
-
-    def __getitem__(self, e: int) -> GatedMLP:
-        return self.experts[e]
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], topk_ids / topk_weights [T, K] -> sum_k weight_k * expert_k(x) [T, D]."""
@@ -37,7 +34,7 @@ class Experts(nn.Module):
                 continue
             idx = order[start:start + n]
             tok = token_of[start:start + n]
-            y = self.experts[e](x[tok]) * topk_weights.flatten()[idx, None].to(x.dtype)
+            y = self[e](x[tok]) * topk_weights.flatten()[idx, None].to(x.dtype)
             out.index_add_(0, tok, y)
             start += n
         return out
