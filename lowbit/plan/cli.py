@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory", type=float, metavar="GiB", help="any other GPU: its memory in GiB")
     p.add_argument("--gpu-fp8", action="store_true", help="with --gpu-memory: the GPU has FP8 tensor cores")
     p.add_argument("--gpus", type=int, help="GPUs per node to plan for (default: find the fewest that fit)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes of --gpus GPUs each (default 1)")
+    p.add_argument("--nodes", type=int, help="nodes of --gpus GPUs each (default 1; without --gpus, nodes of the "
+                                             "GPU type's usual size, 8)")
     p.add_argument("--max-model-len", type=int,
                    help="longest sequence one request may have; one must fit (default: the model's context length)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -48,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
     for flag, v in (("--gpus", args.gpus), ("--nodes", args.nodes)):
         if v is not None and v <= 0:
             raise ValueError(f"{flag} must be > 0, got {v}")
+    per_node = args.gpus if args.gpus is not None or args.nodes is None else gpu.gpus_per_node
     budget = Budget(gpu, args.gpu_memory_utilization, args.kv_cache_dtype,
                     args.max_model_len or cfg.max_position_embeddings, args.max_num_batched_tokens,
-                    None if args.workspace_gib is None else int(args.workspace_gib * GIB), args.gpus)
-    total = None if args.gpus is None else args.gpus * args.nodes
+                    None if args.workspace_gib is None else int(args.workspace_gib * GIB), per_node)
+    total = None if per_node is None else per_node * (args.nodes or 1)
     plan = make_plan(name, cfg, recipe, label, budget, total, include_mtp=not args.no_mtp,
                      objective=args.objective)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
@@ -89,10 +91,10 @@ def format_plan(plan: Plan) -> str:
         row += f"{_p(mtp_p):>13}{_b(fp.total_bytes - fp.main_bytes):>11}"
     out += [row, ""]
     out.append(f"weights         {_b(fp.total_bytes)} ({_gib(fp.total_bytes)} GiB), {_p(plan.total_params)} parameters")
-    attn_layers = cfg.num_hidden_layers + len(fp.mtp_layers)
+    layers = f"{cfg.num_hidden_layers} layers" + (f" + {len(fp.mtp_layers)} MTP" if fp.mtp_layers else "")
     shape = (f"MLA ({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim})" if cfg.is_deepseek
              else f"GQA 2 x {cfg.num_key_value_heads} x {cfg.head_dim}")
-    out.append(f"KV cache        {plan.kv_bytes_per_token:,} bytes per token: {shape} x {attn_layers} layers "
+    out.append(f"KV cache        {plan.kv_bytes_per_token:,} bytes per token: {shape} x ({layers}) "
                f"x {KV_DTYPE_BYTES[b.kv_dtype]} ({b.kv_dtype})")
     out.append(f"budget          {b.gpu_memory_utilization:g} of each GPU usable ({_gib(b.usable_bytes)} GiB), "
                f"one {b.max_model_len}-token sequence must fit")

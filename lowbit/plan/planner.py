@@ -47,15 +47,14 @@ class Plan:
         return {
             "model": self.model, "model_type": self.cfg.model_type, "recipe": self.recipe_label,
             "schemes_by_kind": self.fp.kind_schemes,
-            "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "fp8": self.gpu.fp8,
-                    "gpus_per_node": self.budget.node_size},
+            "gpu": {"name": self.gpu.name, "memory_bytes": self.gpu.memory_bytes, "fp8": self.gpu.fp8},
             "params": {"main": sum(self.params["main"].values()), "mtp": sum(self.params["mtp"].values()),
                        "total": self.total_params, "by_kind": self.params},
             "weight_bytes": self.fp.total_bytes, "weight_bytes_main": self.fp.main_bytes,
             "weight_bytes_mtp": self.fp.total_bytes - self.fp.main_bytes, "weight_bytes_by_kind": self.fp.bytes_by_kind,
             "kv_cache_dtype": self.budget.kv_dtype, "kv_bytes_per_token": self.kv_bytes_per_token,
             "max_model_len": self.budget.max_model_len, "gpu_memory_utilization": self.budget.gpu_memory_utilization,
-            "min_gpus": self.min_gpus, "gpus": self.gpus, "fits": self.fits,
+            "min_gpus": self.min_gpus, "gpus": self.gpus, "gpus_per_node": self.budget.node_size, "fits": self.fits,
             "per_gpu_bytes": None if c is None else c.weight_bytes_per_gpu + c.workspace_bytes_per_gpu,
             "per_gpu": None if c is None else {
                 "weights": c.weight_bytes_per_gpu, "workspace": c.workspace_bytes_per_gpu,
