@@ -237,3 +237,18 @@ def test_cli_text_and_errors(capsys):
     assert err.count("\n") == 1 and "unknown GPU type" in err
     assert lowbit_main(["plan", "--model", "no-such-model", "--gpu", "H100-80G"]) == 1
     assert lowbit_main(["plan", "--gpu", "H100-80G", "--gpu-memory-utilization", "1.5"]) == 1
+
+
+def test_objective_and_nodes(capsys):
+    name, cfg = load_model_config("deepseek-r1")
+    budget = Budget(resolve_gpu("H20-96G", None), max_model_len=32768)
+    recipe = Recipe.from_scheme("w4a8")
+    throughput = make_plan(name, cfg, recipe, "w4a8", budget, 8)
+    latency = make_plan(name, cfg, recipe, "w4a8", budget, 8, objective="latency")
+    assert latency.chosen.layout == Layout(tp=8, ep=True)  # TensorRT-LLM's tp 8 / ep 8
+    assert throughput.chosen.max_concurrent_tokens >= latency.chosen.max_concurrent_tokens
+    # --nodes 2 without --gpus: two nodes of the GPU type's 8
+    assert lowbit_main(["plan", "--model", "r1", "--scheme", "fp8-block", "--gpu", "H20-96G", "--nodes", "2",
+                        "--max-model-len", "16384", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["gpus"] == 16 and d["gpus_per_node"] == 8 and d["fits"] and d["layout"]["tp"] <= 8
