@@ -55,7 +55,9 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config.eos_token_id, path)
         self.runner = ModelRunner(ckpt, self.model_config, self.engine_config, self.dtype, self.device)
-        max_len = min(self.engine_config.max_model_len, self.model_config.max_position_embeddings)
+        # one sequence of max_model_len must fit the whole cache, or preemption could never make room for it
+        max_len = min(self.engine_config.max_model_len, self.model_config.max_position_embeddings,
+                      self.runner.num_blocks * self.engine_config.block_size)
         self.max_model_len = max_len
         self.block_manager = BlockManager(self.runner.num_blocks, self.engine_config.block_size)
         self.scheduler = Scheduler(self.block_manager, self.engine_config.max_num_seqs,

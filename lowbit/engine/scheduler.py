@@ -71,6 +71,10 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 scheduled.append(seq)
         self.running.extend(scheduled)
+        if not scheduled and self.waiting:
+            seq = self.waiting[0]
+            raise RuntimeError(f"sequence {seq.request_id} needs {seq.num_blocks(self.block_manager.block_size)} "
+                               f"KV blocks but the cache has {self.block_manager.num_blocks}")
         return scheduled, False
 
     def _preempt(self, seq: Sequence) -> None:
