@@ -1,0 +1,89 @@
+"""The runtime's linear methods: loading compressed tensors through the layer's weight_loader (merged layers
+included) and multiplying as the scheme says, against references written from the definitions in float64."""
+import pytest
+import torch
+
+from lowbit.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
+from lowbit.quant.compressed import CompressedTensorsConfig
+from lowbit.quant.formats import compress, dequantize
+from lowbit.quant.methods import (fake_quant_fp8_per_token_group, fake_quant_fp8_static, fake_quant_int8_per_token)
+from lowbit.quant.rtn import rtn_quantize
+from lowbit.quant.schemes import get_scheme
+
+
+def test_int8_per_token_matches_definition():
+    x = torch.randn(5, 64) * torch.tensor([1, 10, 100, 0.1, 3.0])[:, None]
+    x[2, 7] = 1000.0
+    ref = x.double()
+    s = ref.abs().amax(-1, keepdim=True) / 127
+    ref = torch.round(ref / s).clamp(-128, 127) * s
+    assert torch.allclose(fake_quant_int8_per_token(x).double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fp8_static_clamps_at_448_scale_units():
+    x = torch.tensor([[0.1, -2.0, 5.0, 1e4]])
+    y = fake_quant_fp8_static(x, torch.tensor([0.01]))
+    assert y[0, 3].item() == pytest.approx(4.48)  # saturates at 448 * scale
+    assert y[0, 1].item() == pytest.approx(-2.0, rel=2 ** -3)
+
+
+def test_fp8_per_token_group_scales_each_group():
+    x = torch.cat([torch.full((2, 128), 1000.0), torch.full((2, 128), 0.001)], dim=1)
+    x[:, 5] = 3.0
+    y = fake_quant_fp8_per_token_group(x, 128)
+    assert torch.allclose(y[:, 128:], x[:, 128:], rtol=2 ** -3)  # small group keeps its precision
+    assert torch.allclose(y, x, rtol=2 ** -3)
+
+
+def _config(name, **opts):
+    scheme = get_scheme(name, **opts)
+    return scheme, CompressedTensorsConfig.from_dict({"quant_method": "compressed-tensors", "format": scheme.format,
+                                                      "config_groups": {"g": scheme.config_group(["Linear"])}})
+
+
+@pytest.mark.parametrize("name,opts", [("w4a16", {}), ("w4a16", {"symmetric": False, "group_size": 64}),
+                                       ("w8a16", {}), ("w4a8", {}), ("w4a8", {"dynamic": True}),
+                                       ("w4a8-int8", {}), ("w8a8", {}), ("fp8-block", {})])
+def test_merged_layer_loads_parts_and_applies_the_scheme(name, opts):
+    """gate_proj and up_proj quantized apart, loaded into one gate_up_proj: its weight is theirs stacked, and its
+    output is the fake-quantized input times that weight."""
+    scheme, cfg = _config(name, **opts)
+    torch.manual_seed(0)
+    parts = [torch.randn(128, 256) * 0.05, torch.randn(128, 256) * 0.05]
+    layer = MergedColumnParallelLinear(256, [128, 128], quant_method=cfg.linear_method("mlp.gate_up_proj"),
+                                       params_dtype=torch.float32, prefix="mlp.gate_up_proj")
+    qws = [rtn_quantize(w, scheme.weights, torch.float32 if scheme.scale_bytes == 4 else torch.bfloat16)
+           for w in parts]
+    params = dict(layer.named_parameters())
+    for shard, qw in enumerate(qws):
+        tensors = compress(qw, scheme.format)
+        a = scheme.input_activations
+        if a is not None and not a.dynamic:
+            tensors["input_scale"] = torch.tensor([0.01 * (shard + 1)])
+        for local, t in tensors.items():
+            params[local].weight_loader(params[local], t, shard)
+    layer.quant_method.process_weights_after_loading(layer)
+    expected_w = torch.cat([dequantize(q) for q in qws])
+    assert torch.equal(layer.quant_method.dequantized_weight(layer), expected_w)
+    x = torch.randn(7, 256)
+    a = scheme.input_activations
+    if a is None:
+        xq = x
+    elif not a.dynamic:
+        assert layer.input_scale.item() == pytest.approx(0.02)  # the larger of the parts' scales
+        xq = fake_quant_fp8_static(x, torch.tensor([0.02]))
+    elif a.type == "int":
+        xq = fake_quant_int8_per_token(x)
+    else:
+        xq = fake_quant_fp8_per_token_group(x, a.group_size or 256)
+    assert torch.allclose(layer(x), xq @ expected_w.t(), atol=1e-5)
+
+
+def test_misfit_tensor_is_refused():
+    scheme, cfg = _config("w4a16")
+    layer = ReplicatedLinear(256, 64, quant_method=cfg.linear_method("o_proj"), params_dtype=torch.float32,
+                             prefix="o_proj")
+    with pytest.raises(ValueError, match="weight_shape"):
+        layer.weight_shape.weight_loader(layer.weight_shape, torch.tensor([64, 128]))
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.weight_packed.weight_loader(layer.weight_packed, torch.zeros(64, 16, dtype=torch.int32))
