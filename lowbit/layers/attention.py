@@ -72,13 +72,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Hkv = k_cache.shape[2]
     gqa = H != Hkv
     if not ctx.is_prefill:
-        B = q.shape[0]
-        k = k_cache[ctx.block_tables].flatten(1, 2)  # [B, L, Hkv, Dk]
-        v = v_cache[ctx.block_tables].flatten(1, 2)  # [B, L, Hkv, Dv]
+        B, nb = ctx.block_tables.shape
+        blocks = ctx.block_tables.flatten()
+        # index_select, not k_cache[block_tables]: advanced indexing takes a slow path on the CPU
+        k = k_cache.index_select(0, blocks).view(B, nb * k_cache.shape[1], Hkv, -1)  # [B, L, Hkv, Dk]
+        v = v_cache.index_select(0, blocks).view(B, nb * v_cache.shape[1], Hkv, -1)  # [B, L, Hkv, Dv]
         L = k.shape[1]
         mask = torch.arange(L, device=q.device)[None, :] < ctx.context_lens[:, None]  # [B, L]
-        out = F.scaled_dot_product_attention(q.view(B, H, 1, -1), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa)
+        # grouped-query decode: each kv head's G query heads become G query rows of one attention (no repeat)
+        out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, -1), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask[:, None, None, :], scale=scale)  # [B, Hkv, G, Dv]
         return out.view(B, H, -1)
     outs = []
     k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
@@ -86,7 +89,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     for i, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens_list)):
         qi = q[start:start + qlen].transpose(0, 1)  # [H, qlen, Dk]
         slots = _gather_slots(ctx.block_tables[i], clen, ctx.block_size)
-        ki, vi = k_flat[slots].transpose(0, 1), v_flat[slots].transpose(0, 1)  # [Hkv, clen, D]
+        ki = k_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, clen, Dk]
+        vi = v_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, clen, Dv]
         if qlen == clen:
             oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
         else:  # a cached prefix (resumed or chunked): query t sits at position clen - qlen + t
@@ -100,7 +104,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def store_kv(cache: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """cache [N, block, ...] <- x [T, ...] at the flat slots."""
-    cache.view(-1, *cache.shape[2:])[slot_mapping] = x.to(cache.dtype)
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
 
 
 class Attention(nn.Module):
