@@ -127,7 +127,7 @@ class LinearBase(nn.Module):
             size = dst.shape[in_dim]
             loaded = loaded.narrow(in_dim, self.tp_rank * size, size)
         if tuple(dst.shape) != tuple(loaded.shape):
-            raise ValueError(f"{self.prefix}: checkpoint tensor of shape {tuple(loaded.shape)} does not fit "
+            raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit "
                              f"parameter of shape {tuple(dst.shape)}")
         dst.copy_(loaded)
 
