@@ -89,7 +89,7 @@ def stored_qparams(scales: list[torch.Tensor], zps: list[torch.Tensor | None], o
     elif args.strategy == "tensor":
         scale = scale[:1, 0]
     zp = torch.stack(zps, dim=1) if zps and zps[0] is not None else None
-    return scale.to(scale_dtype), zp
+    return scale.to(scale_dtype).contiguous(), zp
 
 
 def rtn_quantize(w: torch.Tensor, args: QuantArgs, scale_dtype: torch.dtype = torch.bfloat16) -> QuantizedWeight:

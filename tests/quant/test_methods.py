@@ -27,6 +27,26 @@ def test_fp8_static_clamps_at_448_scale_units():
     assert y[0, 1].item() == pytest.approx(-2.0, rel=2 ** -3)
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_fp8_activations_match_compressed_tensors(static):
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+    torch.manual_seed(0)
+    x = torch.randn(6, 256) * torch.rand(6, 1) * 10
+    if static:
+        args = QuantizationArgs(**get_scheme("w4a8").input_activations.to_dict())
+        scale = torch.tensor([x.abs().max().item() / 300])  # some values saturate
+        theirs = fake_quantize(x, scale, None, args)
+        ours = fake_quant_fp8_static(x, scale)
+    else:
+        args = QuantizationArgs(**get_scheme("fp8-block").input_activations.to_dict())
+        scale, zp = compute_dynamic_scales_and_zp(x, args, module=torch.nn.Module())
+        theirs = fake_quantize(x, scale, zp, args)
+        ours = fake_quant_fp8_per_token_group(x, 128)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 def test_fp8_per_token_group_scales_each_group():
     x = torch.cat([torch.full((2, 128), 1000.0), torch.full((2, 128), 0.001)], dim=1)
     x[:, 5] = 3.0

@@ -1,0 +1,231 @@
+"""Quantizing one decoder layer (or MTP layer) from its tensors and its calibration inputs: run it, capture what each
+linear layer reads, optionally smooth, then GPTQ or round each weight into its scheme's compressed-tensors tensors.
+
+No file I/O: the driver (`pipeline.py`) reads the layer's tensors, hands them here with the calibration state, and
+writes what comes back. The math is in rtn.py, gptq.py, smoothquant.py and calibrate.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.config import ModelConfig
+from lowbit.layers.linear import LinearBase
+from lowbit.quant import smoothquant
+from lowbit.quant.calibrate import CalibState, capture_inputs, load_module, mtp_inputs, run_layer, \
+    static_input_scale
+from lowbit.quant.compressed import MERGED_PARTS, split_merged
+from lowbit.quant.config import QuantConfig
+from lowbit.quant.formats import compress
+from lowbit.quant.gptq import gptq_quantize, hessian
+from lowbit.quant.rtn import rtn_quantize
+from lowbit.quant.schemes import Scheme
+
+# checkpoint module -> (lowbit's merged module, shard)
+PACKED = {part: (merged, i) for merged, parts in MERGED_PARTS.items() for i, part in enumerate(parts)}
+ALGOS = ("gptq", "rtn")
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    algo: str = "gptq"
+    damp: float = 0.01
+    actorder: bool = True  # GPTQ's static act-order (llm-compressor's default too): no runtime cost
+    block_size: int = 128
+    smoothquant: float | None = None  # alpha
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"--algo: {self.algo!r} is not one of {', '.join(ALGOS)}")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"--damp: must be in (0, 1), got {self.damp}")
+        if self.smoothquant is not None and not 0 <= self.smoothquant <= 1:
+            raise ValueError(f"--smoothquant: alpha must be in [0, 1], got {self.smoothquant}")
+
+
+@dataclass
+class LinearSpec:
+    """One checkpoint linear module of a layer and the scheme the recipe gives it."""
+    name: str  # checkpoint module name: model.layers.3.mlp.experts.7.gate_proj
+    path: str  # the lowbit module (inside the layer) that computes it: mlp.experts.7.gate_up_proj
+    scheme: Scheme | None
+
+
+@dataclass
+class LayerReport:
+    uncovered: list[str] = field(default_factory=list)  # linears no calibration token reached (rounded to nearest)
+    damping: dict[str, float] = field(default_factory=dict)  # linears whose Hessian needed more than --damp
+
+
+# ---------------------------------------------------------------------------------------------- building
+def build_layer(cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device="cpu",
+                quant_config: QuantConfig | None = None) -> nn.Module:
+    """Layer `layer_idx` of the checkpoint as a lowbit module (unquantized unless a quant_config is given); indices
+    past num_hidden_layers are DeepSeek's MTP layers."""
+    prefix = f"model.layers.{layer_idx}"
+    qc = quant_config or QuantConfig()
+    with torch.device(device):
+        if cfg.is_deepseek:
+            from lowbit.models.deepseek import Block, MTPLayer
+            cls = MTPLayer if layer_idx >= cfg.num_hidden_layers else Block
+            return cls(cfg, layer_idx, qc, prefix, dtype)
+        from lowbit.models.llama import LlamaBlock
+        return LlamaBlock(cfg, qc, prefix, dtype)
+
+
+def checkpoint_names(layer: nn.Module, prefix: str) -> list[str]:
+    """The checkpoint tensor names a layer module is loaded from (merged layers split into their parts)."""
+    names = []
+    for pname, _ in layer.named_parameters():
+        module, _, leaf = pname.rpartition(".")
+        names += [f"{m}.{leaf}" for m in split_merged(f"{prefix}.{module}")]
+    return names
+
+
+def linear_specs(layer: nn.Module, prefix: str, recipe) -> list[LinearSpec]:
+    """Every checkpoint linear module of a layer with its scheme; merged parts must share one."""
+    specs = []
+    for path, m in layer.named_modules():
+        if not isinstance(m, LinearBase):
+            continue
+        parts = split_merged(f"{prefix}.{path}")
+        schemes = [recipe.scheme_for(p) for p in parts]
+        schemes = [None if s is not None and s.format == "dense" else s for s in schemes]  # bf16: unquantized
+        if any(s != schemes[0] for s in schemes):
+            raise ValueError(f"the recipe quantizes {', '.join(parts)} differently; they run as one layer "
+                             f"({path.rpartition('.')[2]}) and need the same scheme")
+        specs += [LinearSpec(p, path, s) for p, s in zip(parts, schemes)]
+    return specs
+
+
+def load_layer(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    rel = {n[len(prefix) + 1:]: t for n, t in tensors.items() if n.startswith(prefix + ".")}
+    load_module(layer, rel, PACKED)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def advance(layer: nn.Module, state: CalibState, cfg: ModelConfig, prev_norm: torch.Tensor | None = None
+            ) -> CalibState:
+    """The calibration state after this layer. An MTP layer (prev_norm given: the final norm of the stage before
+    it) reads the previous stage's normalized hidden state and the next token of each position."""
+    dtype = next(layer.parameters()).dtype
+    if prev_norm is None:
+        return CalibState(run_layer(layer, state.hidden.to(dtype), state.seq_lens, state.positions()), state.seqs)
+    from lowbit.models.deepseek import Block
+    st, h = mtp_inputs(state, prev_norm, cfg.rms_norm_eps)
+    next_ids = st.ids()
+
+    def forward(positions, hidden):
+        x = torch.cat([layer.enorm(layer.embed_tokens(next_ids)), layer.hnorm(hidden)], dim=-1)  # [T, 2D]
+        return Block.forward(layer, positions, layer.eh_proj(x))
+
+    return CalibState(run_layer(layer, h.to(dtype), st.seq_lens, st.positions(), forward=forward), st.seqs)
+
+
+# ---------------------------------------------------------------------------------------------- quantizing
+def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: dict[str, torch.Tensor],
+            prefix: str, alpha: float) -> None:
+    """SmoothQuant every norm -> linears mapping of this layer whose linears quantize activations (in place)."""
+    for norm, pattern in smoothquant.MAPPINGS:
+        norm_name = f"{prefix}.{norm}.weight"
+        fed = [s for s in specs if pattern.search(s.path)]
+        if norm_name not in tensors or not any(s.scheme and s.scheme.input_activations for s in fed):
+            continue
+        paths = sorted({s.path for s in fed if inputs[s.path].shape[0]})
+        amax = torch.stack([inputs[p].abs().amax(dim=0).float() for p in paths]).amax(dim=0)
+        s = smoothquant.smoothing_factors(amax, [tensors[f"{sp.name}.weight"] for sp in fed], alpha)
+        tensors[norm_name] = smoothquant.smooth_norm(tensors[norm_name], s)
+        for sp in fed:
+            tensors[f"{sp.name}.weight"] = smoothquant.smooth_weight(tensors[f"{sp.name}.weight"], s)
+        for name in tensors:
+            rel = name[len(prefix) + 1:].rpartition(".")[0]
+            if norm in smoothquant.COMPENSATED and smoothquant.COMPENSATED[norm].search(rel) and \
+                    name.endswith(".weight"):
+                tensors[name] = smoothquant.smooth_weight(tensors[name], s)
+        for p in {sp.path for sp in fed}:
+            inputs[p] = (inputs[p].float() / s).to(inputs[p].dtype)
+
+
+def _sibling(name: str) -> str:
+    """The same projection of every expert: model.layers.3.mlp.experts.*.down_proj."""
+    return re.sub(r"\.experts\.\d+\.", ".experts.*.", name)
+
+
+def scale_dtype(scheme: Scheme, weight_dtype: torch.dtype) -> torch.dtype:
+    """Weight scales as compressed-tensors stores them: float32 for fp8 blocks, else the model's dtype."""
+    if scheme.scale_bytes == 4:
+        return torch.float32
+    return weight_dtype if weight_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def quantize_layer(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], specs: list[LinearSpec],
+                   state: CalibState, cfg: ModelConfig, opts: QuantOptions, prev_norm: torch.Tensor | None = None,
+                   progress=None) -> tuple[dict[str, torch.Tensor], LayerReport, CalibState]:
+    """Calibrate and quantize one layer (already loaded from `tensors`). Returns the tensors to write (quantized
+    linears in compressed-tensors form, everything else as read, smoothed norms included), what to report, and
+    the calibration state after this layer (computed by the unquantized layer). With no state (nothing needs
+    calibration: round-to-nearest, dynamic activations) the layer is not run at all."""
+    quantized = [s for s in specs if s.scheme is not None]
+    calibrated = state is not None
+    next_state = None
+    inputs: dict[str, torch.Tensor] = {}
+    if calibrated:
+        with capture_inputs(layer, {s.path for s in quantized}) as seen:
+            next_state = advance(layer, state, cfg, prev_norm)
+        dim_of = dict((p, m.in_per_partition) for p, m in layer.named_modules() if isinstance(m, LinearBase))
+        inputs = {p: torch.cat(v) if v else torch.zeros(0, dim_of[p]) for p, v in seen.items()}
+        del seen
+    tensors = dict(tensors)
+    if opts.smoothquant is not None:
+        _smooth(tensors, specs, inputs, prefix, opts.smoothquant)
+
+    out = dict(tensors)
+    report = LayerReport()
+    hessians: dict[str, torch.Tensor] = {}
+    act_scales: dict[str, torch.Tensor] = {}
+    remaining = {s.path: sum(1 for t in quantized if t.path == s.path) for s in quantized}
+    empty = torch.zeros(0, 0)
+    for spec in quantized:
+        x = inputs.get(spec.path, empty)
+        w = out.pop(f"{spec.name}.weight")
+        scheme = spec.scheme
+        sdtype = scale_dtype(scheme, w.dtype)
+        if calibrated and x.shape[0] == 0:
+            report.uncovered.append(spec.name)
+        if opts.algo == "gptq" and x.shape[0] > 0:
+            if spec.path not in hessians:
+                hessians[spec.path] = hessian(x)
+            stats: dict = {}
+            qw = gptq_quantize(w, hessians[spec.path], scheme.weights, sdtype, opts.damp, opts.block_size,
+                               opts.actorder, stats)
+            if stats["damp"] != opts.damp:
+                report.damping[spec.name] = stats["damp"]
+        else:
+            qw = rtn_quantize(w, scheme.weights, sdtype)
+        for local, t in compress(qw, scheme.format).items():
+            out[f"{spec.name}.{local}"] = t
+        a = scheme.input_activations
+        if a is not None and not a.dynamic and x.shape[0] > 0:
+            act_scales[spec.name] = static_input_scale(x.abs().max().item())
+        remaining[spec.path] -= 1
+        if remaining[spec.path] == 0:
+            hessians.pop(spec.path, None)
+            inputs.pop(spec.path, None)
+        if progress is not None:
+            progress.update(1)
+    for spec in quantized:
+        a = spec.scheme.input_activations
+        if a is None or a.dynamic:
+            continue
+        if spec.name not in act_scales:  # an expert no token reached: the largest scale of its siblings
+            sib = [v for k, v in act_scales.items() if _sibling(k) == _sibling(spec.name)]
+            if not sib:
+                raise ValueError(f"{spec.name}: no calibration token reached it or any expert beside it; "
+                                 f"use more calibration tokens (--num-calib-tokens)")
+            out[f"{spec.name}.input_scale"] = torch.stack(sib).amax(dim=0)
+        else:
+            out[f"{spec.name}.input_scale"] = act_scales[spec.name]
+    return out, report, next_state
