@@ -134,7 +134,7 @@ def quantization_config(recipe: Recipe, units: list[Unit], opts: QuantOptions) -
 
 def calibration_text(path: str | None) -> str:
     if path is None:
-        return "\n\n".join(resources.files("lowbit.data").joinpath(f).read_text() for f in BUILTIN_CALIBRATION)
+        return "\n\n".join(resources.files("lowbit").joinpath("data", f).read_text() for f in BUILTIN_CALIBRATION)
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such calibration file")
     with open(path, encoding="utf-8", errors="replace") as f:
