@@ -82,7 +82,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         # grouped-query decode: each kv head's G query heads become G query rows of one attention (no repeat)
         out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, -1), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask[:, None, None, :], scale=scale)  # [B, Hkv, G, Dv]
-        return out.view(B, H, -1)
+        return out.reshape(B, H, -1)
     outs = []
     k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
     start = 0

@@ -130,8 +130,13 @@ def param_target(model: nn.Module, name: str) -> tuple[str, int | None]:
 def build_model(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                 quant_config=None) -> nn.Module:
     quant_config = quant_config if quant_config is not None else quant_config_for(cfg)
-    with torch.device(device):
-        return model_class(cfg)(cfg, quant_config, dtype, checkpoint_names=ckpt.names())
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # norms and other plain parameters in the model dtype too
+    try:
+        with torch.device(device):
+            return model_class(cfg)(cfg, quant_config, dtype, checkpoint_names=ckpt.names())
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> None:
