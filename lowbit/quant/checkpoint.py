@@ -47,6 +47,9 @@ def save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """A safetensors file written atomically (to a temporary name, then renamed)."""
     tmp = f"{path}.tmp{os.getpid()}"
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its files owner-only; give them the usual permissions
     os.replace(tmp, path)
 
 

@@ -4,11 +4,11 @@ One function per format turns a module's stored tensors into its float weight (t
 the oracle for GPU kernels); `compress` writes the same tensors llm-compressor would, with the names vLLM's
 compressed-tensors loader looks for:
 
-| format | tensors |
-| --- | --- |
-| pack-quantized | `weight_packed` int32 (32/num_bits values per word along the input dim, offset by 2^(bits-1), lowest bits first), `weight_scale`, `weight_shape` int64 [2], `weight_zero_point` int32 packed along the output dim (asymmetric only) |
-| int-quantized | `weight` int8, `weight_scale` |
-| float-quantized | `weight` float8_e4m3fn, `weight_scale` float32 |
+- pack-quantized: `weight_packed` int32 (32/num_bits values per word along the input dim, each offset by
+  2^(bits-1), lowest bits first), `weight_scale`, `weight_shape` int64 [2], and for asymmetric weights
+  `weight_zero_point` int32 packed the same way along the output dim;
+- int-quantized: `weight` int8, `weight_scale`;
+- float-quantized: `weight` float8_e4m3fn, `weight_scale` float32;
 
 plus `input_scale` float32 [1] when activations are quantized with a static scale. A weight is dequantized as
 `(q - zero_point) * scale`, the scale and zero point repeated over their group (or block) of the weight.

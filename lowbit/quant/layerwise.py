@@ -134,7 +134,9 @@ def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: d
         fed = [s for s in specs if pattern.search(s.path)]
         if norm_name not in tensors or not any(s.scheme and s.scheme.input_activations for s in fed):
             continue
-        paths = sorted({s.path for s in fed if inputs[s.path].shape[0]})
+        paths = sorted({s.path for s in fed if s.path in inputs and inputs[s.path].shape[0]})
+        if not paths:
+            continue
         amax = torch.stack([inputs[p].abs().amax(dim=0).float() for p in paths]).amax(dim=0)
         s = smoothquant.smoothing_factors(amax, [tensors[f"{sp.name}.weight"] for sp in fed], alpha)
         tensors[norm_name] = smoothquant.smooth_norm(tensors[norm_name], s)
@@ -145,7 +147,7 @@ def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: d
             if norm in smoothquant.COMPENSATED and smoothquant.COMPENSATED[norm].search(rel) and \
                     name.endswith(".weight"):
                 tensors[name] = smoothquant.smooth_weight(tensors[name], s)
-        for p in {sp.path for sp in fed}:
+        for p in paths:
             inputs[p] = (inputs[p].float() / s).to(inputs[p].dtype)
 
 

@@ -180,7 +180,9 @@ class Quantization:
                 raise ValueError(f"{job.source} has no tokenizer, which calibration needs (GPTQ, SmoothQuant and "
                                  f"static activation scales); use --algo rtn with a dynamic-activation scheme")
             self.seqs = calibration_seqs(self.tokenizer, job)
-        self.calib_dtype = torch.float32 if self.reader.dtype == torch.float32 else torch.bfloat16
+        # layers run in float32 whatever the source dtype: Hessians and scales from full-precision activations
+        # (and the runtime's norms keep float32 weights, which bf16 MLA absorption does not accept)
+        self.calib_dtype = torch.float32
         self.out = OutputDir(job.output, self._identity())
 
     def _check_runtime_layout(self) -> None:
@@ -207,7 +209,7 @@ class Quantization:
         calib = None
         if self.seqs is not None:
             calib = hashlib.sha256(json.dumps(self.seqs).encode()).hexdigest()[:16]
-        return {"source": os.path.abspath(j.source), "source_fingerprint": self.reader.fingerprint(),
+        return {"source_fingerprint": self.reader.fingerprint(),
                 "quantization_config": self.qconfig, "algo": o.algo, "damp": o.damp, "actorder": o.actorder,
                 "block_size": o.block_size, "smoothquant": o.smoothquant, "calibration_tokens": calib,
                 "num_units": len(self.units)}

@@ -62,7 +62,8 @@ def write_dequantized(qdir, out):
     plain = {}
     for module in quantized_modules(qdir):
         g = cfg.group_for(module)
-        local = {k[len(module) + 1:]: tensors.pop(k) for k in list(tensors) if k.rpartition(".")[0] == module}
+        local = {k[len(module) + 1:]: tensors.pop(k) for k in list(tensors)
+                 if k.rpartition(".")[0] == module and not k.endswith(".bias")}
         plain[f"{module}.weight"] = decompress(local, g.weights, g.format)
     plain.update(tensors)
     os.makedirs(out)
@@ -192,3 +193,33 @@ def test_deepseek_fp8_source_is_dequantized_in_memory(tiny_deepseek, tmp_path):
     b = q.model.layers[1].mlp.experts[0].down_proj
     wa, wb = a.quant_method.dequantized_weight(a), b.quant_method.dequantized_weight(b)
     assert ((wa - wb).norm() / wa.norm()).item() < 0.2
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dense_families(tmp_path, family):
+    """Merged qkv / gate_up parts (with qwen2's q/k/v biases, llama's tied embeddings) quantized apart and loaded as
+    one layer: the runtime computes what the dequantized weights compute."""
+    import transformers
+    from tests.quant.conftest import LLAMA, save_byte_tokenizer
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    cls = transformers.LlamaForCausalLM if family == "llama" else transformers.Qwen2ForCausalLM
+    cfg_cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
+    model = cls(cfg_cls(**dict(LLAMA, num_hidden_layers=2)))
+    if family == "qwen2":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.1)
+    model.save_pretrained(str(src))
+    save_byte_tokenizer(src)
+    out = tmp_path / "q"
+    run(str(src), out, "w4a16", scheme_opts={"group_size": 64, "symmetric": False})
+    written = source_tensors(str(out))
+    assert ("model.layers.0.self_attn.q_proj.bias" in written) == (family == "qwen2")
+    assert "lm_head.weight" not in written and "model.layers.1.self_attn.v_proj.weight_zero_point" in written
+    write_dequantized(str(out), str(tmp_path / "ref"))
+    ids = list(b"Quantized layers load as their merged parts.")
+    q = LLM(str(out), device="cpu", num_kv_blocks=16).logits(ids)
+    r = LLM(str(tmp_path / "ref"), device="cpu", num_kv_blocks=16).logits(ids)
+    assert (q - r).abs().max().item() < 1e-4
