@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from lowbit.eval import metrics
@@ -27,6 +26,7 @@ from lowbit.eval import metrics
 DEFAULT_TEXT = "gpl-3.txt"  # package data in lowbit/data/eval/: the GNU GPL v3, English prose not used for calibration
 DEFAULT_WINDOW = 512  # llama.cpp's perplexity default context
 DEFAULT_MAX_TOKENS = 4096
+DEFAULT_NAME = "default"  # --model/--reference default: the embedded default model (unless a file has that name)
 
 
 @dataclass
@@ -98,9 +98,6 @@ def _collect() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-DEFAULT_NAME = "default"  # --model/--reference default: the embedded default model (unless a file has that name)
 
 
 def _name(model: str | None) -> str:
@@ -200,5 +197,6 @@ def evaluate(models: list[str | None], reference: str | None = None, text_path: 
         _collect()
         result = ModelResult(_name(model), summary, time.perf_counter() - t0)
         report["results"].append(result.as_dict())
-        log(f"{result.model}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()) + f" ({result.seconds:.1f} s)")
+        log(f"{result.model}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items())
+            + f" ({result.seconds:.1f} s)")
     return report
