@@ -179,17 +179,36 @@ class Fp8BlockLinearMethod(QuantizedLinearMethod):
 
     def create_weights(self, layer: LinearBase) -> None:
         bo, bi = self.block_size
-        for size in layer.output_partition_sizes:
-            if size % bo and len(layer.output_partition_sizes) > 1:
-                raise ValueError(f"{layer.prefix}: merged output {size} is not a multiple of the fp8 block {bo}")
+        sizes = layer.output_partition_sizes
+        # each merged part has its own rows of block scales (q, k, v of 576, 192, 192 rows: 5 + 2 + 2)
+        self.row_blocks = [-(-s // bo) for s in sizes]
+        self.uneven = len(sizes) > 1 and any(s % bo for s in sizes)
+        if self.uneven and layer.tp_size > 1:
+            raise ValueError(f"{layer.prefix}: merged outputs {sizes} are not multiples of the fp8 block {bo}, "
+                             f"which tensor parallelism needs")
         out_f, in_f = layer.out_per_partition, layer.in_per_partition
         layer.register("weight", torch.empty(out_f, in_f, dtype=torch.float8_e4m3fn), output_dim=0, input_dim=1)
-        layer.register(self.scale_name, torch.empty(-(-out_f // bo), -(-in_f // bi), dtype=torch.float32),
-                       output_dim=0, input_dim=1)
+        layer.register(self.scale_name, torch.empty(sum(self.row_blocks), -(-in_f // bi), dtype=torch.float32),
+                       output_dim=0, input_dim=1, weight_loader=self._part_scale_loader if self.uneven else None)
         self._create_input_scale(layer)
 
+    def _part_scale_loader(self, param: torch.nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        start = sum(self.row_blocks[:shard_id])
+        dst = param.data[start:start + self.row_blocks[shard_id]]
+        if tuple(dst.shape) != tuple(loaded.shape):
+            raise ValueError(f"block scales of shape {tuple(loaded.shape)} do not fit {tuple(dst.shape)}")
+        dst.copy_(loaded)
+
     def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
-        return dequant_float_quantized(layer.weight, getattr(layer, self.scale_name), self.weights)
+        scale = getattr(layer, self.scale_name)
+        if not self.uneven:
+            return dequant_float_quantized(layer.weight, scale, self.weights)
+        parts, row, block = [], 0, 0
+        for size, blocks in zip(layer.output_partition_sizes, self.row_blocks):
+            parts.append(dequant_float_quantized(layer.weight[row:row + size], scale[block:block + blocks],
+                                                 self.weights))
+            row, block = row + size, block + blocks
+        return torch.cat(parts)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         if layer.weight.device.type == "cpu":

@@ -107,3 +107,20 @@ def test_misfit_tensor_is_refused():
         layer.weight_shape.weight_loader(layer.weight_shape, torch.tensor([64, 128]))
     with pytest.raises(ValueError, match="does not fit"):
         layer.weight_packed.weight_loader(layer.weight_packed, torch.zeros(64, 16, dtype=torch.int32))
+
+
+def test_fp8_blocks_of_merged_parts_not_multiple_of_the_block():
+    """q, k, v of 192, 64, 64 rows: each part keeps its own block scales (2 + 1 + 1 rows)."""
+    scheme, cfg = _config("fp8-block")
+    from lowbit.layers.linear import QKVParallelLinear
+    layer = QKVParallelLinear(256, 64, 3, 1, quant_method=cfg.linear_method("self_attn.qkv_proj"),
+                              params_dtype=torch.float32, prefix="self_attn.qkv_proj")
+    torch.manual_seed(0)
+    parts = [torch.randn(n, 256) for n in (192, 64, 64)]
+    qws = [rtn_quantize(w, scheme.weights, torch.float32) for w in parts]
+    params = dict(layer.named_parameters())
+    for shard, qw in enumerate(qws):
+        for local, t in compress(qw, scheme.format).items():
+            params[local].weight_loader(params[local], t, shard)
+    assert layer.weight_scale.shape == (4, 2)
+    assert torch.equal(layer.quant_method.dequantized_weight(layer), torch.cat([dequantize(q) for q in qws]))
