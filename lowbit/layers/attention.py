@@ -22,6 +22,7 @@ class Context:
     query_lens: list[int] = field(default_factory=list)  # prefill: new tokens of each sequence
     context_lens_list: list[int] = field(default_factory=list)
     block_size: int = 16
+    decode_mask: torch.Tensor | None = None  # [B, L] valid cached positions, built by the first layer of a step
 
 
 _CONTEXT = Context()
@@ -78,10 +79,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k = k_cache.index_select(0, blocks).view(B, nb * k_cache.shape[1], Hkv, -1)  # [B, L, Hkv, Dk]
         v = v_cache.index_select(0, blocks).view(B, nb * v_cache.shape[1], Hkv, -1)  # [B, L, Hkv, Dv]
         L = k.shape[1]
-        mask = torch.arange(L, device=q.device)[None, :] < ctx.context_lens[:, None]  # [B, L]
-        # grouped-query decode: each kv head's G query heads become G query rows of one attention (no repeat)
-        out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, -1), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask[:, None, None, :], scale=scale)  # [B, Hkv, G, Dv]
+        mask = ctx.decode_mask
+        if mask is None or mask.shape[1] != L:
+            mask = torch.arange(L, device=q.device)[None, :] < ctx.context_lens[:, None]  # [B, L]
+            ctx.decode_mask = mask  # the same for every layer of this step
+        # grouped-query decode: each kv head's G query heads become G query rows against the same keys.
+        # Plain matmuls: for one query row the CPU's fused SDPA kernel costs milliseconds of set-up.
+        scores = torch.matmul(q.view(B, Hkv, H // Hkv, -1), k.permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
+        scores = scores.float().masked_fill_(~mask[:, None, None, :], float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v.transpose(1, 2))  # [B, Hkv, G, Dv]
         return out.reshape(B, H, -1)
     outs = []
     k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)

@@ -70,10 +70,19 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = rope_inv_freq(dim, base, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.interleaved = interleaved
+        self._cache = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
         return (freqs.cos() * self.attention_scaling).to(dtype), (freqs.sin() * self.attention_scaling).to(dtype)
+
+    def cached_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin, computed once per positions tensor (every layer of a step passes the same one)."""
+        if self._cache is not None and self._cache[0] is positions and self._cache[1] == dtype:
+            return self._cache[2]
+        cs = self.cos_sin(positions, dtype)
+        self._cache = (positions, dtype, cs)
+        return cs
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H, dim]; cos/sin [T, dim/2]."""
@@ -85,5 +94,5 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos, sin = self.cos_sin(positions, q.dtype)
+        cos, sin = self.cached_cos_sin(positions, q.dtype)
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)

@@ -17,12 +17,16 @@ from lowbit.layers.norm import RMSNorm
 from lowbit.layers.rotary import RotaryEmbedding, yarn_get_mscale
 
 
+def make_rotary(cfg: ModelConfig) -> RotaryEmbedding:
+    return RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, interleaved=cfg.rope_interleave)
+
+
 class MLA(nn.Module):
     """Multi-head latent attention. Keys and values are stored as one compressed latent c_kv [kv_lora_rank] plus a
     shared rope key [qk_rope_head_dim] per token; queries are absorbed through kv_b_proj's key half, and the
     attention output through its value half, so the cache is never expanded per head."""
 
-    def __init__(self, cfg: ModelConfig, quant_config, prefix: str, dtype):
+    def __init__(self, cfg: ModelConfig, quant_config, prefix: str, dtype, rotary: RotaryEmbedding | None = None):
         super().__init__()
         tp = parallel.tp_size()
         self.num_heads = cfg.num_attention_heads // tp
@@ -53,7 +57,7 @@ class MLA(nn.Module):
         self.o_proj = RowParallelLinear(H * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias,
                                         quant_method=qm(f"{prefix}.o_proj"), params_dtype=dtype,
                                         prefix=f"{prefix}.o_proj")
-        self.rotary = RotaryEmbedding(self.rope_dim, cfg.rope_theta, cfg.rope_scaling, interleaved=cfg.rope_interleave)
+        self.rotary = rotary or make_rotary(cfg)  # shared by the model's layers: cos/sin once per step
         scale = qk_head_dim ** -0.5
         rs = cfg.rope_scaling or {}
         if rs.get("rope_type") == "yarn" and rs.get("mscale_all_dim"):
@@ -141,9 +145,10 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, quant_config, prefix: str, dtype):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, quant_config, prefix: str, dtype,
+                 rotary: RotaryEmbedding | None = None):
         super().__init__()
-        self.self_attn = MLA(cfg, quant_config, f"{prefix}.self_attn", dtype)
+        self.self_attn = MLA(cfg, quant_config, f"{prefix}.self_attn", dtype, rotary)
         if cfg.is_moe_layer(layer_idx):
             self.mlp = MoE(cfg, quant_config, f"{prefix}.mlp", dtype)
         else:
@@ -188,7 +193,8 @@ class DeepseekModel(nn.Module):
     def __init__(self, cfg: ModelConfig, quant_config, dtype, num_mtp_layers: int):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(Block(cfg, i, quant_config, f"model.layers.{i}", dtype)
+        rotary = make_rotary(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i, quant_config, f"model.layers.{i}", dtype, rotary)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         n = cfg.num_hidden_layers

@@ -15,7 +15,7 @@ from lowbit.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant_config, prefix: str, dtype):
+    def __init__(self, cfg: ModelConfig, quant_config, prefix: str, dtype, rotary: RotaryEmbedding):
         super().__init__()
         tp = parallel.tp_size()
         self.num_heads = cfg.num_attention_heads // tp
@@ -29,7 +29,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
                                         quant_method=quant_config.linear_method(f"{prefix}.o_proj"),
                                         params_dtype=dtype, prefix=f"{prefix}.o_proj")
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = rotary  # shared by every layer: cos/sin computed once per step
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -51,9 +51,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant_config, prefix: str, dtype):
+    def __init__(self, cfg: ModelConfig, quant_config, prefix: str, dtype, rotary: RotaryEmbedding):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, quant_config, f"{prefix}.self_attn", dtype)
+        self.self_attn = LlamaAttention(cfg, quant_config, f"{prefix}.self_attn", dtype, rotary)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, quant_config, f"{prefix}.mlp", dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -67,7 +67,8 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, quant_config, dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaBlock(cfg, quant_config, f"model.layers.{i}", dtype)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaBlock(cfg, quant_config, f"model.layers.{i}", dtype, rotary)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
