@@ -150,7 +150,7 @@ def build_config(groups: list[tuple[list[str], Scheme]], default: Scheme | None,
 
     def add(targets, scheme):
         g = scheme.config_group(targets)
-        if actorder:
+        if actorder and scheme.weights.strategy == "group":  # (compressed-tensors defines act-order for groups)
             g["weights"]["actorder"] = "weight"
         config_groups[f"group_{len(config_groups)}"] = g
         formats.add(scheme.format)

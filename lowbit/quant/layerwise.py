@@ -6,6 +6,7 @@ writes what comes back. The math is in rtn.py, gptq.py, smoothquant.py and calib
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -73,6 +74,10 @@ def build_layer(cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device="cp
             cls = MTPLayer if layer_idx >= cfg.num_hidden_layers else Block
             return cls(cfg, layer_idx, qc, prefix, dtype)
         from lowbit.models.llama import LlamaBlock
+        if "rotary" in inspect.signature(LlamaBlock).parameters:  # the model shares one rotary among its layers
+            from lowbit.layers.rotary import RotaryEmbedding
+            return LlamaBlock(cfg, qc, prefix, dtype, rotary=RotaryEmbedding(cfg.head_dim, cfg.rope_theta,
+                                                                             cfg.rope_scaling))
         return LlamaBlock(cfg, qc, prefix, dtype)
 
 
