@@ -192,6 +192,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    expert_parallel: bool = False  # routed experts partitioned across the torchrun world
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "tensor_parallel_size"):

@@ -13,6 +13,7 @@ import torch
 
 from lowbit.config import EngineConfig, resolve_model_path
 from lowbit.engine.block_manager import BlockManager
+from lowbit.engine.parallel import broadcast_from_first, init_parallel
 from lowbit.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from lowbit.engine.sampler import Sampler
 from lowbit.engine.scheduler import Scheduler
@@ -50,6 +51,7 @@ class LLMEngine:
         ckpt = Checkpoint(path)
         self.model_config = ckpt.model_config()
         self.engine_config = engine_config or EngineConfig()
+        init_parallel(self.engine_config.tensor_parallel_size, self.engine_config.expert_parallel)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.model_config, self.device)
         self.tokenizer = load_tokenizer(path)
@@ -149,6 +151,8 @@ class LLMEngine:
             return outputs
         logits = self.runner.run(seqs, is_prefill)  # [B, V]
         samples = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs])
+        for sample, tok in zip(samples, broadcast_from_first([r.token_id for r in samples])):
+            sample.token_id = tok
         self.scheduler.postprocess(seqs, [r.token_id for r in samples], self.eos_token_ids)
         for seq, sample in zip(seqs, samples):
             req = self._requests[seq.request_id]

@@ -1,28 +1,45 @@
 """Process groups for tensor and expert parallelism (torch.distributed; NCCL on GPUs, gloo on the CPU).
 
-Layers ask `tp_rank()` / `tp_size()` when they are built and when they load weights; with no process group
-initialised both describe a single process, so every layer works unchanged in one process.
+Started by torchrun (one node or several, c10d rendezvous): every process of the world runs the same engine steps.
+Tensor parallel splits attention heads, dense MLPs and the vocabulary across the world; expert parallel gives each
+process a contiguous share of the routed experts. Layers ask `tp_rank()` / `tp_size()` / `ep_rank()` /
+`ep_size()` when they are built and when they load weights; with no process group every one describes a single
+process, so every layer works unchanged in one process.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
 _TP_GROUP: dist.ProcessGroup | None = None
+_EP_GROUP: dist.ProcessGroup | None = None
 
 
-def init_parallel(tensor_parallel_size: int = 1, backend: str | None = None) -> None:
-    """Join the torchrun world and build the tensor-parallel group (all ranks, for now)."""
-    global _TP_GROUP
-    if tensor_parallel_size == 1 and not dist.is_initialized():
+def init_parallel(tensor_parallel_size: int = 1, expert_parallel: bool = False, backend: str | None = None) -> None:
+    """Join the torchrun world; tensor parallel over all of it (when tensor_parallel_size > 1), and expert parallel
+    over all of it (when asked)."""
+    global _TP_GROUP, _EP_GROUP
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tensor_parallel_size == 1 and not expert_parallel:
+        if world > 1:
+            raise ValueError(f"started with {world} processes but neither --tensor-parallel-size nor "
+                             f"--expert-parallel asks for them")
         return
     if not dist.is_initialized():
+        if world == 1 and "RANK" not in os.environ:
+            raise ValueError("tensor or expert parallel needs one process per rank: launch with torchrun "
+                             "(e.g. torchrun --nproc-per-node 2 -m lowbit ...)")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend)
-    if dist.get_world_size() != tensor_parallel_size:
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but the torchrun world has "
-                         f"{dist.get_world_size()} processes")
-    _TP_GROUP = dist.group.WORLD
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    world = dist.get_world_size()
+    if tensor_parallel_size not in (1, world):
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but the torchrun world has {world} processes")
+    _TP_GROUP = dist.group.WORLD if tensor_parallel_size > 1 else None
+    _EP_GROUP = dist.group.WORLD if expert_parallel else None
 
 
 def tp_size() -> int:
@@ -33,9 +50,23 @@ def tp_rank() -> int:
     return dist.get_rank(_TP_GROUP) if _TP_GROUP is not None else 0
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if tp_size() > 1:
-        dist.all_reduce(x, group=_TP_GROUP)
+def ep_size() -> int:
+    return dist.get_world_size(_EP_GROUP) if _EP_GROUP is not None else 1
+
+
+def ep_rank() -> int:
+    return dist.get_rank(_EP_GROUP) if _EP_GROUP is not None else 0
+
+
+def is_first_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce(x: torch.Tensor, expert: bool = False) -> torch.Tensor:
+    """Sum x over the tensor-parallel group (or the expert-parallel group), in place."""
+    group = _EP_GROUP if expert else _TP_GROUP
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, group=group)
     return x
 
 
@@ -45,3 +76,14 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(tp_size())]
     dist.all_gather(parts, x.contiguous(), group=_TP_GROUP)
     return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_first(values: list[int]) -> list[int]:
+    """Every rank takes rank 0's values (the sampled tokens), so the ranks' schedulers never diverge."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return t.tolist()

@@ -64,9 +64,10 @@ class LinearBase(nn.Module):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, tp_dim: int | None = None,
                  quant_method: LinearMethod | None = None, params_dtype: torch.dtype | None = None,
-                 prefix: str = ""):
+                 prefix: str = "", reduce_results: bool = True):
         super().__init__()
         self.prefix = prefix
+        self.reduce_results = reduce_results  # row parallel: sum the partial outputs here, or leave it to the caller
         self.tp_dim = tp_dim
         self.tp_size = parallel.tp_size() if tp_dim is not None else 1
         self.tp_rank = parallel.tp_rank() if tp_dim is not None else 0
@@ -88,6 +89,7 @@ class LinearBase(nn.Module):
         self.quant_method.create_weights(self)
         if bias:
             # a row-parallel bias is added once, after the all-reduce, so it is not sharded
+            assert reduce_results or tp_dim != 1, "a row-parallel bias needs the reduced output"
             self.register("bias", torch.zeros(self.out_per_partition, dtype=self.params_dtype),
                           output_dim=0 if tp_dim != 1 else None)
         else:
@@ -134,7 +136,7 @@ class LinearBase(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quant_method.apply(self, x)
-        if self.tp_dim == 1 and self.tp_size > 1:
+        if self.tp_dim == 1 and self.tp_size > 1 and self.reduce_results:
             y = parallel.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias

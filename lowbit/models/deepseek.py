@@ -225,6 +225,14 @@ class DeepseekForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def skips_checkpoint_tensor(self, name: str) -> bool:
+        """Routed experts that live on other expert-parallel ranks (their tensors are never read here)."""
+        parts = name.split(".")
+        if len(parts) > 5 and parts[3] == "mlp" and parts[4] == "experts":
+            block = self.get_submodule(".".join(self.checkpoint_to_param_name(name).split(".")[:3]))
+            return not block.mlp.experts.owns(int(parts[5]))
+        return False
+
     def checkpoint_to_param_name(self, name: str) -> str:
         """Checkpoint layers past num_hidden_layers are the MTP layers: model.layers.{n+i}.X -> model.mtp.{i}.X."""
         if name.startswith("model.layers."):

@@ -143,9 +143,9 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> No
     """Load every tensor into its parameter; fail naming the tensor on a missing, extra or misshapen one."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[str, int | None]] = set()
-    for name, tensor in ckpt.iter_tensors():
-        if "rotary_emb.inv_freq" in name:
-            continue
+    skips = getattr(model, "skips_checkpoint_tensor", lambda name: False)
+    names = [n for n in ckpt.names() if "rotary_emb.inv_freq" not in n and not skips(n)]
+    for name, tensor in ckpt.iter_tensors(names):
         pname, shard = param_target(model, name)
         param = params.get(pname)
         if param is None:

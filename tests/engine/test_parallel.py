@@ -1,0 +1,63 @@
+"""Tensor and expert parallel on the CPU with gloo, launched by torchrun: the same logits and greedy tokens as one
+process, for bf16-style (unquantized) and quantized checkpoints."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit import LLM, SamplingParams
+
+WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_parallel(model: str, nproc: int, tp: int, ep: bool, out: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), WORKER, model, out, "--tp", str(tp)]
+    if ep:
+        cmd.append("--ep")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out)
+
+
+def single(model: str) -> dict:
+    llm = LLM(model, device="cpu")
+    ids = torch.randint(0, 320, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    greedy = llm.generate([ids[:7], ids[:13]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    return {"logits": llm.logits(ids), "greedy": [o.token_ids for o in greedy]}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoints, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("q") / "w4a16")
+    r = subprocess.run([sys.executable, "-m", "lowbit", "quantize", "--model", tiny_checkpoints["deepseek_v3"][0],
+                        "--scheme", "w4a16", "--group-size", "8", "--algo", "rtn", "--output", out, "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("nproc,tp,ep", [(2, 2, False), (2, 1, True), (2, 2, True), (4, 4, False), (4, 4, True)])
+@pytest.mark.parametrize("which", ["bf16", "w4a16"])
+def test_parallel_equals_single_process(tiny_checkpoints, quantized, tmp_path, nproc, tp, ep, which):
+    model = tiny_checkpoints["deepseek_v3"][0] if which == "bf16" else quantized
+    ref = single(model)
+    got = run_parallel(model, nproc, tp, ep, str(tmp_path / "out.pt"))
+    assert (got["logits"] - ref["logits"]).abs().max().item() <= 1e-4
+    assert got["greedy"] == ref["greedy"]
+
+
+def test_tensor_parallel_llama(tiny_checkpoints, tmp_path):
+    model = tiny_checkpoints["llama"][0]
+    got = run_parallel(model, 2, 2, False, str(tmp_path / "out.pt"))
+    assert (got["logits"] - single(model)["logits"]).abs().max().item() <= 1e-4
