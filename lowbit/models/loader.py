@@ -168,29 +168,17 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> No
             hook()
 
 
-def _check_complete(model, params, loaded, ckpt) -> None:
-    inverse = {v[0]: k for k, v in model.packed_modules_mapping.items()}
-    tied = {n for n, p in params.items() if any(p is q for m, q in params.items() if m != n)}
+def _check_complete(model, params: dict, loaded: set, ckpt: Checkpoint) -> None:
+    """Every parameter (every shard of a merged one) was loaded; a tied parameter counts once for both names."""
+    parts: dict[str, dict[int, str]] = {}  # merged module -> shard -> checkpoint module
+    for orig, (merged, shard) in model.packed_modules_mapping.items():
+        parts.setdefault(merged, {})[shard] = orig
+    loaded_params = {id(params[name]) for name, _ in loaded}
     for pname, param in params.items():
-        n_shards = _num_shards(model, pname)
-        needed = [(pname, None)] if n_shards is None else [(pname, s) for s in range(n_shards)]
-        for key in needed:
-            if key in loaded or (pname in tied and any(k[0] in tied for k in loaded)):
+        merged = next((p for p in pname.split(".")[:-1] if p in parts), None)
+        shards = parts[merged] if merged else {None: None}
+        for shard, orig in shards.items():
+            if (pname, shard) in loaded or (merged is None and id(param) in loaded_params):
                 continue
-            ckpt_name = pname
-            if key[1] is not None:
-                merged = next(p for p in pname.split(".") if p in inverse or _is_merged(model, p))
-                orig = [k for k, v in model.packed_modules_mapping.items() if v == (merged, key[1])][0]
-                ckpt_name = pname.replace(merged, orig)
-            raise CheckpointError(f"{ckpt.path}: checkpoint is missing tensor {ckpt_name}")
-
-
-def _is_merged(model, part: str) -> bool:
-    return any(v[0] == part for v in model.packed_modules_mapping.values())
-
-
-def _num_shards(model, pname: str) -> int | None:
-    for part in pname.split(".")[:-1]:
-        if _is_merged(model, part):
-            return sum(1 for v in model.packed_modules_mapping.values() if v[0] == part)
-    return None
+            name = pname if merged is None else pname.replace(f".{merged}.", f".{orig}.")
+            raise CheckpointError(f"{ckpt.path}: checkpoint is missing tensor {name}")
