@@ -72,6 +72,10 @@ class SourceReader:
             raise ConfigError(f"{path}: already quantized ({qc.get('quant_method')}); quantize a bf16/fp16, "
                               f"fp8 or GGUF checkpoint")
         all_names = self.ckpt.names()
+        if not self.ckpt.is_gguf:
+            missing = sorted({self.ckpt.file_of(n) for n in all_names if not os.path.exists(self.ckpt.file_of(n))})
+            if missing:
+                raise CheckpointError(f"{missing[0]}: shard listed in model.safetensors.index.json is missing")
         self._scale_inv = {n for n in all_names if n.endswith(".weight_scale_inv")}
         self._names = [n for n in all_names if n not in self._scale_inv and "rotary_emb.inv_freq" not in n]
         self._gguf = None

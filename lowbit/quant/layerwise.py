@@ -133,7 +133,8 @@ def advance(layer: nn.Module, state: CalibState, cfg: ModelConfig, prev_norm: to
 # ---------------------------------------------------------------------------------------------- quantizing
 def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: dict[str, torch.Tensor],
             prefix: str, alpha: float) -> None:
-    """SmoothQuant every norm -> linears mapping of this layer whose linears quantize activations (in place)."""
+    """SmoothQuant every norm -> linears mapping of this layer whose linears quantize activations, and each
+    down_proj through its up_proj (in place)."""
     for norm, pattern in smoothquant.MAPPINGS:
         norm_name = f"{prefix}.{norm}.weight"
         fed = [s for s in specs if pattern.search(s.path)]
@@ -154,6 +155,17 @@ def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: d
                 tensors[name] = smoothquant.smooth_weight(tensors[name], s)
         for p in paths:
             inputs[p] = (inputs[p].float() / s).to(inputs[p].dtype)
+    down, up = smoothquant.THROUGH_ROWS
+    for sp in specs:
+        x = inputs.get(sp.path)
+        source = f"{sp.name[:-len('down_proj')]}{up}.weight"
+        if not down.search(sp.name) or not (sp.scheme and sp.scheme.input_activations) or x is None or \
+                not x.shape[0] or source not in tensors:
+            continue
+        s = smoothquant.smoothing_factors(x.abs().amax(dim=0).float(), [tensors[f"{sp.name}.weight"]], alpha)
+        tensors[source] = smoothquant.smooth_rows(tensors[source], s)
+        tensors[f"{sp.name}.weight"] = smoothquant.smooth_weight(tensors[f"{sp.name}.weight"], s)
+        inputs[sp.path] = (x.float() / s).to(x.dtype)
 
 
 def _sibling(name: str) -> str:

@@ -3,7 +3,8 @@
 For the linear layers that read one normalization's output, each input channel j is divided by
 s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha) on the activation side (folded into the norm's weight) and multiplied
 by s_j on the weight side, so the float model computes exactly what it did. A router reading the same norm (MoE)
-gets its columns multiplied too. Pure functions on tensors.
+gets its columns multiplied too. A gated MLP's down_proj reads silu(gate) * up, so its input is smoothed through
+up_proj's rows. Pure functions on tensors.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ MAPPINGS = [
 ]
 # unquantized layers reading a norm's output whose columns follow the smoothing (the MoE router)
 COMPENSATED = {"post_attention_layernorm": re.compile(r"mlp\.gate$")}
+# linear layers whose input is smoothed through another linear's output rows: down_proj through up_proj
+THROUGH_ROWS = (re.compile(r"down_proj$"), "up_proj")
 
 
 def smoothing_factors(act_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -40,3 +43,8 @@ def smooth_norm(norm_weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def smooth_weight(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """A weight [out, in] reading the smoothed activations: columns multiplied by s."""
     return (w.float() * s[None, :]).to(w.dtype)
+
+
+def smooth_rows(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """A weight [out, in] whose outputs feed the smoothed activations: rows divided by s."""
+    return (w.float() / s[:, None]).to(w.dtype)

@@ -92,3 +92,11 @@ def test_default_model_quantizes_without_model_argument(tmp_path, default_llm):
     ref, ours = default_llm.logits(ids), q.logits(ids)
     kl = (ref.log_softmax(-1).exp() * (ref.log_softmax(-1) - ours.log_softmax(-1))).sum(-1).mean().item()
     assert kl < 0.02 and (ref.argmax(-1) == ours.argmax(-1)).float().mean() > 0.85
+
+
+def test_source_missing_a_shard(tiny_deepseek, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_deepseek, src)
+    (src / "model-mtp.safetensors").unlink()
+    fails(["--scheme", "w8a16"], capsys, src, tmp_path / "out", "model-mtp.safetensors: shard listed")
+    assert not (tmp_path / "out").exists()

@@ -55,6 +55,7 @@ def test_moe_layer_function_unchanged_router_included(tiny_deepseek):
     for norm in ("input_layernorm", "self_attn.q_a_layernorm", "post_attention_layernorm"):
         assert not torch.equal(tensors[f"{p}.{norm}.weight"], smoothed[f"{p}.{norm}.weight"]), norm
     assert not torch.equal(tensors[f"{p}.mlp.gate.weight"], smoothed[f"{p}.mlp.gate.weight"])  # compensated
+    assert not torch.equal(tensors[f"{p}.mlp.experts.3.up_proj.weight"], smoothed[f"{p}.mlp.experts.3.up_proj.weight"])
     kv_norm = f"{p}.self_attn.kv_a_layernorm.weight"
     assert torch.equal(tensors[kv_norm], smoothed[kv_norm])  # kv_b_proj is absorbed into attention: not smoothed
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
@@ -63,4 +64,5 @@ def test_moe_layer_function_unchanged_router_included(tiny_deepseek):
 def test_llama_layer_function_unchanged(tiny_llama):
     tensors, smoothed, before, after, p = _layer_outputs(tiny_llama, 1, 0.8)
     assert not torch.equal(tensors[f"{p}.input_layernorm.weight"], smoothed[f"{p}.input_layernorm.weight"])
+    assert not torch.equal(tensors[f"{p}.mlp.up_proj.weight"], smoothed[f"{p}.mlp.up_proj.weight"])  # for down_proj
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
