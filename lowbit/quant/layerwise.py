@@ -180,13 +180,13 @@ def scale_dtype(scheme: Scheme, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def quantize_layer(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], specs: list[LinearSpec],
+def quantize_layer(layer: nn.Module | None, prefix: str, tensors: dict[str, torch.Tensor], specs: list[LinearSpec],
                    state: CalibState, cfg: ModelConfig, opts: QuantOptions, prev_norm: torch.Tensor | None = None,
                    progress=None) -> tuple[dict[str, torch.Tensor], LayerReport, CalibState]:
     """Calibrate and quantize one layer (already loaded from `tensors`). Returns the tensors to write (quantized
     linears in compressed-tensors form, everything else as read, smoothed norms included), what to report, and
     the calibration state after this layer (computed by the unquantized layer). With no state (nothing needs
-    calibration: round-to-nearest, dynamic activations) the layer is not run at all."""
+    calibration: round-to-nearest, dynamic activations) the layer is not run at all, and may be None."""
     quantized = [s for s in specs if s.scheme is not None]
     calibrated = state is not None
     next_state = None

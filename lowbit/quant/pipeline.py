@@ -181,7 +181,6 @@ class Quantization:
                                  f"static activation scales); use --algo rtn with a dynamic-activation scheme")
             self.seqs = calibration_seqs(self.tokenizer, job)
         # layers run in float32 whatever the source dtype: Hessians and scales from full-precision activations
-        # (and the runtime's norms keep float32 weights, which bf16 MLA absorption does not accept)
         self.calib_dtype = torch.float32
         self.out = OutputDir(job.output, self._identity())
 
@@ -249,7 +248,7 @@ class Quantization:
         if u.kind in ("embed", "head"):
             nxt = self._advance(u, tensors, state) if self.seqs is not None else None
             return own, {}, nxt
-        layer = self._load_layer(u, tensors)
+        layer = self._load_layer(u, tensors) if self.seqs is not None else None  # nothing to run without calibration
         with tqdm(total=sum(s.scheme is not None for s in u.specs), desc=f"  {u.label}", unit="linear",
                   leave=False, disable=not self.progress) as bar:
             out, report, nxt = layerwise.quantize_layer(
