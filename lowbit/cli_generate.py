@@ -14,6 +14,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks started by torchrun")
+    p.add_argument("--expert-parallel", action="store_true", help="routed experts partitioned across the ranks")
 
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,12 +38,15 @@ def _params(args):
 def run_generate(args) -> int:
     from lowbit import LLM
     params = _params(args)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    from lowbit.engine.parallel import is_first_rank
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
+              expert_parallel=args.expert_parallel)
     if not args.no_chat_template and getattr(llm.tokenizer, "chat_template", None):
         out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
     else:
         out = llm.generate(args.prompt, params)[0]
-    print(out.text)
+    if is_first_rank():
+        print(out.text)
     return 0
 
 
