@@ -54,7 +54,10 @@ def run_chat(args) -> int:
     """A read-eval-print loop that streams each reply token by token."""
     from lowbit.engine.llm_engine import LLMEngine
     params = _params(args)
-    engine = LLMEngine(args.model, dtype=args.dtype, device=args.device)
+    from lowbit.config import EngineConfig
+    engine = LLMEngine(args.model, dtype=args.dtype, device=args.device,
+                       engine_config=EngineConfig(tensor_parallel_size=args.tensor_parallel_size,
+                                                  expert_parallel=args.expert_parallel))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
