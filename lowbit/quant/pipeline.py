@@ -204,7 +204,7 @@ class Quantization:
 
     def _identity(self) -> dict:
         """What a rerun must ask for again to resume this output."""
-        j, o = self.job, self.job.opts
+        o = self.job.opts
         calib = None
         if self.seqs is not None:
             calib = hashlib.sha256(json.dumps(self.seqs).encode()).hexdigest()[:16]

@@ -55,7 +55,7 @@ def add_mtp_layer(path, cfg: dict, seed: int = 1) -> None:
         if name.startswith(f"model.layers.{n - 1}."):
             new = name.replace(f"model.layers.{n - 1}.", f"model.layers.{n}.")
             mtp[new] = t + 0.02 * torch.randn(t.shape, generator=g) if t.ndim == 2 else t.clone()
-    h, v = cfg["hidden_size"], cfg["vocab_size"]
+    h = cfg["hidden_size"]
     mtp.update({f"model.layers.{n}.embed_tokens.weight": src["model.embed_tokens.weight"].clone(),
                 f"model.layers.{n}.enorm.weight": torch.ones(h), f"model.layers.{n}.hnorm.weight": torch.ones(h),
                 f"model.layers.{n}.eh_proj.weight": 0.05 * torch.randn(h, 2 * h, generator=g),

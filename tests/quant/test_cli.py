@@ -5,7 +5,6 @@ import os
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.cli import main
