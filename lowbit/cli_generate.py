@@ -51,24 +51,40 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    """A read-eval-print loop that streams each reply token by token."""
-    from lowbit.engine.llm_engine import LLMEngine
-    params = _params(args)
+    """A read-eval-print loop that streams each reply token by token. Under torchrun rank 0 reads the input and
+    the other ranks follow its batches."""
     from lowbit.config import EngineConfig
+    from lowbit.engine.llm_engine import LLMEngine
+    from lowbit.engine.parallel import is_first_rank, shutdown_parallel
+    params = _params(args)
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device,
                        engine_config=EngineConfig(tensor_parallel_size=args.tensor_parallel_size,
                                                   expert_parallel=args.expert_parallel))
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if not is_first_rank():
+        engine.follow()
+        shutdown_parallel()
+        return 0
+    engine.lead()
+    try:
+        _chat_loop(engine, params, args.system)
+    finally:
+        engine.release_followers()
+        shutdown_parallel()
+    return 0
+
+
+def _chat_loop(engine, params, system: str | None) -> None:
+    messages = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
-            return 0
+            return
         if not line.strip():
             continue
         if line.strip() in ("/exit", "/quit"):
-            return 0
+            return
         messages.append({"role": "user", "content": line})
         rid = engine.add_request(engine.apply_chat_template(messages), params)
         reply = []

@@ -2,6 +2,12 @@
 
 `add_request` and `abort_request` may be called from any thread (the server's event loop); they are queued and
 applied at the start of the next `step`, which only the engine's own thread calls.
+
+Under tensor/expert parallel every rank holds an engine, in one of two ways. Offline (`LLM`, `lowbit generate`)
+every rank is given the same requests and schedules them alike; rank 0's sampled tokens are broadcast so the
+schedulers never diverge. Serving, rank 0 alone takes requests, schedules and samples: it `lead`s, broadcasting
+each batch it runs (sequence ids, new tokens, lengths, block tables), and the other ranks `follow`, running the
+same forward on their shards and KV caches until rank 0 releases them.
 """
 from __future__ import annotations
 
@@ -12,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lowbit.config import EngineConfig, resolve_model_path
+from lowbit.engine import parallel
 from lowbit.engine.block_manager import BlockManager
-from lowbit.engine.parallel import broadcast_from_first, init_parallel
 from lowbit.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from lowbit.engine.sampler import Sampler
 from lowbit.engine.scheduler import Scheduler
@@ -36,6 +42,55 @@ class StepOutput:
     logprobs: list = field(default_factory=list)  # per new token: (logprob, [(token_id, logprob), ...]) or None
 
 
+class _BatchSeq:
+    """A sequence of a broadcast batch as a following rank knows it: what ModelRunner reads to build its inputs."""
+    __slots__ = ("block_table", "length", "num_cached_tokens", "seq_id", "token_ids")
+
+    def __init__(self, seq_id: int, num_cached_tokens: int, new_token_ids: list[int], block_table: list[int],
+                 length: int, is_prefill: bool):
+        self.seq_id = seq_id
+        self.num_cached_tokens = num_cached_tokens
+        # a prefill reads token_ids[num_cached_tokens:], a decode only the last token
+        self.token_ids = [0] * num_cached_tokens + new_token_ids if is_prefill else new_token_ids
+        self.block_table = block_table
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+
+_END, _BATCH = 0, 1  # the first int of a message from the leader
+
+
+def encode_batch(seqs: list[Sequence], is_prefill: bool, all_logits: bool) -> list[int]:
+    """One step's batch as ints: [_BATCH, is_prefill, all_logits, n, then per sequence seq_id, num_cached_tokens,
+    length, new token count, block count, the new tokens, the block table]."""
+    out = [_BATCH, int(is_prefill), int(all_logits), len(seqs)]
+    for s in seqs:
+        new = s.token_ids[s.num_cached_tokens:] if is_prefill else [s.last_token]
+        out += [s.seq_id, s.num_cached_tokens, len(s), len(new), len(s.block_table), *new, *s.block_table]
+    return out
+
+
+def decode_batch(msg: list[int]) -> tuple[list[_BatchSeq], bool, bool] | None:
+    """The batch of `encode_batch`, or None for the leader's end message."""
+    if msg[0] == _END:
+        return None
+    is_prefill, all_logits, n = bool(msg[1]), bool(msg[2]), msg[3]
+    seqs, i = [], 4
+    for _ in range(n):
+        seq_id, cached, length, n_new, n_blocks = msg[i:i + 5]
+        i += 5
+        new, blocks = msg[i:i + n_new], msg[i + n_new:i + n_new + n_blocks]
+        i += n_new + n_blocks
+        seqs.append(_BatchSeq(seq_id, cached, new, blocks, length, is_prefill))
+    return seqs, is_prefill, all_logits
+
+
 class _Request:
     def __init__(self, seq: Sequence, detok: IncrementalDetokenizer | None):
         self.seq = seq
@@ -51,7 +106,7 @@ class LLMEngine:
         ckpt = Checkpoint(path)
         self.model_config = ckpt.model_config()
         self.engine_config = engine_config or EngineConfig()
-        init_parallel(self.engine_config.tensor_parallel_size, self.engine_config.expert_parallel)
+        parallel.init_parallel(self.engine_config.tensor_parallel_size, self.engine_config.expert_parallel)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.model_config, self.device)
         self.tokenizer = load_tokenizer(path)
@@ -68,6 +123,42 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._pending: collections.deque = collections.deque()
         self._lock = threading.Lock()
+        self._leading = False  # rank 0 of a served parallel world: every batch is broadcast before it runs
+        self._released = False  # the followers were told no batch will come
+        self._run_lock = threading.Lock()  # a batch's broadcast and forward, or the release, one at a time
+
+    # ------------------------------------------------------------------ leading and following
+    def lead(self) -> None:
+        """On rank 0 of a parallel world: from now on broadcast every batch to the other ranks (which `follow`);
+        only this rank schedules and samples. A no-op in one process."""
+        if not parallel.is_parallel():
+            return
+        if not parallel.is_first_rank():
+            raise RuntimeError("only rank 0 leads; the other ranks follow")
+        self._leading = True
+
+    def follow(self) -> None:
+        """On a rank other than 0: run each batch the leader broadcasts on this rank's shards and KV cache, until
+        the leader releases the followers."""
+        while (batch := decode_batch(parallel.broadcast_message(None))) is not None:
+            self.runner.run(*batch)
+
+    def release_followers(self) -> None:
+        """Tell the followers that no batch will come (they return from `follow`). Waits for a batch in progress;
+        once released, running another batch is an error. Safe to call more than once, from any thread."""
+        with self._run_lock:
+            if self._leading and not self._released:
+                self._released = True
+                parallel.broadcast_message([_END])
+
+    def _run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
+        if not self._leading:
+            return self.runner.run(seqs, is_prefill, all_logits)
+        with self._run_lock:
+            if self._released:
+                raise RuntimeError("the other ranks have been released: no batch can run")
+            parallel.broadcast_message(encode_batch(seqs, is_prefill, all_logits))
+            return self.runner.run(seqs, is_prefill, all_logits)
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -149,10 +240,11 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return outputs
-        logits = self.runner.run(seqs, is_prefill)  # [B, V]
+        logits = self._run(seqs, is_prefill)  # [B, V]
         samples = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs])
-        for sample, tok in zip(samples, broadcast_from_first([r.token_id for r in samples])):
-            sample.token_id = tok
+        if not self._leading:  # every rank schedules: all take rank 0's tokens
+            for sample, tok in zip(samples, parallel.broadcast_from_first([r.token_id for r in samples])):
+                sample.token_id = tok
         self.scheduler.postprocess(seqs, [r.token_id for r in samples], self.eos_token_ids)
         for seq, sample in zip(seqs, samples):
             req = self._requests[seq.request_id]
@@ -209,6 +301,6 @@ class LLMEngine:
             raise ValueError(f"{len(ids)} tokens do not fit the KV cache")
         self.block_manager.allocate(seq)
         try:
-            return self.runner.run([seq], is_prefill=True, all_logits=True).cpu()
+            return self._run([seq], is_prefill=True, all_logits=True).cpu()
         finally:
             self.block_manager.deallocate(seq)

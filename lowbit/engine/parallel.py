@@ -78,12 +78,60 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def _comm_device() -> torch.device:
+    """Where a collective's tensors live: this rank's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def is_parallel() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def broadcast_from_first(values: list[int]) -> list[int]:
     """Every rank takes rank 0's values (the sampled tokens), so the ranks' schedulers never diverge."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_parallel():
         return values
-    t = torch.tensor(values, dtype=torch.long)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
     dist.broadcast(t, src=0)
     return t.tolist()
+
+
+_FIRST_PART = 1024  # ints in a message's first broadcast: a decode step's batch fits, a long prefill takes two
+
+
+def broadcast_message(values: list[int] | None) -> list[int]:
+    """Rank 0's list of ints, of any length, on every rank; the other ranks pass None. One broadcast of a fixed
+    size carries the length and the first ints, a second one the rest when there is more."""
+    if not is_parallel():
+        assert values is not None
+        return values
+    dev, first = _comm_device(), is_first_rank()
+    if first:
+        head = [len(values)] + values[:_FIRST_PART - 1]
+        buf = torch.tensor(head + [0] * (_FIRST_PART - len(head)), dtype=torch.long, device=dev)
+    else:
+        buf = torch.empty(_FIRST_PART, dtype=torch.long, device=dev)
+    dist.broadcast(buf, src=0)
+    if first:
+        rest = values[_FIRST_PART - 1:]
+        if rest:
+            dist.broadcast(torch.tensor(rest, dtype=torch.long, device=dev), src=0)
+        return values
+    head = buf.tolist()
+    n = head[0]
+    out = head[1:1 + n]
+    if n > _FIRST_PART - 1:
+        rest = torch.empty(n - (_FIRST_PART - 1), dtype=torch.long, device=dev)
+        dist.broadcast(rest, src=0)
+        out += rest.tolist()
+    return out
+
+
+def shutdown_parallel() -> None:
+    """Leave the process group (each rank, once it has sent or received its last collective)."""
+    global _TP_GROUP, _EP_GROUP
+    _TP_GROUP = _EP_GROUP = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,4 +1,9 @@
-"""`lowbit serve`: the OpenAI-compatible server on one engine, with uvicorn."""
+"""`lowbit serve`: the OpenAI-compatible server on one engine, with uvicorn.
+
+Under torchrun (`--tensor-parallel-size N`, `--expert-parallel`) rank 0 serves HTTP, schedules and samples, and
+broadcasts each batch; the other ranks run the same forward on their shards. torchrun forwards SIGTERM to every
+rank: rank 0 drains its requests, then releases the others, and every rank exits 0.
+"""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="ranks started by torchrun that split attention, dense layers and vocabulary")
+    p.add_argument("--expert-parallel", action="store_true", help="routed experts partitioned across the ranks")
     p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="return <think>...</think> as reasoning_content")
     p.add_argument("--max-waiting", type=int, default=1024,
@@ -46,6 +54,7 @@ def run(args) -> int:
 
     from lowbit.config import EngineConfig
     from lowbit.engine.llm_engine import LLMEngine
+    from lowbit.engine.parallel import is_first_rank, shutdown_parallel
     from lowbit.server.api import ServerSettings, build_app
     from lowbit.server.engine_loop import EngineLoop
     from lowbit.server.metrics import Metrics
@@ -56,11 +65,21 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, engine_config=EngineConfig(
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb))
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel))
+    if not is_first_rank():
+        # torchrun forwards SIGTERM and SIGINT to every rank: rank 0 drains its requests, then releases this one
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        engine.follow()
+        shutdown_parallel()
+        return 0
+    engine.lead()
     settings = ServerSettings(model_name=_served_name(args, engine.model_path), api_key=args.api_key or None,
                               max_body_bytes=args.max_body_bytes, reasoning_parser=args.reasoning_parser)
     metrics = Metrics(settings.model_name)
-    app = build_app(EngineLoop(engine, metrics, max_waiting=args.max_waiting), settings, metrics)
+    engine_loop = EngineLoop(engine, metrics, max_waiting=args.max_waiting)
+    app = build_app(engine_loop, settings, metrics)
 
     class _DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -72,5 +91,10 @@ def run(args) -> int:
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again; a graceful stop is a normal exit
     signal.signal(signal.SIGTERM, lambda *_: None)
     print(f"lowbit serve: {settings.model_name} on http://{args.host}:{args.port}/v1", flush=True)
-    _DrainingServer(config).run()
+    try:
+        _DrainingServer(config).run()
+    finally:
+        engine_loop.shutdown()
+        engine.release_followers()
+        shutdown_parallel()
     return 0

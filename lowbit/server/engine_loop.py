@@ -140,7 +140,8 @@ class EngineLoop:
         for job in jobs:
             _deliver(job.loop, _resolve, job.future, None, error)
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:

@@ -61,3 +61,22 @@ def test_tensor_parallel_llama(tiny_checkpoints, tmp_path):
     model = tiny_checkpoints["llama"][0]
     got = run_parallel(model, 2, 2, False, str(tmp_path / "out.pt"))
     assert (got["logits"] - single(model)["logits"]).abs().max().item() <= 1e-4
+
+
+def _broadcast_rank(rank: int, world: int, init: str, lengths: list[int]) -> None:
+    import torch.distributed as dist
+
+    from lowbit.engine import parallel
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        for n in lengths:
+            msg = [7 * i - 3 for i in range(n)]
+            assert parallel.broadcast_message(msg if rank == 0 else None) == msg, n
+    finally:
+        dist.destroy_process_group()
+
+
+def test_broadcast_message_of_any_length(tmp_path):
+    """A batch message fits the first broadcast or spills into a second one; every rank gets rank 0's ints."""
+    torch.multiprocessing.spawn(_broadcast_rank, args=(2, f"file://{tmp_path}/rdzv", [1, 1023, 1024, 5000, 3]),
+                                nprocs=2)
