@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; set before any kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*non-writable.*")
 
 TINY_DEEPSEEK = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,

@@ -1,0 +1,34 @@
+"""Triton GPU kernels, one per file, each with its asserting wrapper and a torch reference.
+
+The references are the CPU path and the oracles of the tests; the kernels run on CUDA GPUs, and on the CPU under
+`TRITON_INTERPRET=1` where Triton's interpreter supports their dtypes (not FP8 matrix products).
+
+- act_quant.py        activations -> int8 per token, FP8 per token group, FP8 static per tensor
+- matmul_packed.py    int4 / int8 weights packed in int32 words (w4a16, w8a16, w4a8, w4a8-int8), dequantized in
+                      registers; dense or grouped by expert (fused MoE), gate and up fused with SiLU
+- matmul_unpacked.py  bf16, int8 per channel (w8a8) and FP8 128x128 block (fp8-block) weights; dense or grouped
+- moe.py              the fused MoE: tokens sorted by expert, one launch per projection for all experts
+- tuning.py           launch configurations per shape range, chosen (and optionally measured) at load time
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton runs its kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,95 @@
+"""Activation quantization: int8 per token, FP8 e4m3 per token and group of features, FP8 static per tensor.
+
+Each returns (values, scales) with values * scales == x up to rounding; the GEMMs take both. One program per row:
+the row is read once for its absmax and once to quantize (the second read comes from L2).
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import cdiv
+
+FP8_MAX = 448.0
+FP8 = torch.float8_e4m3fn
+
+
+# ---------------------------------------------------------------------------------------------- references
+def int8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> int8 [M, K], float32 scales [M] (absmax / 127, round half to even)."""
+    xf = x.float()
+    s = xf.abs().amax(dim=-1).clamp(min=1e-10) / 127.0
+    q = torch.round(xf / s[:, None]).clamp(-128, 127).to(torch.int8)
+    return q, s
+
+
+def fp8_per_token_group_ref(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> FP8 [M, K], float32 scales [M, ceil(K / group_size)] (absmax / 448 per group)."""
+    M, K = x.shape
+    xf = torch.nn.functional.pad(x.float(), (0, -K % group_size)).view(M, -1, group_size)
+    s = xf.abs().amax(dim=-1).clamp(min=1e-10) / FP8_MAX
+    q = (xf / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(M, -1)[:, :K].contiguous(), s
+
+
+def fp8_static_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> FP8 [M, K] through one calibrated per-tensor scale."""
+    return (x.float() / scale.float().reshape(())).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references above still serve the CPU
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, num_groups,
+                           GROUP: tl.constexpr, BLOCK: tl.constexpr, TO_FP8: tl.constexpr):
+        """One program per (row, group): GROUP features (a whole row for per-token) -> values and one scale."""
+        row = tl.program_id(0)
+        g = tl.program_id(1)
+        start = g * GROUP
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, GROUP, BLOCK):
+            cols = start + off + tl.arange(0, BLOCK)
+            mask = (cols < K) & (cols < start + GROUP)
+            v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        qmax = 448.0 if TO_FP8 else 127.0
+        scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / qmax
+        tl.store(s_ptr + row * num_groups + g, scale)
+        for off in range(0, GROUP, BLOCK):
+            cols = start + off + tl.arange(0, BLOCK)
+            mask = (cols < K) & (cols < start + GROUP)
+            v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32) / scale
+            if TO_FP8:
+                q = tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv)
+            else:
+                q = tl.clamp(tl.floor(v + 0.5), -128.0, 127.0).to(tl.int8)  # ties round up, torch.round to even
+            tl.store(q_ptr + row * stride_q + cols, q, mask=mask)
+
+
+def _quant_rows(x: torch.Tensor, group: int, to_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K] with contiguous rows"
+    M, K = x.shape
+    groups = cdiv(K, group)
+    q = torch.empty(M, K, dtype=FP8 if to_fp8 else torch.int8, device=x.device)
+    s = torch.empty(M, groups, dtype=torch.float32, device=x.device)
+    if M:
+        block = min(triton.next_power_of_2(group), 1024)
+        _quant_rows_kernel[(M, groups)](x, q, s, K, x.stride(0), q.stride(0), groups, GROUP=group, BLOCK=block,
+                                        TO_FP8=to_fp8)
+    return q, s
+
+
+def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel of int8_per_token_ref: int8 [M, K], float32 scales [M]."""
+    q, s = _quant_rows(x, x.shape[1], to_fp8=False)
+    return q, s.view(-1)
+
+
+def fp8_per_token_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel of fp8_per_token_group_ref: FP8 [M, K], float32 scales [M, ceil(K / group_size)]."""
+    return _quant_rows(x, group_size, to_fp8=True)

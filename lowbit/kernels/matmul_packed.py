@@ -1,0 +1,284 @@
+"""GEMM over int4 / int8 weights packed in int32 words, dequantized in registers: w4a16, w8a16, w4a8, w4a8-int8.
+
+Layout. At load time `repack` turns compressed-tensors' pack-quantized tensors (values packed along the input
+dimension, word j holding k = 8w + j) into a tile-planar layout: within each tile of TILE_K input features, word w
+of a row holds the values k = t*TILE_K + j*PLANE + w for j = 0..per_word-1 (PLANE = TILE_K / per_word). A tile of
+words [PLANE, BN] is then read once, coalesced, and each shift j gives a *contiguous* plane of PLANE input
+features: one matrix product per plane, against contiguous activations, on the tensor cores in the activation's
+type (bf16; FP8 e4m3 for w4a8, quantized on the fly from the static input scale; int8 for w4a8-int8 after the
+per-token quantization kernel). Scales (float32, [E, groups, N]) are applied to each plane's product, so the
+weights themselves never leave small integers. K is padded to a multiple of TILE_K with zero weights.
+
+Grouped mode (MOE): the rows of a program come from `sorted_ids` (token-slot ids sorted by expert, padded per
+expert to the block size, see moe.py), and its expert from `block_expert`; the same kernel then runs all experts of
+a layer in one launch. FUSE_SILU computes gate (rows [0, N)) and up (rows [N, 2N)) of a merged gate_up weight and
+writes silu(gate) * up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import act_quant, cdiv
+
+ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN = 0, 1, 2
+
+
+@dataclass
+class PackedWeight:
+    """Experts' (or one layer's) packed weights in the kernel's layout."""
+    words: torch.Tensor  # int32 [E, N, Kp / per_word], tile-planar
+    scales: torch.Tensor  # float32 [E, groups, N]
+    zeros: torch.Tensor | None  # int32 [E, groups, N]: zero point + 2^(bits-1) (None: symmetric)
+    bits: int
+    group_size: int  # 0: one scale per output channel
+    n: int
+    k: int
+    tile_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.words.shape[0]
+
+
+def default_tile_k(bits: int) -> int:
+    # a plane of 32 input features: the K of one FP8 / int8 tensor-core product
+    return 256 if bits == 4 else 128
+
+
+def repack(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int,
+           group_size: int, tile_k: int | None = None) -> PackedWeight:
+    """Signed integer weights [E, N, K] (int8 holding `bits`-bit values), scales [E, N, groups] (groups = 1 for per
+    channel), zero points like scales or None -> the kernel's PackedWeight."""
+    tile_k = tile_k or default_tile_k(bits)
+    per_word = 32 // bits
+    plane = tile_k // per_word
+    E, N, K = values.shape
+    if group_size and group_size % plane:
+        raise ValueError(f"group size {group_size} is not a multiple of the kernel's plane of {plane} features")
+    kp = cdiv(K, tile_k) * tile_k
+    u = F.pad(values.to(torch.int64) + (1 << (bits - 1)), (0, kp - K), value=1 << (bits - 1))
+    u = u.view(E, N, kp // tile_k, per_word, plane).transpose(-1, -2)  # [E, N, T, w, j]
+    shifts = torch.arange(per_word, dtype=torch.int64, device=u.device) * bits
+    words = (u << shifts).sum(-1)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).reshape(E, N, kp // per_word)
+    scales = scale.float().transpose(1, 2).contiguous()
+    zeros = None
+    if zero_point is not None:
+        zeros = (zero_point.to(torch.int32) + (1 << (bits - 1))).transpose(1, 2).contiguous()
+    return PackedWeight(words.contiguous(), scales, zeros, bits, group_size, N, K, tile_k)
+
+
+def unpack(pw: PackedWeight) -> torch.Tensor:
+    """The inverse of repack's value layout: float32 dequantized weights [E, N, K] (for the reference)."""
+    per_word = 32 // pw.bits
+    plane = pw.tile_k // per_word
+    E, N, words = pw.words.shape
+    w = pw.words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(per_word, dtype=torch.int64, device=w.device) * pw.bits
+    u = (w.view(E, N, -1, plane)[..., None] >> shifts) & ((1 << pw.bits) - 1)  # [E, N, T, w, j]
+    u = u.transpose(-1, -2).reshape(E, N, -1)[..., :pw.k]
+    groups = pw.scales.shape[1]
+    g = pw.group_size or pw.k
+    zeros = pw.zeros if pw.zeros is not None else torch.full((E, groups, N), 1 << (pw.bits - 1),
+                                                               device=w.device)
+    expand = lambda t: t.transpose(1, 2).repeat_interleave(g, dim=2)[..., :pw.k].double()
+    return ((u.double() - expand(zeros)) * expand(pw.scales)).float()
+
+
+def packed_matmul_ref(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE,
+                      input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ dequantized weight [N, K]^T in float64 (expert 0), activations fake-quantized as `act` says."""
+    xf = x.double()
+    if act == ACT_FP8_STATIC:
+        xf = act_quant.fp8_static_ref(x, input_scale).double() * input_scale.double().reshape(())
+    elif act == ACT_INT8_TOKEN:
+        q, s = act_quant.int8_per_token_ref(x)
+        xf = q.double() * s.double()[:, None]
+    return xf @ unpack(pw)[0].double().t()
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, n_rows, n_mask,
+                    K, num_groups, n_total, t_start, t_end, inv_in_scale,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr):
+        """sum over K tiles [t_start, t_end) of x[x_rows] @ W[n_rows]^T, group scales applied, in float32."""
+        PW: tl.constexpr = 32 // BITS
+        PLANE: tl.constexpr = TK // PW
+        MASK: tl.constexpr = (1 << BITS) - 1
+        HALF: tl.constexpr = 1 << (BITS - 1)
+        offs_w = tl.arange(0, PLANE)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for t in range(t_start, t_end):
+            words = tl.load(w_base + n_rows[None, :] * stride_wn + (t * PLANE + offs_w)[:, None],
+                            mask=n_mask[None, :], other=0)  # [PLANE, BN]
+            for j in tl.static_range(PW):
+                k0 = t * TK + j * PLANE
+                cols = k0 + offs_w
+                xj = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
+                             mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+                u = (words >> (j * BITS)) & MASK
+                if GROUP > 0:
+                    g = k0 // GROUP
+                    g_ok = g < num_groups
+                    if HAS_ZP:
+                        z = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)
+                        q = u - z[None, :]
+                    else:
+                        q = u - HALF
+                else:
+                    if HAS_ZP:
+                        z = tl.load(z_base + n_rows, mask=n_mask, other=HALF)
+                        q = u - z[None, :]
+                    else:
+                        q = u - HALF
+                if ACT == 0:
+                    d = tl.dot(xj, q.to(xj.dtype))
+                elif ACT == 1:
+                    xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
+                    d = tl.dot(xq, q.to(tl.float16).to(tl.float8e4nv))
+                else:
+                    d = tl.dot(xj, q.to(tl.int8)).to(tl.float32)
+                if GROUP > 0:
+                    s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
+                    acc += d * s[None, :]
+                else:
+                    acc += d
+        if GROUP == 0:
+            s = tl.load(s_base + n_rows, mask=n_mask, other=0.0)
+            acc = acc * s[None, :]
+        return acc
+
+    @triton.jit
+    def _packed_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, xs_ptr,
+                              sorted_ptr, expert_ptr, npad_ptr, rw_ptr,
+                              M, N, K, num_groups, k_tiles, x_row_div,
+                              stride_xm, stride_om, stride_we, stride_wn, stride_se,
+                              BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
+                              MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        if MOE:
+            if pid_m * BM >= tl.load(npad_ptr):
+                return
+            ids = tl.load(sorted_ptr + offs_m)
+            row_mask = ids < M
+            x_rows = ids // x_row_div
+            out_rows = ids
+            e = tl.load(expert_ptr + pid_m).to(tl.int64)
+        else:
+            row_mask = offs_m < M
+            x_rows = offs_m
+            out_rows = offs_m
+            e = 0
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_mask = offs_n < N
+        n_total = 2 * N if FUSE_SILU else N
+        tiles = k_tiles // SPLIT_K  # the host splits K evenly
+        t_start = pid_k * tiles
+        t_end = t_start + tiles
+        inv_in_scale = 1.0
+        if ACT == 1:
+            in_scale = tl.load(xs_ptr)
+            inv_in_scale = 1.0 / in_scale
+        w_base = w_ptr + e * stride_we
+        s_base = s_ptr + e * stride_se
+        z_base = z_ptr + e * stride_se
+        acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
+                          K, num_groups, n_total, t_start, t_end, inv_in_scale,
+                          BITS, GROUP, HAS_ZP, ACT, BM, BN, TK)
+        if FUSE_SILU:
+            up = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n + N,
+                             n_mask, K, num_groups, n_total, t_start, t_end, inv_in_scale,
+                             BITS, GROUP, HAS_ZP, ACT, BM, BN, TK)
+        if ACT == 1:
+            acc = acc * in_scale
+            if FUSE_SILU:
+                up = up * in_scale
+        elif ACT == 2:
+            xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
+            acc = acc * xs[:, None]
+            if FUSE_SILU:
+                up = up * xs[:, None]
+        if FUSE_SILU:
+            acc = acc / (1.0 + tl.exp(-acc)) * up
+        if ROUTED_WEIGHT:
+            rw = tl.load(rw_ptr + ids, mask=row_mask, other=0.0)
+            acc = acc * rw[:, None]
+        out = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
+        mask = row_mask[:, None] & n_mask[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(out, acc, mask=mask)
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
+           config: dict, moe: tuple | None = None, fuse_silu: bool = False,
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1) -> torch.Tensor:
+    """Run the kernel. moe = (sorted_ids, block_expert, num_padded [1], num_ids): grouped mode over
+    experts; otherwise dense over x's M rows with expert 0."""
+    bm, bn, split_k = config["BM"], config["BN"], config.get("SPLIT_K", 1)
+    n = pw.n // 2 if fuse_silu else pw.n
+    k_tiles = pw.words.shape[2] * (32 // pw.bits) // pw.tile_k
+    assert k_tiles % split_k == 0 and (split_k == 1 or out.dtype == torch.float32), \
+        f"SPLIT_K={split_k} must divide the {k_tiles} K tiles and write a float32 output"
+    dummy = pw.scales
+    if moe is not None:
+        sorted_ids, block_expert, num_padded, num_ids = moe
+        grid = (sorted_ids.numel() // bm, cdiv(n, bn), 1)
+        m = num_ids
+    else:
+        sorted_ids = block_expert = num_padded = dummy
+        m = x.shape[0]
+        grid = (cdiv(m, bm), cdiv(n, bn), split_k)
+    _packed_matmul_kernel[grid](
+        x, pw.words, pw.scales, pw.zeros if pw.zeros is not None else dummy, out,
+        act_scale if act_scale is not None else dummy,
+        sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy,
+        m, n, pw.k, pw.scales.shape[1], k_tiles, x_row_div,
+        x.stride(0), out.stride(0), pw.words.stride(0), pw.words.stride(1), pw.scales.stride(0),
+        BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
+        MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
+        BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k if moe is None else 1,
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+    return out
+
+
+def quantize_input(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-token int8 pass for ACT_INT8_TOKEN (others read x as it is)."""
+    if act == ACT_INT8_TOKEN:
+        return act_quant.int8_per_token(x)
+    return x, None
+
+
+def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_scale: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp16) @ W^T for a one-expert PackedWeight -> [M, N] in x's dtype."""
+    from lowbit.kernels import tuning
+    assert x.dim() == 2 and x.shape[1] == pw.k and x.stride(1) == 1, f"x {tuple(x.shape)} vs K={pw.k}"
+    assert pw.num_experts == 1, "dense packed_matmul takes one expert's weight"
+    assert act != ACT_FP8_STATIC or input_scale is not None, "w4a8 needs its static input scale"
+    config = config or tuning.packed_config(x.shape[0], pw.n, pw.k, pw.bits, act)
+    xq, xs = quantize_input(x, act)
+    if act == ACT_FP8_STATIC:
+        xs = input_scale.float().reshape(1)
+    split = config.get("SPLIT_K", 1) > 1
+    out = (torch.zeros if split else torch.empty)(x.shape[0], pw.n, dtype=torch.float32 if split else x.dtype,
+                                                  device=x.device)
+    launch(xq, pw, out, act, xs, config)
+    return out.to(x.dtype) if split else out

@@ -1,0 +1,175 @@
+"""GEMM over one-byte-or-wider weights stored as they are: bf16 (the MoE's unquantized experts), int8 per channel
+with int8 per-token activations (w8a8: int8 tensor cores, int32 accumulation), and FP8 e4m3 with 128x128 block
+scales and per-token-group FP8 activations (fp8-block, DeepSeek's `fp8_gemm`: one FP8 product per 128 input
+features, scaled by the activation group's and the weight block's scales).
+
+Weights are [E, N, K], K contiguous (the operand order FP8 and int8 tensor cores want); dense layers use E = 1.
+The grouped (MOE) and FUSE_SILU modes are those of matmul_packed.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import act_quant, cdiv
+
+KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK = 0, 1, 2
+FP8_BLOCK = 128
+
+
+def unpacked_matmul_ref(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """x [M, K] (float) @ the dequantized w [N, K]^T in float64, activations fake-quantized as the kind says."""
+    if kind == KIND_BF16:
+        return x.double() @ w.double().t()
+    N, K = w.shape
+    if kind == KIND_INT8_CHANNEL:
+        q, s = act_quant.int8_per_token_ref(x)
+        return (q.double() * s.double()[:, None]) @ (w.double() * w_scale.double().reshape(N, 1)).t()
+    q, s = act_quant.fp8_per_token_group_ref(x, FP8_BLOCK)
+    xd = q.double() * s.double().repeat_interleave(FP8_BLOCK, 1)[:, :K]
+    wd = w.double() * w_scale.double().repeat_interleave(FP8_BLOCK, 0)[:N].repeat_interleave(FP8_BLOCK, 1)[:, :K]
+    return xd @ wd.t()
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
+                      n_rows, n_mask, K, k_groups, t_start, t_end,
+                      KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        offs_k = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_i = tl.zeros([BM, BN], dtype=tl.int32)
+        for t in range(t_start, t_end):
+            cols = t * BK + offs_k
+            a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
+                        mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+            b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
+                        mask=n_mask[:, None] & (cols[None, :] < K), other=0.0)
+            if KIND == 0:
+                acc += tl.dot(a, tl.trans(b))
+            elif KIND == 1:
+                acc_i += tl.dot(a, tl.trans(b))
+            else:
+                xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
+                ws = tl.load(ws_base + (n_rows // 128) * stride_wsn + t, mask=n_mask, other=0.0)
+                acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
+        if KIND == 1:
+            xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
+            ws = tl.load(ws_base + n_rows, mask=n_mask, other=0.0)
+            acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
+        return acc
+
+    @triton.jit
+    def _unpacked_matmul_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
+                                sorted_ptr, expert_ptr, npad_ptr, rw_ptr,
+                                M, N, K, k_tiles, k_groups, x_row_div,
+                                stride_xm, stride_om, stride_we, stride_wn, stride_wse, stride_wsn,
+                                KIND: tl.constexpr, MOE: tl.constexpr, FUSE_SILU: tl.constexpr,
+                                ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                BK: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        if MOE:
+            if pid_m * BM >= tl.load(npad_ptr):
+                return
+            ids = tl.load(sorted_ptr + offs_m)
+            row_mask = ids < M
+            x_rows = ids // x_row_div
+            out_rows = ids
+            e = tl.load(expert_ptr + pid_m).to(tl.int64)
+        else:
+            row_mask = offs_m < M
+            x_rows = offs_m
+            out_rows = offs_m
+            e = 0
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_mask = offs_n < N
+        tiles = k_tiles // SPLIT_K  # the host splits K evenly
+        t_start = pid_k * tiles
+        t_end = t_start + tiles
+        w_base = w_ptr + e * stride_we
+        ws_base = ws_ptr + e * stride_wse
+        acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
+                            offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
+        if FUSE_SILU:
+            up = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
+                               offs_n + N, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
+            acc = acc / (1.0 + tl.exp(-acc)) * up
+        if ROUTED_WEIGHT:
+            rw = tl.load(rw_ptr + ids, mask=row_mask, other=0.0)
+            acc = acc * rw[:, None]
+        out = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
+        mask = row_mask[:, None] & n_mask[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(out, acc, mask=mask)
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if kind == KIND_INT8_CHANNEL:
+        return act_quant.int8_per_token(x)
+    if kind == KIND_FP8_BLOCK:
+        return act_quant.fp8_per_token_group(x, FP8_BLOCK)
+    return x, None
+
+
+def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
+           out: torch.Tensor, kind: int, config: dict, moe: tuple | None = None, fuse_silu: bool = False,
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1) -> torch.Tensor:
+    """Run the kernel on already-quantized activations x (+ scales xs). w [E, N, K]; w_scale [E, N] (int8) or
+    [E, N/128, K/128] (fp8-block); moe as in matmul_packed.launch."""
+    E, n_w, K = w.shape
+    n = n_w // 2 if fuse_silu else n_w
+    bm, bn, bk = config["BM"], config["BN"], config["BK"]
+    if kind == KIND_FP8_BLOCK:
+        assert bk == FP8_BLOCK, "fp8-block takes one K tile per 128-feature block"
+    split_k = config.get("SPLIT_K", 1) if moe is None else 1
+    k_tiles = cdiv(K, bk)
+    assert k_tiles % split_k == 0 and (split_k == 1 or out.dtype == torch.float32), \
+        f"SPLIT_K={split_k} must divide the {k_tiles} K tiles and write a float32 output"
+    dummy = out
+    if w_scale is None:
+        w_scale = torch.empty(E, 1, 1, device=w.device)
+    ws3 = w_scale.view(E, w_scale.shape[1], -1)
+    if moe is not None:
+        sorted_ids, block_expert, num_padded, num_ids = moe
+        grid = (sorted_ids.numel() // bm, cdiv(n, bn), 1)
+        m = num_ids
+    else:
+        sorted_ids = block_expert = num_padded = dummy
+        m = x.shape[0]
+        grid = (cdiv(m, bm), cdiv(n, bn), split_k)
+    _unpacked_matmul_kernel[grid](
+        x, xs if xs is not None else dummy, w, ws3, out,
+        sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy,
+        m, n, K, k_tiles, cdiv(K, FP8_BLOCK), x_row_div,
+        x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
+        KIND=kind, MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+    return out
+
+
+def unpacked_matmul(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: torch.Tensor | None = None,
+                    config: dict | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp16) @ w[N, K]^T for one dense layer -> [M, N] in x's dtype (or out_dtype)."""
+    from lowbit.kernels import tuning
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and x.stride(1) == 1, \
+        f"x {tuple(x.shape)} vs w {tuple(w.shape)}"
+    out_dtype = out_dtype or x.dtype
+    config = config or tuning.unpacked_config(x.shape[0], w.shape[0], w.shape[1], kind)
+    xq, xs = quantize_input(x, kind)
+    split = config.get("SPLIT_K", 1) > 1
+    out = (torch.zeros if split else torch.empty)(x.shape[0], w.shape[0],
+                                                  dtype=torch.float32 if split else out_dtype, device=x.device)
+    launch(xq, xs, w.unsqueeze(0), None if w_scale is None else w_scale.unsqueeze(0), out, kind, config)
+    return out.to(out_dtype) if split else out

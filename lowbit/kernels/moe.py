@@ -1,0 +1,134 @@
+"""The fused MoE: token slots sorted by expert, all experts of a layer in one launch per projection.
+
+`align` sorts the T*top_k (token, slot) ids by expert and pads each expert's run to the block size, with device
+ops only (no host synchronisation, so decode can be captured in a CUDA graph): the grid is sized by an upper
+bound and programs past the padded total exit at once. The gate_up projection reads x[id // top_k] and writes
+silu(gate) * up for each id; the down projection reads that row, scales it by the routing weight and writes it
+back at its id; the top_k rows of a token are summed at the end.
+
+Expert weights come in any scheme: `PackedExperts` (int4 / int8 in int32 words: w4a16, w8a16, w4a8, w4a8-int8) or
+`UnpackedExperts` (bf16, int8 per channel, fp8-block). Experts this rank does not own (expert parallel) are given
+the id `-1` by the caller and skipped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels import matmul_packed as mp
+from lowbit.kernels import matmul_unpacked as mu
+from lowbit.kernels import tuning
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [T, k] (local expert ids, -1 for none) -> sorted_ids [P] (padding = T*k), block_expert [P / block_m],
+    num_padded [1]: the ids of expert e occupy a run starting at a multiple of block_m."""
+    flat = topk_ids.flatten().to(torch.int64)
+    n = flat.numel()
+    skip = flat < 0
+    keyed = torch.where(skip, num_experts, flat)  # skipped slots sort after every expert
+    counts = torch.bincount(keyed, minlength=num_experts + 1)
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_experts] = 0
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(keyed, stable=True)
+    e_sorted = keyed[order]
+    pos = starts[e_sorted] + torch.arange(n, device=flat.device) - first[e_sorted]
+    capacity = n + min(n, num_experts) * (block_m - 1)
+    capacity = -(-capacity // block_m) * block_m
+    sorted_ids = torch.full((capacity + block_m,), n, dtype=torch.int32, device=flat.device)
+    pos = torch.where(e_sorted < num_experts, pos, capacity)  # skipped slots land in the spare block
+    sorted_ids.scatter_(0, pos, order.to(torch.int32))
+    sorted_ids = sorted_ids[:capacity]
+    blocks = torch.arange(capacity // block_m, device=flat.device) * block_m
+    block_expert = torch.searchsorted(ends[:num_experts], blocks, right=True).clamp(max=num_experts - 1)
+    return sorted_ids, block_expert.to(torch.int32), ends[num_experts - 1:num_experts].to(torch.int32)
+
+
+@dataclass
+class PackedExperts:
+    weight: mp.PackedWeight  # [E, N, K/...]
+    act: int = mp.ACT_NONE
+    input_scale: torch.Tensor | None = None  # w4a8: one static scale for all experts
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.weight.num_experts, self.weight.n, self.weight.k
+
+    def config(self, m: int, n: int, k: int) -> dict:
+        return tuning.packed_config(m, n, k, self.weight.bits, self.act, moe=True)
+
+    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1):
+        xq, xs = mp.quantize_input(x, self.act)
+        if self.act == mp.ACT_FP8_STATIC:
+            xs = self.input_scale.float().reshape(1)
+        return mp.launch(xq, self.weight, out, self.act, xs, config, moe=moe, fuse_silu=fuse_silu,
+                         routed_weights=routed_weights, x_row_div=x_row_div)
+
+
+@dataclass
+class UnpackedExperts:
+    weight: torch.Tensor  # [E, N, K]
+    kind: int = mu.KIND_BF16
+    scale: torch.Tensor | None = None  # [E, N] (int8) or [E, N/128, K/128] (fp8-block)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.weight.shape)
+
+    def config(self, m: int, n: int, k: int) -> dict:
+        return tuning.unpacked_config(m, n, k, self.kind, moe=True)
+
+    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1):
+        xq, xs = mu.quantize_input(x, self.kind)
+        return mu.launch(xq, xs, self.weight, self.scale, out, self.kind, config, moe=moe, fuse_silu=fuse_silu,
+                         routed_weights=routed_weights, x_row_div=x_row_div)
+
+
+def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              config: dict | None = None, may_skip: bool = False) -> torch.Tensor:
+    """x [T, H]; w13 gate_up experts [E, 2I, H]; w2 down experts [E, H, I]; topk_* [T, k] -> [T, H] in x's dtype.
+
+    Routing weights multiply the down projection's output; experts with id -1 (only where may_skip) are skipped."""
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    E, two_i, h13 = w13.shape
+    _, h2, inter_size = w2.shape
+    assert h13 == H and h2 == H and two_i == 2 * inter_size, f"w13 {w13.shape} / w2 {w2.shape} vs hidden {H}"
+    n = T * k
+    cfg1 = config or w13.config(n, inter_size, H)
+    cfg2 = config or w2.config(n, H, inter_size)
+    bm = cfg1["BM"]
+    if cfg2["BM"] != bm:
+        cfg2 = dict(cfg2, BM=bm)
+    sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
+    moe = (sorted_ids, block_expert, num_padded, n)
+    inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
+    w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k)
+    out = (torch.zeros if may_skip else torch.empty)(n, H, dtype=x.dtype, device=x.device)
+    w2.run(inter, out, moe, cfg2, routed_weights=topk_weights.flatten().float().contiguous())
+    return out.view(T, k, H).sum(dim=1)
+
+
+def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, act1=None, act2=None) -> torch.Tensor:
+    """float64 reference: w13 [E, 2I, H] and w2 [E, H, I] dequantized float weights; act1/act2 fake-quantize the
+    inputs of the two projections (None: as they are)."""
+    T, _ = x.shape
+    inter_size = w2.shape[2]
+    out = torch.zeros(T, w2.shape[1], dtype=torch.float64)
+    xin = (act1(x) if act1 else x).double()
+    for t in range(T):
+        for slot, e in enumerate(topk_ids[t].tolist()):
+            if e < 0:
+                continue
+            gu = w13[e].double() @ xin[t]
+            h = torch.nn.functional.silu(gu[:inter_size]) * gu[inter_size:]
+            h = h.to(x.dtype)  # the kernel stores the intermediate in x's dtype
+            h = (act2(h[None])[0] if act2 else h).double()
+            out[t] += topk_weights[t, slot].double() * (w2[e].double() @ h)
+    return out

@@ -1,0 +1,211 @@
+"""Every kernel against its float64 torch reference on fresh random inputs, odd M included.
+
+On the CPU the kernels run in Triton's interpreter, which handles fp16, fp32 and int8 matrix products but not bf16
+or FP8 (its float8 conversion is wrong, 126.8 -> 64, and its bf16 stores too): those cases run on a GPU. Relative error ||out - ref|| / ||ref|| bounds: fp16
+outputs 3e-3, bf16 outputs 1e-2 (one rounding of the output and of the fused gate/up intermediate).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from lowbit.kernels import act_quant as aq
+from lowbit.kernels import matmul_packed as mp
+from lowbit.kernels import matmul_unpacked as mu
+from lowbit.kernels import moe
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+DTYPE = torch.bfloat16 if GPU else torch.float16
+BOUND = 1e-2 if GPU else 3e-3
+gpu_only = pytest.mark.skipif(not GPU, reason="FP8 matrix products need a GPU (Triton's interpreter lacks them)")
+
+
+def rel(out, ref):
+    out = out.double().cpu()
+    assert torch.isfinite(out).all()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_packed(E, N, K, bits, group, asym, seed):
+    g = gen(seed)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    values = torch.randint(lo, hi + 1, (E, N, K), generator=g, dtype=torch.int8)
+    groups = 1 if group == 0 else -(-K // group)
+    scale = torch.rand(E, N, groups, generator=g) * 0.02 + 0.002
+    zp = torch.randint(lo, hi + 1, (E, N, groups), generator=g, dtype=torch.int8) if asym else None
+    return values, scale, zp
+
+
+def independent_dequant(values, scale, zp, group):
+    """[N, K] float64 weight straight from the signed values (not through the kernel's layout)."""
+    K = values.shape[-1]
+    g = group or K
+    z = zp.double() if zp is not None else torch.zeros_like(scale, dtype=torch.float64)
+    return (values.double() - z.repeat_interleave(g, -1)[..., :K]) * scale.double().repeat_interleave(g, -1)[..., :K]
+
+
+def to_dev(pw):
+    pw.words, pw.scales = pw.words.to(DEV), pw.scales.to(DEV)
+    pw.zeros = pw.zeros.to(DEV) if pw.zeros is not None else None
+    return pw
+
+
+# ---------------------------------------------------------------------------------------------- activations
+@pytest.mark.parametrize("M,K", [(1, 64), (7, 300), (33, 1024)])
+def test_int8_per_token(M, K):
+    x = torch.randn(M, K, generator=gen(M)) * 3
+    q, s = aq.int8_per_token(x.to(DEV))
+    qr, sr = aq.int8_per_token_ref(x)
+    torch.testing.assert_close(s.cpu(), sr)
+    assert (q.cpu().int() - qr.int()).abs().max() <= 1  # round-half ties may differ by one step
+    assert (q.cpu().int() != qr.int()).float().mean() < 1e-3
+
+
+@gpu_only
+@pytest.mark.parametrize("M,K,group", [(1, 128, 128), (5, 300, 128), (9, 512, 64)])
+def test_fp8_per_token_group(M, K, group):
+    x = torch.randn(M, K, generator=gen(K))
+    q, s = aq.fp8_per_token_group(x.to(DEV), group)
+    qr, sr = aq.fp8_per_token_group_ref(x, group)
+    torch.testing.assert_close(s.cpu(), sr)
+    step = s.cpu().repeat_interleave(group, 1)[:, :K]
+    deq = q.cpu().float() * step
+    # FP8 e4m3 keeps 3 mantissa bits: each value within half a step, and subnormals (below 2^-6 of the scale)
+    # within 2^-10 of the scale
+    assert ((deq - x).abs() <= x.abs() * 2 ** -4 + step * 2 ** -10).all()
+    assert torch.equal(q.cpu().float(), qr.float())
+
+
+# ---------------------------------------------------------------------------------------------- packed GEMMs
+PACKED = [  # bits, group (0 = per channel), asymmetric, activations
+    (4, 128, False, mp.ACT_NONE), (4, 64, True, mp.ACT_NONE), (8, 0, False, mp.ACT_NONE),
+    (8, 128, True, mp.ACT_NONE), (4, 128, False, mp.ACT_INT8_TOKEN),
+    pytest.param(4, 128, False, mp.ACT_FP8_STATIC, marks=gpu_only),
+]
+
+
+@pytest.mark.parametrize("bits,group,asym,act", PACKED)
+@pytest.mark.parametrize("M,N,K", [(1, 96, 640), (5, 48, 384), (19, 160, 1152)])
+def test_packed_matmul(bits, group, asym, act, M, N, K):
+    values, scale, zp = random_packed(1, N, K, bits, group, asym, seed=M + N + K)
+    pw = mp.repack(values, scale, zp, bits, group)
+    # the kernel layout holds exactly the checkpoint's values
+    assert torch.equal(mp.unpack(pw).double(), independent_dequant(values, scale, zp, group).float().double())
+    x = torch.randn(M, K, generator=gen(K)).to(DTYPE)
+    input_scale = (x.float().abs().max() / 448).reshape(1) if act == mp.ACT_FP8_STATIC else None
+    ref = mp.packed_matmul_ref(x.float(), pw, act, input_scale)
+    pw = to_dev(pw)
+    xs = input_scale.to(DEV) if input_scale is not None else None
+    for config in (None, dict(BM=16, BN=32), dict(BM=32, BN=16, SPLIT_K=pw.words.shape[2] * (32 // bits)
+                                                       // pw.tile_k)):
+        out = mp.packed_matmul(x.to(DEV), pw, act, xs, config=config)
+        assert out.shape == (M, N) and out.dtype == DTYPE
+        assert rel(out, ref) < (3e-2 if act == mp.ACT_INT8_TOKEN and not GPU else BOUND), config
+
+
+# ---------------------------------------------------------------------------------------------- unpacked GEMMs
+UNPACKED = [mu.KIND_BF16, mu.KIND_INT8_CHANNEL, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)]
+
+
+def random_unpacked(kind, N, K, seed):
+    g = gen(seed)
+    if kind == mu.KIND_BF16:
+        return (torch.randn(N, K, generator=g) * 0.05).to(DTYPE), None
+    if kind == mu.KIND_INT8_CHANNEL:
+        return torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8), torch.rand(N, 1, generator=g) * 1e-3
+    w = (torch.randn(N, K, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return w, torch.rand(-(-N // 128), -(-K // 128), generator=g) * 1e-3 + 1e-4
+
+
+@pytest.mark.parametrize("kind", UNPACKED)
+@pytest.mark.parametrize("M,N,K", [(1, 96, 640), (5, 200, 384), (19, 160, 1152)])
+def test_unpacked_matmul(kind, M, N, K):
+    w, ws = random_unpacked(kind, N, K, seed=M * N)
+    x = torch.randn(M, K, generator=gen(M + K)).to(DTYPE)
+    ref = mu.unpacked_matmul_ref(x.float(), w, kind, ws)
+    for config in (None, dict(BM=16, BN=32, BK=128), dict(BM=16, BN=64, BK=128, SPLIT_K=-(-K // 128))):
+        out = mu.unpacked_matmul(x.to(DEV), w.to(DEV), kind, None if ws is None else ws.to(DEV), config=config)
+        assert out.shape == (M, N) and out.dtype == DTYPE
+        assert rel(out, ref) < BOUND, config
+
+
+# ---------------------------------------------------------------------------------------------- fused MoE
+def test_align_sorts_by_expert_and_pads():
+    ids = torch.tensor([[2, 0], [2, 1], [-1, 2]])
+    sorted_ids, block_expert, num_padded = moe.align(ids, num_experts=3, block_m=4)
+    n = ids.numel()
+    assert num_padded.item() == 12  # experts 0, 1, 2 each take one block of 4; the skipped slot none
+    runs = sorted_ids[:12].view(3, 4)
+    for e in range(3):
+        got = sorted(i for i in runs[e].tolist() if i < n)
+        assert got == sorted(i for i, v in enumerate(ids.flatten().tolist()) if v == e)
+        assert block_expert[e].item() == e
+    assert 4 not in sorted_ids[:12].tolist()  # slot 4 (token 2, expert -1) is never scheduled
+
+
+MOE_SCHEMES = {  # name -> (make experts from (E, N, K, seed), reference dequantized weights, activation fake-quant)
+    "bf16": "unpacked", "w8a8": "unpacked", "fp8-block": "unpacked",
+    "w4a16": "packed", "w8a16": "packed", "w4a8-int8": "packed", "w4a8": "packed",
+}
+
+
+def make_experts(scheme, E, N, K, seed):
+    """(kernel experts, float dequantized weights [E, N, K], activation fake-quantizer or None)."""
+    g = gen(seed)
+    if scheme in ("w4a16", "w8a16", "w4a8-int8", "w4a8"):
+        bits = 8 if scheme == "w8a16" else 4
+        values, scale, zp = random_packed(E, N, K, bits, 0 if bits == 8 else 128, False, seed)
+        pw = mp.repack(values, scale, zp, bits, 0 if bits == 8 else 128)
+        act = {"w4a8-int8": mp.ACT_INT8_TOKEN, "w4a8": mp.ACT_FP8_STATIC}.get(scheme, mp.ACT_NONE)
+        deq = mp.unpack(pw)
+        fq = None
+        s = torch.tensor([0.02])
+        if act == mp.ACT_INT8_TOKEN:
+            fq = lambda t: (lambda q, s: (q.double() * s.double()[:, None]).to(t.dtype))(*aq.int8_per_token_ref(t))
+        elif act == mp.ACT_FP8_STATIC:
+            fq = lambda t: (aq.fp8_static_ref(t.float(), s).float() * s).to(t.dtype)
+        return moe.PackedExperts(to_dev(pw), act, s.to(DEV)), deq, fq
+    if scheme == "bf16":
+        w = (torch.randn(E, N, K, generator=g) * 0.05).to(DTYPE)
+        return moe.UnpackedExperts(w.to(DEV)), w.float(), None
+    if scheme == "w8a8":
+        w = torch.randint(-127, 128, (E, N, K), generator=g, dtype=torch.int8)
+        s = torch.rand(E, N, generator=g) * 1e-3
+        fq = lambda t: (lambda q, s: (q.double() * s.double()[:, None]).to(t.dtype))(*aq.int8_per_token_ref(t))
+        return moe.UnpackedExperts(w.to(DEV), mu.KIND_INT8_CHANNEL, s.to(DEV)), w.float() * s[..., None], fq
+    w = (torch.randn(E, N, K, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    s = torch.rand(E, N // 128, K // 128, generator=g) * 1e-3 + 1e-4
+    deq = w.float() * s.repeat_interleave(128, 1).repeat_interleave(128, 2)
+
+    def fq(t):
+        q, sc = aq.fp8_per_token_group_ref(t, 128)
+        return (q.double() * sc.double().repeat_interleave(128, 1)).to(t.dtype)
+    return moe.UnpackedExperts(w.to(DEV), mu.KIND_FP8_BLOCK, s.to(DEV)), deq, fq
+
+
+@pytest.mark.parametrize("scheme", [s if s not in ("w4a8", "fp8-block") else pytest.param(s, marks=gpu_only)
+                                    for s in MOE_SCHEMES])
+@pytest.mark.parametrize("T", [1, 7])
+def test_fused_moe(scheme, T):
+    E, H, inter, k = 6, 256, 128, 3
+    w13, d13, fq = make_experts(scheme, E, 2 * inter, H, seed=T)
+    w2, d2, _ = make_experts(scheme, E, H, inter, seed=T + 100)
+    x = torch.randn(T, H, generator=gen(T)).to(DTYPE)
+    topk = torch.stack([torch.randperm(E, generator=gen(t))[:k] for t in range(T)])
+    weights = torch.rand(T, k, generator=gen(T + 1))
+    ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
+    out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
+    assert out.shape == (T, H)
+    bound = BOUND * (3 if fq is not None else 1)  # quantized intermediates round at different points
+    assert rel(out, ref) < bound
+    # expert parallel: slots of experts another rank owns (-1) are skipped
+    skip = topk.clone()
+    skip[:, 0] = -1
+    ref = moe.fused_moe_ref(x, d13, d2, weights, skip, fq, fq)
+    out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), skip.to(DEV), may_skip=True)
+    assert rel(out, ref) < bound
