@@ -1,6 +1,10 @@
 """Reading a checkpoint (a Hugging Face folder of safetensors shards, or a GGUF file) into a lowbit model.
 
 Safetensors and GGUF only: never pickle, never remote code. Every error names the file and the tensor.
+
+Under tensor/expert parallel each rank reads only its own part of the shards: routed experts it does not own are
+skipped by name, and every other tensor reaches its parameter's `weight_loader` as a `LazyTensor`, so the slice the
+loader cuts for this rank (`narrow`, `t[a:b]`) is all that is read from the file.
 """
 from __future__ import annotations
 
@@ -76,8 +80,10 @@ class Checkpoint:
     def file_of(self, name: str) -> str:
         return self._names[name]
 
-    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) for the given names (all when None), opening each shard once."""
+    def iter_tensors(self, names: list[str] | None = None, lazy: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+        """(name, tensor) for the given names (all when None), opening each shard once. lazy: safetensors tensors
+        come as LazyTensors, read (in the part their consumer keeps) before the next one is yielded."""
         if self.is_gguf:
             from lowbit.quant import gguf
             wanted = None if names is None else set(names)
@@ -96,7 +102,106 @@ class Checkpoint:
                 raise CheckpointError(f"{fn}: shard listed in model.safetensors.index.json is missing")
             with safe_open(fn, "pt") as f:
                 for n in ns:
-                    yield n, f.get_tensor(n)
+                    if lazy:
+                        sl = f.get_slice(n)
+                        yield n, LazyTensor(sl, sl.get_shape(), _SAFETENSORS_DTYPES.get(sl.get_dtype()))
+                    else:
+                        yield n, f.get_tensor(n)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _unwrap(x):
+    if isinstance(x, LazyTensor):
+        return x.read()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_unwrap(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _unwrap(v) for k, v in x.items()}
+    return x
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet (a safetensors slice). `narrow` and plain slicing (`t[a:b]`, `t[:, a:b]`)
+    narrow the view and read nothing; anything else (a torch function such as `param.copy_(t)`, a tensor method or
+    attribute) reads the viewed part from the file then and acts on that tensor. Read it before the iterator that
+    gave it moves on."""
+
+    def __init__(self, source, shape, dtype: torch.dtype | None, ranges: list[tuple[int, int]] | None = None,
+                 device: torch.device | None = None):
+        self._source = source  # indexable by a tuple of slices, as safetensors' get_slice() is
+        self._ranges = ranges if ranges is not None else [(0, int(d)) for d in shape]
+        self._dtype = dtype
+        self._device = device
+        self.shape = torch.Size(b - a for a, b in self._ranges)
+
+    def _view(self, ranges: list[tuple[int, int]], device=None) -> LazyTensor:
+        return LazyTensor(self._source, None, self._dtype, ranges, device if device is not None else self._device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype if self._dtype is not None else self.read().dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
+        dim = dim % self.dim()
+        if start < 0 or length < 0 or start + length > self.shape[dim]:
+            raise IndexError(f"narrow({dim}, {start}, {length}) out of range for shape {tuple(self.shape)}")
+        ranges = list(self._ranges)
+        a = ranges[dim][0] + start
+        ranges[dim] = (a, a + length)
+        return self._view(ranges)
+
+    def __getitem__(self, key):
+        keys = key if isinstance(key, tuple) else (key,)
+        if len(keys) > self.dim() or not all(isinstance(k, slice) and k.step in (None, 1) for k in keys):
+            return self.read()[key]
+        out = self
+        for dim, k in enumerate(keys):
+            start, stop, _ = k.indices(out.shape[dim])
+            out = out.narrow(dim, start, max(0, stop - start))
+        return out
+
+    def to(self, *args, **kwargs):
+        """Moving to a device stays lazy (the slice is read straight to it); anything else reads."""
+        if not kwargs and len(args) == 1 and isinstance(args[0], (torch.device, str)):
+            return self._view(self._ranges, torch.device(args[0]))
+        return self.read().to(*args, **kwargs)
+
+    def read(self) -> torch.Tensor:
+        """The viewed part as a tensor (read from the file now)."""
+        t = self._source[tuple(slice(a, b) for a, b in self._ranges)] if self._ranges else self._source[...]
+        return t if self._device is None else t.to(self._device)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return func(*_unwrap(args), **_unwrap(kwargs or {}))
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.read(), name)
+
+    def __iter__(self):
+        return iter(self.read())
+
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={tuple(self.shape)}, dtype={self._dtype})"
 
 
 def _default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -140,12 +245,13 @@ def build_model(ckpt: Checkpoint, cfg: ModelConfig, dtype: torch.dtype, device: 
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> None:
-    """Load every tensor into its parameter; fail naming the tensor on a missing, extra or misshapen one."""
+    """Load every tensor into its parameter; fail naming the tensor on a missing, extra or misshapen one. Each
+    parameter's weight_loader gets a LazyTensor, so only the part of the tensor this rank keeps is read."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[tuple[str, int | None]] = set()
     skips = getattr(model, "skips_checkpoint_tensor", lambda name: False)
     names = [n for n in ckpt.names() if "rotary_emb.inv_freq" not in n and not skips(n)]
-    for name, tensor in ckpt.iter_tensors(names):
+    for name, tensor in ckpt.iter_tensors(names, lazy=True):
         pname, shard = param_target(model, name)
         param = params.get(pname)
         if param is None:
