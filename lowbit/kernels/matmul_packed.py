@@ -5,8 +5,8 @@ dimension, word j holding k = 8w + j) into a tile-planar layout: within each til
 of a row holds the values k = t*TILE_K + j*PLANE + w for j = 0..per_word-1 (PLANE = TILE_K / per_word). A tile of
 words [PLANE, BN] is then read once, coalesced, and each shift j gives a *contiguous* plane of PLANE input
 features: one matrix product per plane, against contiguous activations, on the tensor cores in the activation's
-type (bf16; FP8 e4m3 for w4a8, quantized on the fly from the static input scale; int8 for w4a8-int8 after the
-per-token quantization kernel). Scales (float32, [E, groups, N]) are applied to each plane's product, so the
+type (bf16; FP8 e4m3 for w4a8, quantized on the fly from the static input scale, or per token with --dynamic;
+int8 for w4a8-int8; the per-token scales come from one quantization pass before the GEMM). Scales (float32, [E, groups, N]) are applied to each plane's product, so the
 weights themselves never leave small integers. K is padded to a multiple of TILE_K with zero weights.
 
 Grouped mode (MOE): the rows of a program come from `sorted_ids` (token-slot ids sorted by expert, padded per
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lowbit.kernels import act_quant, cdiv
 
-ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN = 0, 1, 2
+ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN, ACT_FP8_TOKEN = 0, 1, 2, 3
 
 
 @dataclass
@@ -97,6 +97,9 @@ def packed_matmul_ref(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE,
     elif act == ACT_INT8_TOKEN:
         q, s = act_quant.int8_per_token_ref(x)
         xf = q.double() * s.double()[:, None]
+    elif act == ACT_FP8_TOKEN:
+        q, s = act_quant.fp8_per_token_group_ref(x, x.shape[1])
+        xf = q.double() * s.double()
     return xf @ unpack(pw)[0].double().t()
 
 
@@ -148,8 +151,10 @@ if triton is not None:
                 elif ACT == 1:
                     xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
                     d = tl.dot(xq, q.to(tl.float16).to(tl.float8e4nv))
-                else:
+                elif ACT == 2:
                     d = tl.dot(xj, q.to(tl.int8)).to(tl.float32)
+                else:
+                    d = tl.dot(xj, q.to(tl.float16).to(tl.float8e4nv))
                 if GROUP > 0:
                     s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
                     acc += d * s[None, :]
@@ -192,8 +197,8 @@ if triton is not None:
         t_start = pid_k * tiles
         t_end = t_start + tiles
         inv_in_scale = 1.0
-        if ACT == 1:
-            in_scale = tl.load(xs_ptr)
+        if ACT == 1:  # static input scale, one per expert
+            in_scale = tl.load(xs_ptr + e)
             inv_in_scale = 1.0 / in_scale
         w_base = w_ptr + e * stride_we
         s_base = s_ptr + e * stride_se
@@ -209,7 +214,7 @@ if triton is not None:
             acc = acc * in_scale
             if FUSE_SILU:
                 up = up * in_scale
-        elif ACT == 2:
+        elif ACT >= 2:  # per-token scales of the pre-quantized activations
             xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
             acc = acc * xs[:, None]
             if FUSE_SILU:
@@ -260,9 +265,12 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
 
 
 def quantize_input(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The per-token int8 pass for ACT_INT8_TOKEN (others read x as it is)."""
+    """The per-token pass of ACT_INT8_TOKEN and ACT_FP8_TOKEN (the others read x as it is)."""
     if act == ACT_INT8_TOKEN:
         return act_quant.int8_per_token(x)
+    if act == ACT_FP8_TOKEN:
+        q, s = act_quant.fp8_per_token_group(x, x.shape[1])
+        return q, s.view(-1)
     return x, None
 
 

@@ -53,7 +53,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int
 class PackedExperts:
     weight: mp.PackedWeight  # [E, N, K/...]
     act: int = mp.ACT_NONE
-    input_scale: torch.Tensor | None = None  # w4a8: one static scale for all experts
+    input_scale: torch.Tensor | None = None  # w4a8: static input scales [E] (or one for all)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -65,7 +65,9 @@ class PackedExperts:
     def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1):
         xq, xs = mp.quantize_input(x, self.act)
         if self.act == mp.ACT_FP8_STATIC:
-            xs = self.input_scale.float().reshape(1)
+            xs = self.input_scale.float().reshape(-1)
+            if xs.numel() == 1:
+                xs = xs.expand(self.weight.num_experts).contiguous()
         return mp.launch(xq, self.weight, out, self.act, xs, config, moe=moe, fuse_silu=fuse_silu,
                          routed_weights=routed_weights, x_row_div=x_row_div)
 

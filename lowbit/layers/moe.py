@@ -42,8 +42,44 @@ class Experts(nn.ModuleDict):
     def owns(self, e: int) -> bool:
         return e in self.local
 
+    def process_weights_after_loading(self) -> None:
+        """On the kernel path, stack the local experts' weights for the fused MoE (one launch per projection for all
+        experts); any expert whose weights no kernel covers keeps the whole layer on the torch path."""
+        from lowbit.kernels.linear import kernels_enabled, stack_experts
+        from lowbit.layers.linear import UnquantizedLinearMethod
+        self._fused = None
+        first = self[self.local[0]].down_proj
+        device = next(iter(first.parameters())).device
+        if not kernels_enabled(device):
+            return
+
+        def part(layer):
+            if getattr(layer, "_kernel", None) is not None:
+                return layer._kernel
+            return layer.weight if isinstance(layer.quant_method, UnquantizedLinearMethod) else None
+        gate_up = [part(self[e].gate_up_proj) for e in self.local]
+        down = [part(self[e].down_proj) for e in self.local]
+        if any(p is None for p in gate_up + down):
+            return
+        w13, w2 = stack_experts(gate_up), stack_experts(down)
+        if w13 is None or w2 is None:
+            return
+        self._fused = (w13, w2)
+        for e in self.local:  # the stacked copies are the weights from now on
+            for layer in (self[e].gate_up_proj, self[e].down_proj):
+                layer._kernel = None
+                for p in layer.parameters(recurse=False):
+                    p.data = p.data.new_empty(0)
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], topk_ids / topk_weights [T, K] -> sum_k weight_k * expert_k(x) [T, D], over all ranks."""
+        if getattr(self, "_fused", None) is not None:
+            from lowbit.kernels.moe import fused_moe
+            ids = topk_ids
+            if self.expert_parallel:  # slots of other ranks' experts are skipped
+                ids = torch.where((ids >= self.local.start) & (ids < self.local.stop), ids - self.local.start, -1)
+            out = fused_moe(x.contiguous(), *self._fused, topk_weights, ids, may_skip=self.expert_parallel)
+            return parallel.all_reduce(out, expert=self.expert_parallel) if self.reduce else out
         T, K = topk_ids.shape
         flat = topk_ids.flatten()  # [T*K]
         order = flat.argsort(stable=True)

@@ -12,8 +12,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lowbit.kernels import linear as kl
+from lowbit.kernels.linear import kernels_enabled
 from lowbit.layers.linear import LinearBase, LinearMethod
-from lowbit.quant.formats import (FP8_MAX, dequant_float_quantized, dequant_int_quantized, dequant_pack_quantized)
+from lowbit.quant.formats import (FP8_MAX, dequant_float_quantized, dequant_int_quantized, dequant_pack_quantized,
+                                  unpack_int32)
 from lowbit.quant.schemes import QuantArgs
 
 
@@ -104,12 +107,28 @@ class QuantizedLinearMethod(LinearMethod):
             return [out_f, 1], None
         raise ValueError(f"{layer.prefix}: {w.strategy} weight scales are not supported for this format")
 
+    def kernel_weight(self, layer: LinearBase):
+        """This layer's weights in the GPU kernels' layout (lowbit.kernels.linear), or None where no kernel fits."""
+        return None
+
     def process_weights_after_loading(self, layer: LinearBase) -> None:
-        if layer.weight_scale.device.type == "cpu":
+        device = layer.weight_scale.device if hasattr(layer, "weight_scale") else layer.weight.device
+        if kernels_enabled(device):
+            layer._kernel = self.kernel_weight(layer)
+            if layer._kernel is not None:
+                # the kernel's copy is the weight from now on: drop the checkpoint-layout tensors
+                for name, p in list(layer.named_parameters(recurse=False)):
+                    if name != "bias":
+                        p.data = p.data.new_empty(0)
+                return
+        if device.type == "cpu":
             # the CPU has no low-bit matmul: keep the dequantized weight in the compute dtype
             layer._dequant = self.dequantized_weight(layer).to(layer.params_dtype)
 
     def apply(self, layer: LinearBase, x: torch.Tensor) -> torch.Tensor:
+        kernel = getattr(layer, "_kernel", None)
+        if kernel is not None:
+            return kernel(x)
         if self.act_quant is not None:
             x = self.act_quant(layer, x)
         w = getattr(layer, "_dequant", None)
@@ -145,7 +164,18 @@ class PackedLinearMethod(QuantizedLinearMethod):
                        weight_loader=_shape_loader(layer))
         self._create_input_scale(layer)
 
+    def kernel_weight(self, layer: LinearBase):
+        w = self.weights
+        values = unpack_int32(layer.weight_packed, w.num_bits, layer.in_per_partition, dim=1)
+        zp = getattr(layer, "weight_zero_point", None)
+        if zp is not None:
+            zp = unpack_int32(zp, w.num_bits, layer.out_per_partition, dim=0)
+        return kl.packed_linear(values, layer.weight_scale, zp, w, self.input_activations,
+                                getattr(layer, "input_scale", None))
+
     def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
+        if getattr(layer, "_kernel", None) is not None:
+            return layer._kernel.dequantized()
         return dequant_pack_quantized(layer.weight_packed, layer.weight_scale,
                                       getattr(layer, "weight_zero_point", None),
                                       (layer.out_per_partition, layer.in_per_partition), self.weights)
@@ -162,7 +192,12 @@ class IntLinearMethod(QuantizedLinearMethod):
                        input_dim=scale_in_dim)
         self._create_input_scale(layer)
 
+    def kernel_weight(self, layer: LinearBase):
+        return kl.int8_linear(layer.weight, layer.weight_scale, self.weights, self.input_activations)
+
     def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
+        if getattr(layer, "_kernel", None) is not None:
+            return layer._kernel.dequantized()
         return dequant_int_quantized(layer.weight, layer.weight_scale, self.weights)
 
 
@@ -199,17 +234,21 @@ class Fp8BlockLinearMethod(QuantizedLinearMethod):
             raise ValueError(f"block scales of shape {tuple(loaded.shape)} do not fit {tuple(dst.shape)}")
         dst.copy_(loaded)
 
+    def kernel_weight(self, layer: LinearBase):
+        if self.uneven:  # block-scale rows restart at each merged part: the kernel indexes them by row // 128
+            return None
+        return kl.fp8_block_linear(layer.weight, getattr(layer, self.scale_name), self.block_size)
+
     def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
+        if getattr(layer, "_kernel", None) is not None:
+            return layer._kernel.dequantized()
         scale = getattr(layer, self.scale_name)
         if not self.uneven:
             return dequant_float_quantized(layer.weight, scale, self.weights)
         parts, row, block = [], 0, 0
-        for size, blocks in zip(layer.output_partition_sizes, self.row_blocks):
+        for size, blocks in zip(layer.output_partition_sizes, self.row_blocks, strict=True):
             parts.append(dequant_float_quantized(layer.weight[row:row + size], scale[block:block + blocks],
                                                  self.weights))
             row, block = row + size, block + blocks
         return torch.cat(parts)
 
-    def process_weights_after_loading(self, layer: LinearBase) -> None:
-        if layer.weight.device.type == "cpu":
-            layer._dequant = self.dequantized_weight(layer).to(layer.params_dtype)

@@ -1,0 +1,135 @@
+"""A quantized linear layer's weights in the GPU kernels' layout, built once at load time from its checkpoint tensors.
+
+`kernel_weight(...)` is what the quant methods call from process_weights_after_loading; it returns None for a
+combination no kernel covers (the method then keeps its torch reference path). `stack_experts` turns the per-expert
+weights of a MoE layer into the [E, ...] tensors the fused MoE reads.
+
+Whether the kernels run is decided once per layer, from its device and LOWBIT_KERNELS: "0" never, "1" always where
+Triton imports (on the CPU that means Triton's interpreter: the tests use it), unset: on CUDA devices.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels import matmul_packed as mp, matmul_unpacked as mu, moe, triton_available
+
+
+def kernels_enabled(device: torch.device) -> bool:
+    env = os.environ.get("LOWBIT_KERNELS")
+    if env == "0" or not triton_available():
+        return False
+    return env == "1" or device.type == "cuda"
+
+
+@dataclass
+class PackedLinear:
+    weight: mp.PackedWeight
+    act: int
+    input_scale: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return mp.packed_matmul(x.contiguous(), self.weight, self.act, self.input_scale)
+
+    def dequantized(self) -> torch.Tensor:
+        return mp.unpack(self.weight)[0]
+
+
+@dataclass
+class UnpackedLinear:
+    weight: torch.Tensor  # [N, K]
+    kind: int
+    scale: torch.Tensor | None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return mu.unpacked_matmul(x.contiguous(), self.weight, self.kind, self.scale)
+
+    def dequantized(self) -> torch.Tensor:
+        w = self.weight.float()
+        if self.kind == mu.KIND_INT8_CHANNEL:
+            return w * self.scale.float().reshape(-1, 1)
+        if self.kind == mu.KIND_FP8_BLOCK:
+            N, K = w.shape
+            return w * self.scale.float().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
+        return w
+
+
+def activation_kind(input_activations) -> int | None:
+    """The packed kernel's activation mode for a scheme's input activations (None: no kernel for them)."""
+    a = input_activations
+    if a is None:
+        return mp.ACT_NONE
+    if a.type == "float" and a.num_bits == 8:
+        if not a.dynamic and a.strategy == "tensor":
+            return mp.ACT_FP8_STATIC
+        if a.dynamic and a.strategy == "token":
+            return mp.ACT_FP8_TOKEN
+    if a.type == "int" and a.num_bits == 8 and a.dynamic and a.strategy == "token":
+        return mp.ACT_INT8_TOKEN
+    return None
+
+
+def packed_linear(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, weights,
+                  input_activations, input_scale: torch.Tensor | None) -> PackedLinear | None:
+    """values [N, K] signed ints, scale [N, groups], zero_point like scale or None -> PackedLinear or None."""
+    act = activation_kind(input_activations)
+    if act is None or weights.num_bits not in (4, 8):
+        return None
+    group = weights.group_size if weights.strategy == "group" else 0
+    if weights.strategy not in ("group", "channel"):
+        return None
+    plane = mp.default_tile_k(weights.num_bits) // (32 // weights.num_bits)
+    if group % plane:
+        return None
+    pw = mp.repack(values[None], scale[None], None if zero_point is None else zero_point[None],
+                   weights.num_bits, group)
+    return PackedLinear(pw, act, None if input_scale is None else input_scale.data.float().reshape(1).clone())
+
+
+def int8_linear(weight: torch.Tensor, scale: torch.Tensor, weights, input_activations) -> UnpackedLinear | None:
+    a = input_activations
+    if weights.strategy != "channel" or a is None or not (a.type == "int" and a.dynamic and a.strategy == "token"):
+        return None
+    # .data: a tensor of its own, which the layer's parameter giving up its storage does not empty
+    return UnpackedLinear(weight.data.contiguous(), mu.KIND_INT8_CHANNEL, scale.data.float().reshape(-1, 1).contiguous())
+
+
+def fp8_block_linear(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> UnpackedLinear | None:
+    if tuple(block) != (mu.FP8_BLOCK, mu.FP8_BLOCK):
+        return None
+    return UnpackedLinear(weight.data.contiguous(), mu.KIND_FP8_BLOCK, scale.data.float().contiguous())
+
+
+def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None:
+    """Per-expert PackedLinear / UnpackedLinear / bf16 weight tensors (one kind, one configuration) -> [E, ...]."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        if all(isinstance(p, torch.Tensor) and p.shape == first.shape for p in parts):
+            return moe.UnpackedExperts(torch.stack(parts).contiguous(), mu.KIND_BF16)
+        return None
+    if isinstance(first, PackedLinear):
+        same = all(isinstance(p, PackedLinear) and p.act == first.act and p.weight.bits == first.weight.bits
+                   and p.weight.group_size == first.weight.group_size and p.weight.n == first.weight.n
+                   and p.weight.k == first.weight.k and (p.weight.zeros is None) == (first.weight.zeros is None)
+                   for p in parts)
+        if not same:
+            return None
+        w = first.weight
+        pw = mp.PackedWeight(torch.cat([p.weight.words for p in parts]), torch.cat([p.weight.scales for p in parts]),
+                             None if w.zeros is None else torch.cat([p.weight.zeros for p in parts]),
+                             w.bits, w.group_size, w.n, w.k, w.tile_k)
+        scale = None
+        if first.act == mp.ACT_FP8_STATIC:  # each expert keeps its own calibrated input scale
+            scale = torch.cat([p.input_scale.reshape(1) for p in parts])
+        return moe.PackedExperts(pw, first.act, scale)
+    if isinstance(first, UnpackedLinear):
+        if not all(isinstance(p, UnpackedLinear) and p.kind == first.kind and p.weight.shape == first.weight.shape
+                   for p in parts):
+            return None
+        scale = None if first.scale is None else torch.stack([p.scale for p in parts])
+        if first.kind == mu.KIND_INT8_CHANNEL:
+            scale = scale.reshape(len(parts), -1)
+        return moe.UnpackedExperts(torch.stack([p.weight for p in parts]).contiguous(), first.kind, scale)
+    return None
