@@ -147,7 +147,10 @@ if triton is not None:
                     else:
                         q = u - HALF
                 if ACT == 0:
-                    d = tl.dot(xj, q.to(xj.dtype))
+                    if xj.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
+                        d = tl.dot(xj, q.to(xj.dtype), input_precision="ieee")
+                    else:
+                        d = tl.dot(xj, q.to(xj.dtype))
                 elif ACT == 1:
                     xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
                     d = tl.dot(xq, q.to(tl.float16).to(tl.float8e4nv))

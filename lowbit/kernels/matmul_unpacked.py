@@ -52,7 +52,10 @@ if triton is not None:
             b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
                         mask=n_mask[:, None] & (cols[None, :] < K), other=0.0)
             if KIND == 0:
-                acc += tl.dot(a, tl.trans(b))
+                if a.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
+                    acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+                else:
+                    acc += tl.dot(a, tl.trans(b))
             elif KIND == 1:
                 acc_i += tl.dot(a, tl.trans(b))
             else:

@@ -148,7 +148,9 @@ class MLAAttention(nn.Module):
         return [(num_blocks, block_size, 1, self.kv_lora_rank + self.rope_dim)]
 
     def bind_cache(self, caches: list[torch.Tensor]) -> None:
+        from lowbit.kernels.linear import kernels_enabled
         (self.kv_cache,) = caches
+        self.decode_kernel = kernels_enabled(self.kv_cache.device)  # the Triton paged MLA decode
 
     def forward(self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_latent: torch.Tensor,
                 k_pe: torch.Tensor) -> torch.Tensor:
@@ -157,4 +159,7 @@ class MLAAttention(nn.Module):
         ctx = get_context()
         store_kv(self.kv_cache, torch.cat([kv_latent, k_pe], dim=-1)[:, None, :], ctx.slot_mapping)
         q = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, r + dr]
+        if not ctx.is_prefill and getattr(self, "decode_kernel", False):
+            from lowbit.kernels.mla_decode import mla_decode
+            return mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
         return paged_attention(q, self.kv_cache, self.kv_cache[..., :self.kv_lora_rank], ctx, self.scale)
