@@ -106,8 +106,9 @@ class LLMEngine:
         ckpt = Checkpoint(path)
         self.model_config = ckpt.model_config()
         self.engine_config = engine_config or EngineConfig()
-        parallel.init_parallel(self.engine_config.tensor_parallel_size, self.engine_config.expert_parallel)
         self.device = resolve_device(device)
+        parallel.init_parallel(self.engine_config.tensor_parallel_size, self.engine_config.expert_parallel,
+                               backend="nccl" if self.device.type == "cuda" else "gloo")
         self.dtype = resolve_dtype(dtype, self.model_config, self.device)
         self.tokenizer = load_tokenizer(path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config.eos_token_id, path)

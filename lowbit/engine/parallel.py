@@ -1,10 +1,12 @@
 """Process groups for tensor and expert parallelism (torch.distributed; NCCL on GPUs, gloo on the CPU).
 
 Started by torchrun (one node or several, c10d rendezvous): every process of the world runs the same engine steps.
-Tensor parallel splits attention heads, dense MLPs and the vocabulary across the world; expert parallel gives each
-process a contiguous share of the routed experts. Layers ask `tp_rank()` / `tp_size()` / `ep_rank()` /
-`ep_size()` when they are built and when they load weights; with no process group every one describes a single
-process, so every layer works unchanged in one process.
+Tensor parallel splits attention heads, dense MLPs and the vocabulary across a group of ranks: the whole world, or
+consecutive blocks of `tensor_parallel_size` ranks (torchrun numbers ranks node by node, so a block of 8 is one
+node's GPUs) that each repeat the same attention. Expert parallel gives each process of the world a contiguous share
+of the routed experts. Layers ask `tp_rank()` / `tp_size()` / `ep_rank()` / `ep_size()` when they are built and
+when they load weights; with no process group every one describes a single process, so every layer works unchanged
+in one process.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ _EP_GROUP: dist.ProcessGroup | None = None
 
 
 def init_parallel(tensor_parallel_size: int = 1, expert_parallel: bool = False, backend: str | None = None) -> None:
-    """Join the torchrun world; tensor parallel over all of it (when tensor_parallel_size > 1), and expert parallel
-    over all of it (when asked)."""
+    """Join the torchrun world: tensor parallel in blocks of tensor_parallel_size consecutive ranks (all of the
+    world, or a divisor of it with expert parallel), expert parallel over the whole world (when asked). backend:
+    NCCL when None and a GPU is present, else gloo."""
     global _TP_GROUP, _EP_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tensor_parallel_size == 1 and not expert_parallel:
@@ -32,13 +35,24 @@ def init_parallel(tensor_parallel_size: int = 1, expert_parallel: bool = False, 
             raise ValueError("tensor or expert parallel needs one process per rank: launch with torchrun "
                              "(e.g. torchrun --nproc-per-node 2 -m lowbit ...)")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    world = dist.get_world_size()
-    if tensor_parallel_size not in (1, world):
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} but the torchrun world has {world} processes")
-    _TP_GROUP = dist.group.WORLD if tensor_parallel_size > 1 else None
+        dist.init_process_group(backend)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} does not divide the torchrun world of "
+                         f"{world} processes")
+    if 1 < tensor_parallel_size < world and not expert_parallel:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} in a world of {world} processes needs "
+                         f"--expert-parallel (without it the other tensor-parallel groups would only repeat the work)")
+    _TP_GROUP = None
+    if tensor_parallel_size == world:
+        _TP_GROUP = dist.group.WORLD
+    elif tensor_parallel_size > 1:
+        for start in range(0, world, tensor_parallel_size):  # every rank creates every group
+            group = dist.new_group(list(range(start, start + tensor_parallel_size)))
+            if start <= rank < start + tensor_parallel_size:
+                _TP_GROUP = group
     _EP_GROUP = dist.group.WORLD if expert_parallel else None
 
 

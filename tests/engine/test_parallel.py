@@ -80,3 +80,39 @@ def test_broadcast_message_of_any_length(tmp_path):
     """A batch message fits the first broadcast or spills into a second one; every rank gets rank 0's ints."""
     torch.multiprocessing.spawn(_broadcast_rank, args=(2, f"file://{tmp_path}/rdzv", [1, 1023, 1024, 5000, 3]),
                                 nprocs=2)
+
+
+def test_tensor_parallel_groups_with_experts_over_the_world(tiny_checkpoints, tmp_path):
+    """--tensor-parallel-size 2 on 4 ranks with --expert-parallel (as 8 per node on two nodes): two groups of 2 ranks
+    each split attention, dense layers and vocabulary; the routed experts are spread over all 4."""
+    model = tiny_checkpoints["deepseek_v3"][0]
+    ref = single(model)
+    got = run_parallel(model, 4, 2, True, str(tmp_path / "out.pt"))
+    assert (got["logits"] - ref["logits"]).abs().max().item() <= 1e-4
+    assert got["greedy"] == ref["greedy"]
+
+
+def _groups_rank(rank: int, world: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from lowbit.engine import parallel
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    errors = []
+    for tp, ep in ((3, True), (2, False)):
+        try:
+            parallel.init_parallel(tp, ep, backend="gloo")
+        except ValueError as e:
+            errors.append(str(e))
+    parallel.init_parallel(2, True, backend="gloo")
+    out[rank] = (errors, parallel.tp_rank(), parallel.tp_size(), parallel.ep_rank(), parallel.ep_size())
+    dist.destroy_process_group()
+
+
+def test_tensor_parallel_size_must_divide_the_world_and_a_smaller_one_needs_expert_parallel():
+    with torch.multiprocessing.Manager() as manager:
+        out = manager.dict()
+        torch.multiprocessing.spawn(_groups_rank, args=(4, free_port(), out), nprocs=4)
+        out = dict(out)
+    for rank, (errors, tp_rank, tp_size, ep_rank, ep_size) in out.items():
+        assert "does not divide the torchrun world of 4" in errors[0] and "needs --expert-parallel" in errors[1]
+        assert (tp_rank, tp_size, ep_rank, ep_size) == (rank % 2, 2, rank, 4)
