@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from lowbit.plan.catalog import GIB, builtin_models, gpu_types, load_model_config, resolve_gpu
 from lowbit.plan.memory import KV_DTYPE_BYTES, OBJECTIVES, Budget
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     total = None if per_node is None else per_node * (args.nodes or 1)
     plan = make_plan(name, cfg, recipe, label, budget, total, include_mtp=not args.no_mtp,
                      objective=args.objective)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    checkpoint = args.model if os.path.isdir(args.model) or args.model.endswith(".gguf") else "CHECKPOINT"
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan, checkpoint))
     return 0
 
 
@@ -72,7 +74,7 @@ def _p(n: int) -> str:
     return "-" if n == 0 else f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: Plan, checkpoint: str = "CHECKPOINT") -> str:
     cfg, fp, b, gpu = plan.cfg, plan.fp, plan.budget, plan.gpu
     out = [f"{plan.model} ({cfg.model_type}) in {plan.recipe_label} on {gpu.name} "
            f"({_gib(gpu.memory_bytes)} GiB, FP8 {'yes' if gpu.fp8 else 'no'})", ""]
@@ -119,6 +121,16 @@ def format_plan(plan: Plan) -> str:
                        f"{p.max_concurrent_tokens:>19,}  {'yes' if p.fits else 'no'}")
         if len(plan.layouts) > 12:
             out.append(f"  ... {len(plan.layouts) - 12} more (--json lists all)")
+        serve = plan.serve_command(checkpoint)
+        if serve is not None and serve.fits:
+            head = ("serve it:" if serve.layout == str(c.layout) else
+                    f"lowbit serve runs {serve.layout} best here ({serve.max_concurrent_tokens:,} concurrent tokens; "
+                    f"it has no pipeline parallel or data-parallel attention yet):")
+            out += ["", head, f"  {serve.command}"]
+            out += [f"  ({serve.note})"] if serve.note else []
+        else:
+            out += ["", ("lowbit serve: none of the layouts it runs (no pipeline parallel or data-parallel "
+                         "attention yet) fits")]
     if plan.warnings or plan.notes:
         out.append("")
     out += [f"warning: {w}" for w in plan.warnings] + [f"note: {n}" for n in plan.notes]

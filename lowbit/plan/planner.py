@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from lowbit.config import ModelConfig
-from lowbit.plan.catalog import GPU
+from lowbit.plan.catalog import GIB, GPU
 from lowbit.plan.inventory import model_tensors, param_counts
 from lowbit.plan.memory import (Budget, Footprint, LayoutPlan, evaluate, fewest_gpus, footprint,
                                 kv_bytes_per_token_per_layer, layouts_for, rank)
@@ -42,8 +42,21 @@ class Plan:
     def total_params(self) -> int:
         return sum(sum(v.values()) for v in self.params.values())
 
+    def serve_command(self, model: str = "CHECKPOINT") -> ServeCommand | None:
+        """How to run this many GPUs with lowbit serve: the best of the layouts it runs (no pipeline parallel, no
+        data-parallel attention yet), ranked as the plan ranks its layouts but by the tokens lowbit serve holds."""
+        runnable = [p for p in self.layouts if p.layout.pp == 1]
+        if not runnable:
+            return None
+        def key(p: LayoutPlan):
+            order = (-p.layout.tp, -served_tokens(p)) if self.objective == "latency" else (-served_tokens(p),
+                                                                                          -p.layout.tp)
+            return (not p.fits, p.shortfall_bytes, *order, not p.layout.ep)
+        return serve_command(min(runnable, key=key), self.budget, model)
+
     def to_dict(self) -> dict:
         c = self.chosen
+        serve = self.serve_command()
         return {
             "model": self.model, "model_type": self.cfg.model_type, "recipe": self.recipe_label,
             "schemes_by_kind": self.fp.kind_schemes,
@@ -62,8 +75,56 @@ class Plan:
             "max_concurrent_tokens": 0 if c is None else c.max_concurrent_tokens,
             "layout": None if c is None else c.layout.to_dict(), "objective": self.objective,
             "layouts": [p.to_dict() for p in self.layouts],
+            "serve": None if serve is None else {"layout": serve.layout, "fits": serve.fits, "command": serve.command,
+                                                 "max_concurrent_tokens": serve.max_concurrent_tokens,
+                                                 "note": serve.note},
             "warnings": self.warnings, "notes": self.notes,
         }
+
+
+@dataclass
+class ServeCommand:
+    layout: str  # the layout it runs
+    fits: bool
+    max_concurrent_tokens: int  # what lowbit serve holds in that layout (see served_tokens)
+    command: str  # torchrun + lowbit serve (plain lowbit serve on one GPU)
+    note: str | None = None  # how the run differs from the planned layout
+
+
+def served_tokens(p: LayoutPlan) -> int:
+    """Concurrent tokens under lowbit serve, which has no data-parallel attention yet: the dp groups of an
+    expert-parallel layout repeat one batch (dp replicas without ep are separate servers, as planned)."""
+    return p.tokens_per_replica if p.layout.ep and p.layout.dp > 1 else p.max_concurrent_tokens
+
+
+def serve_command(p: LayoutPlan, budget: Budget, model: str = "CHECKPOINT") -> ServeCommand:
+    """The lowbit serve flags for a layout without pipeline parallel: --tensor-parallel-size tp (tp consecutive
+    ranks, one node's GPUs at most) and --expert-parallel over all tp x dp ranks, launched by torchrun across the
+    nodes it spans."""
+    lay = p.layout
+    assert lay.pp == 1, "lowbit serve has no pipeline parallel"
+    notes = []
+    world = lay.tp * lay.dp if lay.ep else lay.tp
+    if lay.dp > 1 and lay.ep:
+        notes.append(f"no data-parallel attention yet: the {lay.dp} groups of {lay.tp} ranks repeat one batch")
+    elif lay.dp > 1:
+        notes.append(f"{lay.dp} replicas: run this on each {lay.tp} GPUs, behind one load balancer")
+    if budget.kv_dtype != "bf16":
+        notes.append(f"lowbit serve keeps the KV cache in the model dtype, not {budget.kv_dtype}")
+    flags = f"--model {model}"
+    if lay.tp > 1:
+        flags += f" --tensor-parallel-size {lay.tp}"
+    if lay.ep:
+        flags += " --expert-parallel"
+    flags += f" --max-model-len {p.max_model_len} --kv-cache-memory-gb {max(0.1, p.kv_cache_bytes_per_gpu / GIB):.1f}"
+    if world == 1:
+        command = f"lowbit serve {flags}"
+    elif world <= budget.node_size:
+        command = f"torchrun --nproc-per-node {world} -m lowbit serve {flags}"
+    else:
+        command = (f"torchrun --nnodes {world // budget.node_size} --nproc-per-node {budget.node_size} "
+                   f"--rdzv-backend c10d --rdzv-endpoint HEAD_NODE:29500 -m lowbit serve {flags}")
+    return ServeCommand(str(lay), p.fits, served_tokens(p), command, "; ".join(notes) or None)
 
 
 def make_plan(model: str, cfg: ModelConfig, recipe: Recipe, recipe_label: str, budget: Budget,
