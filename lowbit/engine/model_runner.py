@@ -7,7 +7,7 @@ from torch import nn
 
 from lowbit.config import EngineConfig, ModelConfig
 from lowbit.engine.sequence import Sequence
-from lowbit.layers.attention import Context, reset_context, set_context
+from lowbit.layers.attention import Context, get_context, reset_context, set_context
 from lowbit.models.loader import Checkpoint, build_model, load_weights
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -47,7 +47,14 @@ class ModelRunner:
         self.model.eval()
         self.attn_modules = [m for m in self.model.model.layers.modules() if hasattr(m, "bind_cache")]
         self.num_blocks = engine_cfg.num_kv_blocks or self._blocks_for_memory(engine_cfg.kv_cache_memory_gb)
-        self._allocate_cache(self.num_blocks)
+        self._allocate_cache(self.num_blocks + 1)  # block num_blocks: scratch for the padding rows of CUDA graphs
+        self.graphs = None
+        if device.type == "cuda" and not engine_cfg.enforce_eager:
+            from lowbit.engine.cuda_graphs import DecodeGraphs, capturable, graph_batch_sizes
+            if capturable(self.model):
+                self.graphs = DecodeGraphs(self.model, graph_batch_sizes(engine_cfg.max_num_seqs),
+                                           -(-engine_cfg.max_model_len // self.block_size), self.block_size,
+                                           self.num_blocks, device)
 
     # ------------------------------------------------------------------ cache
     def kv_bytes_per_block(self) -> int:
@@ -111,7 +118,10 @@ class ModelRunner:
         """Next-token logits, float32: [B, V] for each sequence's last token, or [T, V] for every new token."""
         ids, pos = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
         try:
-            hidden = self.model(ids, pos)  # [T, D]
+            if not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs)):
+                hidden = self.graphs.run(ids, pos, get_context())
+            else:
+                hidden = self.model(ids, pos)  # [T, D]
         finally:
             reset_context()
         if is_prefill and not all_logits:

@@ -29,7 +29,9 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     n = flat.numel()
     skip = flat < 0
     keyed = torch.where(skip, num_experts, flat)  # skipped slots sort after every expert
-    counts = torch.bincount(keyed, minlength=num_experts + 1)
+    # scatter_add, not bincount: bincount reads the largest id back to the host, which a CUDA graph cannot hold
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, keyed, torch.ones_like(keyed))
     padded = (counts + block_m - 1) // block_m * block_m
     padded[num_experts] = 0
     ends = torch.cumsum(padded, 0)

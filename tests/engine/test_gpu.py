@@ -34,3 +34,18 @@ def test_gpu_batch_equals_alone(tiny_checkpoints, variant):
     assert [o.token_ids for o in llm.generate(prompts, params)] == alone
     cpu = LLM(path, device="cpu")
     assert [o.token_ids for o in cpu.generate(prompts, params)] == alone
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3", "llama"])
+def test_cuda_graphs_decode_as_eager(tiny_checkpoints, variant):
+    """Decode replayed from CUDA graphs gives the tokens eager decode gives, for batches between captured sizes."""
+    path, _ = tiny_checkpoints[variant]
+    prompts = [torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (3, 17, 9, 30, 5)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    eager = LLM(path, device="cuda", dtype="float32", enforce_eager=True)
+    assert eager.engine.runner.graphs is None
+    graphed = LLM(path, device="cuda", dtype="float32", max_num_seqs=8)
+    assert graphed.engine.runner.graphs is not None
+    assert [o.token_ids for o in graphed.generate(prompts, params)] == \
+        [o.token_ids for o in eager.generate(prompts, params)]

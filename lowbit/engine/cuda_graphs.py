@@ -1,0 +1,86 @@
+"""CUDA graphs for decode: the model's forward for one token per sequence, captured once per batch size at start-up
+and replayed every step, so a decode step costs one launch instead of hundreds.
+
+The graphs read static input buffers (token ids, positions, cache slots, block tables, context lengths) that each
+step fills; a batch runs in the smallest captured size that holds it, the spare rows pointing at a scratch cache
+block that no sequence owns. Capture happens before the first request (every Triton kernel is compiled by a warm-up
+forward first), all ranks together when the model is tensor or expert parallel.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lowbit.layers.attention import Context, reset_context, set_context
+
+log = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
+    return [b for b in sizes if b < max_num_seqs] + [min(max_num_seqs, 256)]
+
+
+def capturable(model: torch.nn.Module) -> bool:
+    """Decode can be captured when no layer reads tensors back to the host: every routed-expert layer must run in
+    the fused MoE (the torch path counts tokens per expert on the host)."""
+    from lowbit.layers.moe import Experts
+    return all(getattr(m, "_fused", None) is not None for m in model.modules() if isinstance(m, Experts))
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, batch_sizes: list[int], max_blocks_per_seq: int, block_size: int,
+                 scratch_block: int, device: torch.device):
+        self.model, self.block_size = model, block_size
+        self.sizes = sorted(set(batch_sizes))
+        n = self.sizes[-1]
+        self.scratch_slot = scratch_block * block_size
+        self.ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.pos = torch.zeros(n, dtype=torch.long, device=device)
+        self.slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=device)
+        self.tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
+        self.lens = torch.ones(n, dtype=torch.long, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            ctx = self._context(b)
+            set_context(ctx)
+            try:
+                self.model(self.ids[:b], self.pos[:b])  # warm-up: compiles the kernels outside the capture
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                set_context(self._context(b))
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(self.ids[:b], self.pos[:b])
+            finally:
+                reset_context()
+            pool = graph.pool()
+            self.graphs[b], self.outputs[b] = graph, out
+        torch.cuda.synchronize(device)
+
+    def _context(self, b: int) -> Context:
+        return Context(is_prefill=False, slot_mapping=self.slots[:b], block_tables=self.tables[:b],
+                       context_lens=self.lens[:b], block_size=self.block_size)
+
+    def fits(self, batch: int) -> bool:
+        return batch <= self.sizes[-1]
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """One decode step of len(ids) sequences -> hidden states [B, D] (a view of the graph's output buffer, valid
+        until the next replay)."""
+        B = ids.shape[0]
+        b = next(s for s in self.sizes if s >= B)
+        w = ctx.block_tables.shape[1]
+        self.ids[:B].copy_(ids)
+        self.pos[:B].copy_(pos)
+        self.slots[:B].copy_(ctx.slot_mapping)
+        self.lens[:B].copy_(ctx.context_lens)
+        self.tables[:B, :w].copy_(ctx.block_tables)
+        if B < b:  # spare rows: one token of context in the scratch block
+            self.slots[B:b].fill_(self.scratch_slot)
+            self.lens[B:b].fill_(1)
+            self.tables[B:b, 0].fill_(self.scratch_slot // self.block_size)
+        self.graphs[b].replay()
+        return self.outputs[b][:B]
