@@ -107,9 +107,11 @@ def candidates(family: tuple, M: int, N: int, K: int) -> list[dict]:
         out = [dict(BM=16, BN=bn, SPLIT_K=split, num_warps=4, num_stages=3 if packed else 4, **extra)
                for bn, split in ((32, 1), (64, 1), (128, 1), (64, 4), (128, 4)) if k_tiles % split == 0]
     elif M <= 256:
-        out = [dict(BM=bm, BN=bn, num_warps=4, num_stages=3, **extra) for bm, bn in ((32, 64), (64, 128))]
+        out = [dict(BM=bm, BN=bn, num_warps=w, num_stages=3, **extra) for bm, bn, w in ((32, 64, 4), (64, 128, 8))]
+    elif packed:  # 128 x 128 spills registers in the packed kernel (benchmarks/kernel_sass.py)
+        out = [dict(BM=bm, BN=bn, num_warps=8, num_stages=3) for bm, bn in ((128, 64), (64, 128))]
     else:
-        out = [dict(BM=128, BN=bn, num_warps=8, num_stages=st, **extra) for bn, st in ((128, 3), (256, 3))]
+        out = [dict(BM=128, BN=128, num_warps=8, num_stages=st, **extra) for st in (3, 4)]
     return out
 
 

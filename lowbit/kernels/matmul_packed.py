@@ -135,29 +135,51 @@ if triton is not None:
                 if GROUP > 0:
                     g = k0 // GROUP
                     g_ok = g < num_groups
-                    if HAS_ZP:
-                        z = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)
-                        q = u - z[None, :]
+                if HAS_ZP:  # zero point + 2^(bits-1), per output column
+                    if GROUP > 0:
+                        z = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)[None, :]
                     else:
-                        q = u - HALF
+                        z = tl.load(z_base + n_rows, mask=n_mask, other=HALF)[None, :]
                 else:
-                    if HAS_ZP:
-                        z = tl.load(z_base + n_rows, mask=n_mask, other=HALF)
-                        q = u - z[None, :]
-                    else:
-                        q = u - HALF
+                    z = HALF
                 if ACT == 0:
                     if xj.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
-                        d = tl.dot(xj, q.to(xj.dtype), input_precision="ieee")
+                        d = tl.dot(xj, (u - z).to(tl.float32), input_precision="ieee")
+                    elif BITS == 4:
+                        # int -> float without I2F, a quarter-rate instruction that would bound the kernel: the
+                        # nibble as the low mantissa bits of 128.0 (bf16 0x4300) or 1024.0 (fp16 0x6400) is
+                        # 128 + u or 1024 + u exactly, and subtracting 128 + z (or 1024 + z) is exact in 16 bits
+                        if xj.dtype == tl.bfloat16:
+                            w = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                            off = z + 128
+                        else:
+                            w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                            off = z + 1024
+                        if HAS_ZP:
+                            off = off.to(xj.dtype)
+                        else:
+                            off = tl.full([1, BN], off, xj.dtype)
+                        d = tl.dot(xj, w - off)
                     else:
-                        d = tl.dot(xj, q.to(xj.dtype))
-                elif ACT == 1:
-                    xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
-                    d = tl.dot(xq, q.to(tl.float16).to(tl.float8e4nv))
+                        d = tl.dot(xj, (u - z).to(xj.dtype))
                 elif ACT == 2:
-                    d = tl.dot(xj, q.to(tl.int8)).to(tl.float32)
-                else:
-                    d = tl.dot(xj, q.to(tl.float16).to(tl.float8e4nv))
+                    d = tl.dot(xj, (u - z).to(tl.int8)).to(tl.float32)
+                else:  # FP8 activations: static scale (quantized here) or per token (quantized before)
+                    if ACT == 1:
+                        xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
+                    else:
+                        xq = xj
+                    if BM >= 64:  # FP8 tensor cores (wgmma)
+                        d = tl.dot(xq, (u - z).to(tl.float16).to(tl.float8e4nv))
+                    else:
+                        # small M runs on the 16-bit MMA anyway: the same exact products in fp16 (e4m3 values and
+                        # int4 weights are fp16 numbers), the weights converted without I2F as above
+                        w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                        if HAS_ZP:
+                            off = (z + 1024).to(tl.float16)
+                        else:
+                            off = tl.full([1, BN], z + 1024, tl.float16)
+                        d = tl.dot(xq.to(tl.float16), w - off)
                 if GROUP > 0:
                     s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
                     acc += d * s[None, :]

@@ -104,8 +104,9 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     _, h2, inter_size = w2.shape
     assert h13 == H and h2 == H and two_i == 2 * inter_size, f"w13 {w13.shape} / w2 {w2.shape} vs hidden {H}"
     n = T * k
-    cfg1 = config or w13.config(n, inter_size, H)
-    cfg2 = config or w2.config(n, H, inter_size)
+    per_expert = -(-n // min(n, E))  # rows an expert sees when routing spreads: what the block size should fit
+    cfg1 = config or w13.config(per_expert, inter_size, H)
+    cfg2 = config or w2.config(per_expert, H, inter_size)
     bm = cfg1["BM"]
     if cfg2["BM"] != bm:
         cfg2 = dict(cfg2, BM=bm)

@@ -1,0 +1,190 @@
+"""Compile the Triton kernels for Hopper (sm_90a) on any machine and report what costs no device time to read:
+registers, spills, shared memory and the instruction mix of the SASS (matrix instructions HMMA / HGMMA / QGMMA /
+IMMA-IGMMA, global-load widths, int-to-float conversions, local-memory traffic).
+
+Triton's wheel carries ptxas and cuobjdump, so no GPU is needed. Arguments get the divisibility-by-16 hints that
+Triton's JIT gives real launches (aligned pointers, strides and sizes that are multiples of 16).
+
+    python benchmarks/kernel_sass.py [--filter packed] [--out benchmarks/results/kernel-sass.md]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from lowbit.kernels import matmul_packed as mp  # noqa: E402
+from lowbit.kernels import matmul_unpacked as mu  # noqa: E402
+from lowbit.kernels import mla_decode as md  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# M (tokens) and counts derived from K are not multiples of 16; N and K of real layers are (V2-Lite 1408, R1 7168)
+NOT_DIVISIBLE = {"M", "num_groups", "k_tiles", "k_groups", "x_row_div", "H", "max_blocks", "scale"}
+
+
+def compile_variant(fn, ptr_types: dict, const: dict, num_warps: int, num_stages: int, floats=("scale",)):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ptr_types:
+            sig[name] = ptr_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in floats:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if name not in NOT_DIVISIBLE:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                          "num_stages": num_stages})
+
+
+def inspect(k) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        ptx, cubin = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        info = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                               os.path.join(d, "o.cubin")], capture_output=True, text=True).stderr
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?P\d\s+)?([A-Z0-9_.]+)",
+                                                               sass))
+    def count(prefix):
+        return sum(v for k, v in ops.items() if k.startswith(prefix))
+    loads = collections.Counter()
+    for name, v in ops.items():
+        if name.startswith(("LDG", "LDGSTS")):
+            width = re.search(r"\.(128|64|U16|U8|S8|S16)\b", name)
+            loads[width.group(1) if width else "32"] += v
+    return {"regs": regs, "spill_bytes": spills, "smem": k.metadata.shared, "instructions": sum(ops.values()),
+            "HMMA": count("HMMA"), "HGMMA": count("HGMMA"), "QGMMA": count("QGMMA"),
+            "IMMA": count("IMMA") + count("IGMMA"),
+            "I2F": count("I2F"), "F2F": count("F2F") + count("F2FP"), "LDL/STL": count("LDL") + count("STL"),
+            "global loads by width": dict(loads)}
+
+
+PACKED_PTRS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "out_ptr": "*bf16",
+               "xs_ptr": "*fp32", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
+
+
+def variants():
+    base = dict(GROUP=128, HAS_ZP=False, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1)
+    for name, bits, act, x_t in (("w4a16", 4, mp.ACT_NONE, "*bf16"), ("w8a16", 8, mp.ACT_NONE, "*bf16"),
+                                 ("w4a8", 4, mp.ACT_FP8_STATIC, "*bf16"), ("w4a8-int8", 4, mp.ACT_INT8_TOKEN, "*i8")):
+        for bm, bn, warps, stages in ((16, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)):
+            const = dict(base, BITS=bits, ACT=act, BM=bm, BN=bn, TK=mp.default_tile_k(bits))
+            yield (f"packed {name} BM={bm} BN={bn}", mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
+                   warps, stages)
+    const = dict(base, BITS=4, ACT=mp.ACT_NONE, BM=16, BN=64, TK=256, MOE=True, FUSE_SILU=True)
+    yield "packed w4a16 fused-MoE gate_up BM=16 BN=64", mp._packed_matmul_kernel, PACKED_PTRS, const, 4, 3
+    uptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*bf16", "ws_ptr": "*fp32", "out_ptr": "*bf16",
+             "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
+    ubase = dict(MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1)
+    for name, kind, t in (("bf16", mu.KIND_BF16, "*bf16"), ("w8a8", mu.KIND_INT8_CHANNEL, "*i8"),
+                          ("fp8-block", mu.KIND_FP8_BLOCK, "*fp8e4nv")):
+        for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 4), (128, 128, 128, 8, 4)):
+            yield (f"unpacked {name} BM={bm} BN={bn}", mu._unpacked_matmul_kernel, dict(uptrs, x_ptr=t, w_ptr=t),
+                   dict(ubase, KIND=kind, BM=bm, BN=bn, BK=bk), warps, stages)
+    yield ("mla_decode bf16 R=512 DR=64", md._mla_decode_kernel,
+           {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i64", "out_ptr": "*fp32",
+            "lse_ptr": "*fp32"},
+           dict(R=512, DR=64, R_P=512, DR_P=64, PAGE=16, BH=16, BN=32, SPLITS=1), 4, 2)
+
+
+SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have
+
+
+def check_engine_configs() -> list[str]:
+    """Compile the configuration the engine picks for each kernel family and M bucket (R1 dense-down shape) and
+    return what is wrong: shared memory over the limit, register spills, no
+    matrix instruction, int-to-float conversions per int4 weight in the bf16 path, loads narrower than 16 bytes in
+    the unpacked kernels."""
+    from lowbit.kernels import tuning
+    problems = []
+    N, K = 7168, 18432
+    for m in (1, 16, 256, 4096):
+        for bits, act in ((4, mp.ACT_NONE), (8, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC), (4, mp.ACT_INT8_TOKEN)):
+            cfg = tuning.packed_config(m, N, K, bits, act)
+            const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False,
+                         ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits),
+                         SPLIT_K=cfg.get("SPLIT_K", 1))
+            x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
+            r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
+                                        cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
+            name = f"packed bits={bits} act={act} M={m} {cfg}"
+            if r["smem"] > SMEM_LIMIT:
+                problems.append(f"{name}: {r['smem']} bytes of shared memory")
+            if r["HMMA"] + r["HGMMA"] + r["QGMMA"] + r["IMMA"] == 0:
+                problems.append(f"{name}: no matrix instruction")
+            if r["spill_bytes"]:
+                problems.append(f"{name}: {r['spill_bytes']} bytes spilled")
+            if m <= 16 and bits == 4 and act == mp.ACT_NONE and r["I2F"]:
+                problems.append(f"{name}: {r['I2F']} I2F")
+            print(f"{name}: {r}", flush=True)
+        for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
+            cfg = tuning.unpacked_config(m, N, K, kind)
+            ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
+                    "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
+            const = dict(KIND=kind, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
+                         BK=cfg["BK"], SPLIT_K=cfg.get("SPLIT_K", 1))
+            r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
+                                        cfg.get("num_stages", 3)))
+            name = f"unpacked kind={kind} M={m} {cfg}"
+            if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
+                problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
+            if not r["global loads by width"].get("128"):
+                problems.append(f"{name}: no 16-byte loads")
+            if m >= 4096 and r["HGMMA"] + r["QGMMA"] + r["IMMA"] == 0:
+                problems.append(f"{name}: no warpgroup MMA at large M")
+            print(f"{name}: {r}", flush=True)
+    return problems
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--filter", default="")
+    ap.add_argument("--out")
+    ap.add_argument("--check", action="store_true", help="check the engine's configurations; exit 1 on a problem")
+    args = ap.parse_args()
+    if args.check:
+        problems = check_engine_configs()
+        print("\n".join(["PROBLEMS:"] + problems) if problems else "all configurations fit")
+        sys.exit(1 if problems else 0)
+    rows = []
+    for name, fn, ptrs, const, warps, stages in variants():
+        if args.filter not in name:
+            continue
+        r = inspect(compile_variant(fn, ptrs, const, warps, stages))
+        rows.append((name, warps, stages, r))
+        print(f"{name} (warps {warps}, stages {stages}): {r}", flush=True)
+    if args.out:
+        lines = ["# Triton kernels compiled for sm_90a (no GPU): resources and instruction mix", "",
+                 f"triton {triton.__version__}; produced by `python benchmarks/kernel_sass.py`.", "",
+                 "| kernel | warps/stages | regs | spills | smem | HMMA | HGMMA | QGMMA | IMMA | I2F | F2F | "
+                 "LDL/STL | global loads by width |", "| --- " * 13 + "|"]
+        for name, warps, stages, r in rows:
+            lines.append(f"| {name} | {warps}/{stages} | {r['regs']} | {r['spill_bytes']} | {r['smem']} | "
+                         f"{r['HMMA']} | {r['HGMMA']} | {r['QGMMA']} | {r['IMMA']} | {r['I2F']} | {r['F2F']} | "
+                         f"{r['LDL/STL']} | {r['global loads by width']} |")
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
