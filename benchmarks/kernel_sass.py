@@ -25,11 +25,12 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
 from lowbit.kernels import matmul_unpacked as mu  # noqa: E402
+from lowbit.kernels import gqa_decode as gd  # noqa: E402
 from lowbit.kernels import mla_decode as md  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # M (tokens) and counts derived from K are not multiples of 16; N and K of real layers are (V2-Lite 1408, R1 7168)
-NOT_DIVISIBLE = {"M", "num_groups", "k_tiles", "k_groups", "x_row_div", "H", "max_blocks", "scale"}
+NOT_DIVISIBLE = {"M", "num_groups", "k_tiles", "k_groups", "x_row_div", "H", "G", "max_blocks", "scale"}
 
 
 def compile_variant(fn, ptr_types: dict, const: dict, num_warps: int, num_stages: int, floats=("scale",)):
@@ -105,6 +106,10 @@ def variants():
            {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i64", "out_ptr": "*fp32",
             "lse_ptr": "*fp32"},
            dict(R=512, DR=64, R_P=512, DR_P=64, PAGE=16, BH=16, BN=32, SPLITS=1), 4, 2)
+    yield ("gqa_decode bf16 D=128", gd._gqa_decode_kernel,
+           {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i64",
+            "out_ptr": "*fp32", "lse_ptr": "*fp32"},
+           dict(D=128, DV=128, D_P=128, DV_P=128, PAGE=16, BH=16, BN=32, SPLITS=1), 4, 2)
 
 
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have

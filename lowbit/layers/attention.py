@@ -125,13 +125,19 @@ class Attention(nn.Module):
         return [(num_blocks, block_size, self.num_kv_heads, self.head_dim)] * 2
 
     def bind_cache(self, caches: list[torch.Tensor]) -> None:
+        from lowbit.kernels.linear import kernels_enabled
         self.k_cache, self.v_cache = caches
+        # the Triton paged decode (query heads per kv head in one 16-row tile)
+        self.decode_kernel = kernels_enabled(self.k_cache.device) and self.num_heads // self.num_kv_heads <= 16
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
         ctx = get_context()
         store_kv(self.k_cache, k, ctx.slot_mapping)
         store_kv(self.v_cache, v, ctx.slot_mapping)
+        if not ctx.is_prefill and getattr(self, "decode_kernel", False):
+            from lowbit.kernels.gqa_decode import gqa_decode
+            return gqa_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale)
         return paged_attention(q, self.k_cache, self.v_cache, ctx, self.scale)
 
 
