@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import cdiv
 from lowbit.kernels.mla_decode import combine
 
 
