@@ -17,6 +17,26 @@ from lowbit.layers.attention import Context, reset_context, set_context
 log = logging.getLogger(__name__)
 
 
+def warm_up_prefill(model: torch.nn.Module, max_tokens: int, num_blocks: int, block_size: int,
+                    device: torch.device) -> list[int]:
+    """Run a prefill of each token-count bucket the kernels' configurations are chosen by (and the sizes Triton
+    specializes on: one token, multiples of 16, others), so that no request pays a compilation. The cache blocks
+    written are free at start-up. Returns the token counts run."""
+    from lowbit.kernels.tuning import M_BUCKETS
+    from lowbit.layers.attention import prefill_context
+    limit = min(max_tokens, num_blocks * block_size)
+    counts = sorted({n for b in M_BUCKETS for n in (b, b - 1, b + 1) if 1 <= n <= limit} | {1, 2})
+    for n in counts:
+        ctx, _ = prefill_context([n], block_size, device)
+        set_context(ctx)
+        try:
+            with torch.inference_mode():
+                model(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device))
+        finally:
+            reset_context()
+    return counts
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
     return [b for b in sizes if b < max_num_seqs] + [min(max_num_seqs, 256)]

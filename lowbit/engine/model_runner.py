@@ -49,9 +49,11 @@ class ModelRunner:
         self.num_blocks = engine_cfg.num_kv_blocks or self._blocks_for_memory(engine_cfg.kv_cache_memory_gb)
         self._allocate_cache(self.num_blocks + 1)  # block num_blocks: scratch for the padding rows of CUDA graphs
         self.graphs = None
-        if device.type == "cuda" and not engine_cfg.enforce_eager:
-            from lowbit.engine.cuda_graphs import DecodeGraphs, capturable, graph_batch_sizes
-            if capturable(self.model):
+        if device.type == "cuda":
+            from lowbit.engine.cuda_graphs import DecodeGraphs, capturable, graph_batch_sizes, warm_up_prefill
+            # compile every prefill size bucket now, not in the first requests
+            warm_up_prefill(self.model, engine_cfg.max_num_batched_tokens, self.num_blocks, self.block_size, device)
+            if not engine_cfg.enforce_eager and capturable(self.model):
                 self.graphs = DecodeGraphs(self.model, graph_batch_sizes(engine_cfg.max_num_seqs),
                                            -(-engine_cfg.max_model_len // self.block_size), self.block_size,
                                            self.num_blocks, device)
