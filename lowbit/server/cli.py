@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1,
                    help="ranks started by torchrun that split attention, dense layers and vocabulary")
     p.add_argument("--expert-parallel", action="store_true", help="routed experts partitioned across the ranks")
+    p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode")
     p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="return <think>...</think> as reasoning_content")
     p.add_argument("--max-waiting", type=int, default=1024,
@@ -66,7 +67,8 @@ def run(args) -> int:
     engine = LLMEngine(args.model, dtype=args.dtype, device=args.device, engine_config=EngineConfig(
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory_gb=args.kv_cache_memory_gb,
-        tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel))
+        tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel,
+        enforce_eager=args.enforce_eager))
     if not is_first_rank():
         # torchrun forwards SIGTERM and SIGINT to every rank: rank 0 drains its requests, then releases this one
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
