@@ -49,3 +49,12 @@ def test_cuda_graphs_decode_as_eager(tiny_checkpoints, variant):
     assert graphed.engine.runner.graphs is not None
     assert [o.token_ids for o in graphed.generate(prompts, params)] == \
         [o.token_ids for o in eager.generate(prompts, params)]
+
+
+def test_default_model_greedy_gpu_equals_cpu():
+    """Issue #6: greedy generations of the default model agree on the GPU path and the CPU reference for 32 tokens."""
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    prompt = "What is the capital of France?"
+    cpu = LLM(device="cpu").generate([prompt], params)[0].token_ids
+    gpu = LLM(device="cuda", dtype="float32").generate([prompt], params)[0].token_ids
+    assert gpu == cpu

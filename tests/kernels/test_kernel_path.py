@@ -73,3 +73,16 @@ def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < (2e-2 if scheme in ("bf16", "w4a16", "w8a16") else 2e-1), err
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpu_path_matches_cpu_reference(source, tmp_path, scheme):
+    """Issue #6: the GPU path (kernels, bf16) against the CPU reference path (float32) on the same checkpoint."""
+    path = quantized(source, tmp_path, scheme)
+    ids = list(range(5, 60))
+    ref = LLM(path, device="cpu", dtype="float32", num_kv_blocks=16).logits(ids)
+    out = LLM(path, device="cuda", dtype="bfloat16", num_kv_blocks=16).logits(ids)
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-2
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
