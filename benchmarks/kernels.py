@@ -99,20 +99,7 @@ def runner(scheme: str, weight, x: torch.Tensor):
 
 
 def candidates(family: tuple, M: int, N: int, K: int) -> list[dict]:
-    """A few launch configurations per M bucket (each is a compilation: a handful keeps the run short)."""
-    packed = family[0] == "packed"
-    k_tiles = -(-K // (mp.default_tile_k(family[1]) if packed else 128))
-    extra = {} if packed else {"BK": 128}
-    if M <= 16:
-        out = [dict(BM=16, BN=bn, SPLIT_K=split, num_warps=4, num_stages=3 if packed else 4, **extra)
-               for bn, split in ((32, 1), (64, 1), (128, 1), (64, 4), (128, 4)) if k_tiles % split == 0]
-    elif M <= 256:
-        out = [dict(BM=bm, BN=bn, num_warps=w, num_stages=3, **extra) for bm, bn, w in ((32, 64, 4), (64, 128, 8))]
-    elif packed:  # 128 x 128 spills registers in the packed kernel (benchmarks/kernel_sass.py)
-        out = [dict(BM=bm, BN=bn, num_warps=8, num_stages=3) for bm, bn in ((128, 64), (64, 128))]
-    else:
-        out = [dict(BM=128, BN=128, num_warps=8, num_stages=st, **extra) for st in (3, 4)]
-    return out
+    return tuning.candidates(family[0] == "packed", M, K, family[1] if family[0] == "packed" else 8)
 
 
 def gemm_table(ceil: dict, quick: bool) -> list[dict]:

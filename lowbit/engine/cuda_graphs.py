@@ -9,6 +9,7 @@ forward first), all ranks together when the model is tensor or expert parallel.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -21,10 +22,15 @@ def warm_up_prefill(model: torch.nn.Module, max_tokens: int, num_blocks: int, bl
                     device: torch.device) -> list[int]:
     """Run a prefill of each token-count bucket the kernels' configurations are chosen by (and the sizes Triton
     specializes on: one token, multiples of 16, others), so that no request pays a compilation. The cache blocks
-    written are free at start-up. Returns the token counts run."""
-    from lowbit.kernels.tuning import M_BUCKETS
+    written are free at start-up. With LOWBIT_AUTOTUNE=1 the configurations of every kernel layer shape and bucket
+    are measured on this device first (minutes for a large model). Returns the token counts run."""
+    from lowbit.kernels.tuning import M_BUCKETS, tune_model
     from lowbit.layers.attention import prefill_context
     limit = min(max_tokens, num_blocks * block_size)
+    if os.environ.get("LOWBIT_AUTOTUNE") == "1":  # measure launch configurations on this GPU first
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        tuned = tune_model(model, limit, dtype)
+        log.info("autotuned %d kernel shape/size buckets", len(tuned))
     counts = sorted({n for b in M_BUCKETS for n in (b, b - 1, b + 1) if 1 <= n <= limit} | {1, 2})
     for n in counts:
         ctx, _ = prefill_context([n], block_size, device)

@@ -8,6 +8,7 @@ compiles every bucket once, before the first request.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -15,6 +16,7 @@ from lowbit.kernels import cdiv
 
 M_BUCKETS = (1, 4, 16, 64, 256, 1 << 30)
 TUNED: dict[tuple, dict] = {}  # (kernel, m bucket, n, k, variant) -> config
+log = logging.getLogger(__name__)
 
 
 def bucket(m: int) -> int:
@@ -76,18 +78,82 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
     return cfg
 
 
+def _time(fn) -> float:
+    """Median seconds of fn: CUDA events on a GPU, the host clock elsewhere (Triton's interpreter, for tests)."""
+    if torch.cuda.is_available():
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median") * 1e-3
+    import time
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[1]
+
+
 def autotune(key: tuple, candidates: list[dict], run) -> dict:
-    """Time `run(config)` for each candidate (median of CUDA-event timings) and record the fastest under key."""
-    import triton.testing
-    best, best_ms = None, float("inf")
+    """Time `run(config)` for each candidate and record the fastest under key (what the *_config functions read)."""
+    best, best_t = None, float("inf")
     for cfg in candidates:
         try:
-            ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20, return_mode="median")
-        except Exception:  # a configuration the chip cannot run (too much shared memory, say) is skipped
+            t = _time(lambda cfg=cfg: run(cfg))
+        except Exception as e:  # noqa: BLE001 - a configuration this chip cannot run (shared memory, say)
+            log.debug("config %s skipped for %s: %s", cfg, key, e)
             continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
+        if t < best_t:
+            best, best_t = cfg, t
     if best is None:
         raise RuntimeError(f"no candidate configuration ran for {key}")
     TUNED[key] = best
     return best
+
+
+def candidates(packed: bool, m: int, k: int, bits: int = 8) -> list[dict]:
+    """A few launch configurations for one M bucket (each is a compilation: a handful keeps start-up short); all
+    within Hopper's shared memory and unspilled (benchmarks/kernel_sass.py)."""
+    k_tiles = cdiv(k, (256 if bits == 4 else 128) if packed else 128)
+    extra = {} if packed else {"BK": 128}
+    if m <= 16:
+        return [dict(BM=16, BN=bn, SPLIT_K=split, num_warps=4, num_stages=3 if packed else 4, **extra)
+                for bn, split in ((32, 1), (64, 1), (128, 1), (64, 4), (128, 4)) if k_tiles % split == 0]
+    if m <= 256:
+        return [dict(BM=bm, BN=bn, num_warps=w, num_stages=3, **extra) for bm, bn, w in ((32, 64, 4), (64, 128, 8))]
+    if packed:
+        return [dict(BM=bm, BN=bn, num_warps=8, num_stages=3) for bm, bn in ((128, 64), (64, 128))]
+    return [dict(BM=128, BN=128, num_warps=8, num_stages=st, **extra) for st in (3, 4)]
+
+
+def tune_model(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype) -> dict:
+    """Measure the candidates of every M bucket up to max_tokens for each distinct kernel layer shape of a loaded
+    model (the routed experts keep the heuristics) and record the winners; returns {key: config}."""
+    from lowbit.kernels import matmul_packed as mp, matmul_unpacked as mu
+    from lowbit.kernels.linear import PackedLinear, UnpackedLinear
+    chosen = {}
+    for module in model.modules():
+        kern = getattr(module, "_kernel", None)
+        if not isinstance(kern, (PackedLinear, UnpackedLinear)):
+            continue
+        for b in M_BUCKETS:
+            m = min(b, 1024)
+            if m > max_tokens and b != 1:
+                break
+            if isinstance(kern, PackedLinear):
+                w = kern.weight
+                key = ("packed", b, w.n, w.k, w.bits, kern.act, False)
+                x = torch.randn(m, w.k, dtype=dtype, device=w.words.device)
+
+                def run(cfg, x=x, kern=kern):
+                    return mp.packed_matmul(x, kern.weight, kern.act, kern.input_scale, config=cfg)
+                cands = candidates(True, m, w.k, w.bits)
+            else:
+                n, k = kern.weight.shape
+                key = ("unpacked", b, n, k, kern.kind, False)
+                x = torch.randn(m, k, dtype=dtype, device=kern.weight.device)
+
+                def run(cfg, x=x, kern=kern):
+                    return mu.unpacked_matmul(x, kern.weight, kern.kind, kern.scale, config=cfg)
+                cands = candidates(False, m, k)
+            if key not in TUNED:
+                chosen[key] = autotune(key, cands, run)
+    return chosen

@@ -86,3 +86,24 @@ def test_gpu_path_matches_cpu_reference(source, tmp_path, scheme):
     out = LLM(path, device="cuda", dtype="bfloat16", num_kv_blocks=16).logits(ids)
     assert ((out - ref).norm() / ref.norm()).item() < 5e-2
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_autotune_at_load_records_configs_the_layers_then_use(source, tmp_path, monkeypatch):
+    """LOWBIT_AUTOTUNE=1: the start-up warm-up measures candidate configurations for each kernel layer shape and
+    M bucket (here on the CPU through the interpreter, two buckets), and the layers' launches read them back."""
+    from lowbit.engine.cuda_graphs import warm_up_prefill
+    from lowbit.kernels import tuning
+    path = quantized(source, tmp_path, "w4a16")
+    monkeypatch.setenv("LOWBIT_KERNELS", "1")
+    llm = LLM(path, device=DEV, dtype=DTYPE, num_kv_blocks=16)
+    runner = llm.engine.runner
+    monkeypatch.setattr(tuning, "M_BUCKETS", (1, 4))
+    monkeypatch.setattr(tuning, "TUNED", {})
+    monkeypatch.setenv("LOWBIT_AUTOTUNE", "1")
+    warm_up_prefill(runner.model, 4, runner.num_blocks, runner.block_size, runner.device)
+    keys = set(tuning.TUNED)
+    shapes = {(m._kernel.weight.n, m._kernel.weight.k) for m in runner.model.modules()
+              if getattr(m, "_kernel", None) is not None}
+    assert {(k[2], k[3]) for k in keys} == shapes and {k[1] for k in keys} == {1, 4}
+    for key, cfg in tuning.TUNED.items():
+        assert tuning.packed_config(key[1], key[2], key[3], key[4], key[5]) is cfg
