@@ -85,7 +85,8 @@ def worker(args) -> None:
 
 def run_layout(args, geometry: str, name: str, model: str) -> dict:
     world, tp, ep = LAYOUTS[name]
-    result = os.path.join(args.work, f"{geometry}-{name.replace('=', '').replace(' ', '')}.json")
+    tag = name.replace("=", "").replace(" ", "") + ("-oneshot" if os.environ.get("LOWBIT_ONESHOT_ALLREDUCE") else "")
+    result = os.path.join(args.work, f"{geometry}-{tag}.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            os.path.abspath(__file__), "--worker", "--model", model, "--tp", str(tp), "--result", result,
            "--device", args.device, "--tokens", str(args.tokens)] + (["--ep"] if ep else [])
@@ -120,10 +121,11 @@ def report(results: dict, device: str, out_dir: str) -> str:
                      f"{f'{ar:.0f}' if ar else '-'} | {per_step} |")
     L += ["", "## Targets", ""]
     for geometry, name, batch, bound in TARGETS:
-        if geometry in results and name in results[geometry]:
-            x = results[geometry][name][f"decode_b{batch}"] / results[geometry]["1 GPU"][f"decode_b{batch}"]
-            L.append(f"- {name} batch-{batch} decode on {geometry} >= {bound}x one GPU: {x:.2f}x "
-                     f"({'met' if x >= bound else 'MISSED'})")
+        for variant in (name, f"{name} one-shot"):
+            if geometry in results and variant in results[geometry]:
+                x = results[geometry][variant][f"decode_b{batch}"] / results[geometry]["1 GPU"][f"decode_b{batch}"]
+                L.append(f"- {variant} batch-{batch} decode on {geometry} >= {bound}x one GPU: {x:.2f}x "
+                         f"({'met' if x >= bound else 'MISSED'})")
     tag = device.replace("NVIDIA ", "").replace(" ", "-").lower()
     path = os.path.join(out_dir, f"parallel-{tag}-{date}.md")
     with open(path, "w") as f:
@@ -141,6 +143,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--timeout", type=int, default=500)
+    ap.add_argument("--one-shot", action="store_true",
+                    help="also run TP=2 / EP=2 with the one-shot peer-memory all-reduce (LOWBIT_ONESHOT_ALLREDUCE=1)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     # worker mode (under torchrun)
     ap.add_argument("--worker", action="store_true")
@@ -160,6 +164,11 @@ def main() -> None:
         if not os.path.exists(os.path.join(model, "config.json")):
             mrc.write(dict(mrc.GEOMETRIES[geometry]), model, args.scheme, device=args.device, progress=False)
         results[geometry] = {name: run_layout(args, geometry, name, model) for name in LAYOUTS}
+        if args.one_shot:
+            os.environ["LOWBIT_ONESHOT_ALLREDUCE"] = "1"
+            for name in ("TP=2", "EP=2"):
+                results[geometry][f"{name} one-shot"] = run_layout(args, geometry, name, model)
+            del os.environ["LOWBIT_ONESHOT_ALLREDUCE"]
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (gloo)"
     os.makedirs(args.out, exist_ok=True)
     path = report(results, device, args.out)

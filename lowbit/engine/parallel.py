@@ -76,10 +76,45 @@ def is_first_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+ONE_SHOT_MAX_BYTES = 1 << 20  # a decode step's hidden state: R1's 7168 x 64 tokens in bf16 is 0.9 MiB
+_ONE_SHOT: dict = {}  # (group name, dtype) -> symmetric buffer, or False where it could not be made
+
+
+def _one_shot_all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor | None:
+    """A one-shot all-reduce over peer memory (torch symmetric memory, no multicast): each rank reads every peer's
+    buffer over NVLink and sums, one kernel instead of NCCL's ring, for the small tensors of decode. Opt-in with
+    LOWBIT_ONESHOT_ALLREDUCE=1 (not yet measured on two GPUs); None where it does not apply. The buffer is made by
+    the first call, which every rank makes at the same point of the same forward (the warm-up, before any CUDA
+    graph is captured)."""
+    if os.environ.get("LOWBIT_ONESHOT_ALLREDUCE") != "1" or x.device.type != "cuda":
+        return None
+    nbytes = x.numel() * x.element_size()
+    if nbytes > ONE_SHOT_MAX_BYTES or not x.is_contiguous():
+        return None
+    key = (group.group_name, x.dtype)
+    buf = _ONE_SHOT.get(key)
+    if buf is None:
+        try:
+            import torch.distributed._symmetric_memory as symm_mem
+            buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // x.element_size(), dtype=x.dtype, device=x.device)
+            symm_mem.rendezvous(buf, group.group_name)
+        except (RuntimeError, ImportError, AttributeError):
+            buf = False
+        _ONE_SHOT[key] = buf
+    if buf is False:
+        return None
+    out = torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x.view(-1), "sum", group.group_name)
+    return out[:x.numel()].view_as(x)
+
+
 def all_reduce(x: torch.Tensor, expert: bool = False) -> torch.Tensor:
-    """Sum x over the tensor-parallel group (or the expert-parallel group), in place."""
+    """Sum x over the tensor-parallel group (or the expert-parallel group); in place unless the one-shot
+    all-reduce is on (use the return value)."""
     group = _EP_GROUP if expert else _TP_GROUP
     if group is not None and dist.get_world_size(group) > 1:
+        out = _one_shot_all_reduce(x, group)
+        if out is not None:
+            return out
         dist.all_reduce(x, group=group)
     return x
 
