@@ -58,6 +58,12 @@ def prefill_context(seq_lens: list[int], block_size: int, device) -> tuple[Conte
     return ctx, next_block
 
 
+# Scores one prefill attention call may hold (2^27: 512 MiB in float32): where SDPA has no fused kernel (MLA's
+# 576-wide absorbed heads on a GPU, every case on the CPU) it materializes heads x queries x keys, so longer prompts
+# run in query chunks.
+PREFILL_SCORE_ELEMENTS = 1 << 27
+
+
 def _gather_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
     pos = torch.arange(n, device=block_table.device)
     return block_table[pos // block_size] * block_size + pos % block_size  # [n]
@@ -97,12 +103,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         slots = _gather_slots(ctx.block_tables[i], clen, ctx.block_size)
         ki = k_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, clen, Dk]
         vi = v_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, clen, Dv]
-        if qlen == clen:
+        chunk = max(1, PREFILL_SCORE_ELEMENTS // (H * clen))
+        if qlen == clen and qlen <= chunk:
             oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:  # a cached prefix (resumed or chunked): query t sits at position clen - qlen + t
-            qpos = torch.arange(clen - qlen, clen, device=q.device)
-            mask = torch.arange(clen, device=q.device)[None, :] <= qpos[:, None]
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:  # a cached prefix (resumed or chunked), or a long prompt: query t sits at position clen - qlen + t
+            parts = []
+            for c0 in range(0, qlen, chunk):
+                qpos = torch.arange(clen - qlen + c0, clen - qlen + min(c0 + chunk, qlen), device=q.device)
+                n = int(qpos[-1]) + 1  # keys past the chunk's last query are masked anyway: not read
+                mask = torch.arange(n, device=q.device)[None, :] <= qpos[:, None]
+                parts.append(F.scaled_dot_product_attention(qi[:, c0:c0 + chunk], ki[:, :n], vi[:, :n],
+                                                            attn_mask=mask, scale=scale, enable_gqa=gqa))
+            oi = torch.cat(parts, dim=1)
         outs.append(oi.transpose(0, 1))
         start += qlen
     return torch.cat(outs, dim=0)
