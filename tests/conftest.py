@@ -82,6 +82,13 @@ def default_llm():
 
 
 @pytest.fixture(scope="session")
+def default_llm_bf16():
+    """The default model in bfloat16 on the CPU: its Q4_1 weights as stored, through torch's int4 GEMM."""
+    from lowbit import LLM
+    return LLM(device="cpu", dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
 def default_hf():
     """Hugging Face's own model from the same GGUF file (the oracle for the default model)."""
     from transformers import AutoModelForCausalLM

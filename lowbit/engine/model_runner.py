@@ -8,7 +8,8 @@ from torch import nn
 from lowbit.config import EngineConfig, ModelConfig
 from lowbit.engine.sequence import Sequence
 from lowbit.layers.attention import Context, get_context, reset_context, set_context
-from lowbit.models.loader import Checkpoint, build_model, load_weights
+from lowbit.models.loader import Checkpoint, build_model, load_weights, model_class
+from lowbit.quant import gguf
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -42,7 +43,12 @@ class ModelRunner:
                  device: torch.device):
         self.cfg, self.engine_cfg, self.dtype, self.device = cfg, engine_cfg, dtype, device
         self.block_size = engine_cfg.block_size
-        self.model = build_model(ckpt, cfg, dtype, device)
+        quant_config = None
+        if ckpt.is_gguf and gguf.int4_gemm_runs(device, dtype):
+            # the GGUF's 4-bit weights as stored, through torch's CPU int4 GEMM (bf16 activations)
+            ckpt = gguf.StoredQ4Checkpoint(ckpt, model_class(cfg).packed_modules_mapping)
+            quant_config = ckpt.quant_config()
+        self.model = build_model(ckpt, cfg, dtype, device, quant_config)
         load_weights(self.model, ckpt, device)
         self.model.eval()
         self.attn_modules = [m for m in self.model.model.layers.modules() if hasattr(m, "bind_cache")]

@@ -41,6 +41,15 @@ def test_batch_with_preemption_equals_alone(alone):
     assert llm.engine.block_manager.num_free_blocks == 24
 
 
+def test_bf16_int4_batch_equals_alone_and_answers_paris(default_llm_bf16):
+    """The int4 GEMM's rows do not depend on the batch: the fast path batches exactly too."""
+    alone = [default_llm_bf16.generate(p, GREEDY)[0].token_ids for p in PROMPTS]
+    assert [o.token_ids for o in default_llm_bf16.generate(PROMPTS, GREEDY)] == alone
+    out = default_llm_bf16.chat([{"role": "user", "content": "What is the capital of France?"}],
+                                SamplingParams(temperature=0, max_tokens=32))
+    assert "Paris" in out[0].text
+
+
 def test_greedy_equals_huggingface(default_hf, default_llm, alone):
     for prompt, ours in zip(PROMPTS, alone):
         ids = default_llm.tokenizer.encode(prompt)
