@@ -28,8 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "checkpoint layout are unchanged)")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, a fraction of the Hessian's mean "
                                                             "diagonal (default 0.01)")
-    p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
-                   help="SmoothQuant migration strength (0..1, 0.5 typical) for schemes quantizing activations")
+    p.add_argument("--smoothquant", type=_alpha, default=None, metavar="ALPHA",
+                   help="SmoothQuant migration strength (0..1, 0.5 typical) for schemes quantizing activations, or "
+                        "auto: searched for each layer's groups of linears by their int8 output error")
+    p.add_argument("--rotate", action="store_true",
+                   help="turn the residual stream (and each head's values) by Hadamard rotations folded into the "
+                        "weights, as QuaRot does offline: fewer activation outliers, the same float model; unties "
+                        "a tied lm_head (llama, qwen2, qwen3)")
     p.add_argument("--calib", metavar="FILE", default=None, help="calibration text (default: a built-in set)")
     p.add_argument("--num-calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
@@ -38,6 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", nargs="*", metavar="PART_DIR", default=None,
                    help="finish a --parts run: gather the parts (folders of other machines, if any) into --output")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or auto, got {text!r}") from None
 
 
 def _recipe(args):
@@ -57,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.quant.pipeline import Job, quantize
     job = Job(source=resolve_model_path(args.model), output=args.output, recipe=_recipe(args),
               opts=QuantOptions(algo=args.algo, damp=args.damp, actorder=args.actorder,
-                                smoothquant=args.smoothquant),
+                                smoothquant=args.smoothquant, rotate=args.rotate),
               calib_file=args.calib, num_calib_tokens=args.num_calib_tokens, seq_len=args.seq_len,
               parts=args.parts, rank=args.rank, merge=args.merge)
     if args.smoothquant is not None and not any(

@@ -125,7 +125,7 @@ class CompressedTensorsConfig(QuantConfig):
         parts = split_merged(prefix)
         groups = [self.group_for(p) for p in parts]
         if any(g is not groups[0] for g in groups):
-            names = ", ".join(f"{p}: {g.name if g else 'unquantized'}" for p, g in zip(parts, groups))
+            names = ", ".join(f"{p}: {g.name if g else 'unquantized'}" for p, g in zip(parts, groups, strict=True))
             raise ConfigError(f"quantization_config: the parts of {prefix} are quantized differently ({names}); "
                               f"lowbit runs them as one layer")
         return None if groups[0] is None else groups[0].method()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,8 +21,9 @@ from lowbit.quant.calibrate import CalibState, capture_inputs, load_module, mtp_
     static_input_scale
 from lowbit.quant.compressed import MERGED_PARTS, split_merged
 from lowbit.quant.config import QuantConfig
-from lowbit.quant.formats import compress
+from lowbit.quant.formats import compress, dequantize
 from lowbit.quant.gptq import gptq_quantize, hessian
+from lowbit.quant.methods import activation_quantizer, fake_quant_fp8_static
 from lowbit.quant.rtn import rtn_quantize
 from lowbit.quant.schemes import Scheme
 
@@ -36,15 +38,17 @@ class QuantOptions:
     damp: float = 0.01
     actorder: bool = True  # GPTQ's static act-order (llm-compressor's default too): no runtime cost
     block_size: int = 128
-    smoothquant: float | None = None  # alpha
+    smoothquant: float | str | None = None  # alpha, or "auto": searched per layer
+    rotate: bool = False  # turn the residual stream by a Hadamard rotation folded into the weights (rotation.py)
 
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise ValueError(f"--algo: {self.algo!r} is not one of {', '.join(ALGOS)}")
         if not 0 < self.damp < 1:
             raise ValueError(f"--damp: must be in (0, 1), got {self.damp}")
-        if self.smoothquant is not None and not 0 <= self.smoothquant <= 1:
-            raise ValueError(f"--smoothquant: alpha must be in [0, 1], got {self.smoothquant}")
+        sq = self.smoothquant
+        if sq is not None and sq != "auto" and not (isinstance(sq, (int, float)) and 0 <= sq <= 1):
+            raise ValueError(f"--smoothquant: alpha must be in [0, 1] or auto, got {sq}")
 
 
 @dataclass
@@ -102,7 +106,7 @@ def linear_specs(layer: nn.Module, prefix: str, recipe) -> list[LinearSpec]:
         if any(s != schemes[0] for s in schemes):
             raise ValueError(f"the recipe quantizes {', '.join(parts)} differently; they run as one layer "
                              f"({path.rpartition('.')[2]}) and need the same scheme")
-        specs += [LinearSpec(p, path, s) for p, s in zip(parts, schemes)]
+        specs += [LinearSpec(p, path, s) for p, s in zip(parts, schemes, strict=True)]
     return specs
 
 
@@ -131,20 +135,52 @@ def advance(layer: nn.Module, state: CalibState, cfg: ModelConfig, prev_norm: to
 
 
 # ---------------------------------------------------------------------------------------------- quantizing
+def _act_fake_quant(args) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the runtime does to a layer's input under activation quantization `args`, for inputs x [n, in]; a
+    static scale is the one calibration would give these inputs."""
+    quant = activation_quantizer(args)
+    if args.dynamic:
+        return lambda x: quant(None, x)
+    return lambda x: fake_quant_fp8_static(x, static_input_scale(x.abs().max().item()))
+
+
+SEARCH_ROWS = 4096  # inputs a smoothing search judges its candidates on (evenly spaced), at most
+SEARCH_LINEARS = 8  # linears of one group it judges (the first by name: MoE experts share a norm), at most
+
+
+def _smoothing(alpha, x: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, constrain=None):
+    """One group's factors: SmoothQuant's at a fixed alpha, or the searched ones ("auto"; None when smoothing does
+    not lower the group's output error)."""
+    if alpha != "auto":
+        s = smoothquant.smoothing_factors(x.abs().amax(dim=0).float(), weights, alpha)
+        return constrain(s) if constrain is not None else s
+    x = x[torch.linspace(0, x.shape[0] - 1, min(x.shape[0], SEARCH_ROWS)).long()]
+    quantize_weight = lambda w: dequantize(rtn_quantize(w, scheme.weights, torch.float32))  # noqa: E731
+    s, _, _ = smoothquant.search_factors(x, weights[:SEARCH_LINEARS], _act_fake_quant(scheme.input_activations),
+                                         quantize_weight, constrain=constrain)
+    return s
+
+
 def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: dict[str, torch.Tensor],
-            prefix: str, alpha: float) -> None:
-    """SmoothQuant every norm -> linears mapping of this layer whose linears quantize activations, and each
-    down_proj through its up_proj (in place)."""
+            prefix: str, alpha, head_dim: int | None = None) -> None:
+    """SmoothQuant every norm -> linears mapping of this layer whose linears quantize activations, each down_proj
+    through its up_proj and (given the head size) each o_proj through its v_proj (in place). `alpha`: a float in
+    [0, 1], or "auto" to search the factors of each group."""
+    def quantizing(fed):
+        return next((s.scheme for s in fed if s.scheme and s.scheme.input_activations), None)
+
     for norm, pattern in smoothquant.MAPPINGS:
         norm_name = f"{prefix}.{norm}.weight"
         fed = [s for s in specs if pattern.search(s.path)]
-        if norm_name not in tensors or not any(s.scheme and s.scheme.input_activations for s in fed):
+        if norm_name not in tensors or quantizing(fed) is None:
             continue
         paths = sorted({s.path for s in fed if s.path in inputs and inputs[s.path].shape[0]})
         if not paths:
             continue
-        amax = torch.stack([inputs[p].abs().amax(dim=0).float() for p in paths]).amax(dim=0)
-        s = smoothquant.smoothing_factors(amax, [tensors[f"{sp.name}.weight"] for sp in fed], alpha)
+        s = _smoothing(alpha, torch.cat([inputs[p] for p in paths]), [tensors[f"{sp.name}.weight"] for sp in fed],
+                       quantizing(fed))
+        if s is None:
+            continue
         tensors[norm_name] = smoothquant.smooth_norm(tensors[norm_name], s)
         for sp in fed:
             tensors[f"{sp.name}.weight"] = smoothquant.smooth_weight(tensors[f"{sp.name}.weight"], s)
@@ -155,17 +191,32 @@ def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: d
                 tensors[name] = smoothquant.smooth_weight(tensors[name], s)
         for p in paths:
             inputs[p] = (inputs[p].float() / s).to(inputs[p].dtype)
-    down, up = smoothquant.THROUGH_ROWS
-    for sp in specs:
-        x = inputs.get(sp.path)
-        source = f"{sp.name[:-len('down_proj')]}{up}.weight"
-        if not down.search(sp.name) or not (sp.scheme and sp.scheme.input_activations) or x is None or \
-                not x.shape[0] or source not in tensors:
-            continue
-        s = smoothquant.smoothing_factors(x.abs().amax(dim=0).float(), [tensors[f"{sp.name}.weight"]], alpha)
-        tensors[source] = smoothquant.smooth_rows(tensors[source], s)
-        tensors[f"{sp.name}.weight"] = smoothquant.smooth_weight(tensors[f"{sp.name}.weight"], s)
-        inputs[sp.path] = (x.float() / s).to(x.dtype)
+    for reader, source in smoothquant.THROUGH_ROWS:
+        for sp in specs:
+            x = inputs.get(sp.path)
+            src = f"{sp.name.rpartition('.')[0]}.{source}"
+            if not reader.search(sp.name) or quantizing([sp]) is None or x is None or not x.shape[0] or \
+                    f"{src}.weight" not in tensors:
+                continue
+            w = tensors[f"{sp.name}.weight"]
+            constrain = rows = None
+            if source == "v_proj":  # one factor per kv head's feature, shared by the query heads reading it
+                if head_dim is None:
+                    continue
+                kv = tensors[f"{src}.weight"].shape[0] // head_dim
+                constrain = lambda f, kv=kv: smoothquant.share_across_heads(f, kv, head_dim)  # noqa: E731
+                rows = lambda f, kv=kv: smoothquant.kv_rows(f, kv, head_dim)  # noqa: E731
+            s = _smoothing(alpha, x, [w], sp.scheme, constrain)
+            if s is None:
+                continue
+            s_rows = rows(s) if rows is not None else s
+            for leaf in ("weight", "bias"):
+                if f"{src}.{leaf}" in tensors:
+                    t = tensors[f"{src}.{leaf}"]
+                    tensors[f"{src}.{leaf}"] = smoothquant.smooth_rows(t, s_rows) if t.ndim == 2 else \
+                        (t.float() / s_rows).to(t.dtype)
+            tensors[f"{sp.name}.weight"] = smoothquant.smooth_weight(w, s)
+            inputs[sp.path] = (x.float() / s).to(x.dtype)
 
 
 def _sibling(name: str) -> str:
@@ -199,7 +250,7 @@ def quantize_layer(layer: nn.Module | None, prefix: str, tensors: dict[str, torc
         del seen
     tensors = dict(tensors)
     if opts.smoothquant is not None:
-        _smooth(tensors, specs, inputs, prefix, opts.smoothquant)
+        _smooth(tensors, specs, inputs, prefix, opts.smoothquant, None if cfg.is_deepseek else cfg.head_dim)
 
     out = dict(tensors)
     report = LayerReport()

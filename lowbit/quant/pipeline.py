@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from lowbit.config import ConfigError
-from lowbit.quant import calibrate, layerwise
+from lowbit.quant import calibrate, layerwise, rotation
 from lowbit.quant.checkpoint import OutputDir, SourceReader
 from lowbit.quant.compressed import CompressedTensorsConfig, build_config
 from lowbit.quant.layerwise import LinearSpec, QuantOptions
@@ -124,7 +124,7 @@ def quantization_config(recipe: Recipe, units: list[Unit], opts: QuantOptions) -
         raise ValueError("the recipe quantizes no linear layer of this model")
     reader = CompressedTensorsConfig.from_dict(config)
     by_group = {g.name: s for g, s in zip(reader.groups, [g.scheme for g in recipe.groups if g.scheme.format !=
-                                                          "dense"] + [recipe.default])}
+                                                          "dense"] + [recipe.default], strict=False)}
     for s in specs:
         g = reader.group_for(s.name)
         if (by_group[g.name] if g else None) != s.scheme:
@@ -172,6 +172,14 @@ class Quantization:
             raise ValueError(f"recipe target {bad[0]!r} matches no linear layer of {job.source}")
         self.qconfig = quantization_config(job.recipe, self.units, job.opts)
         self._check_runtime_layout()
+        self.rotation = None
+        if job.opts.rotate:
+            if self.cfg.is_deepseek:
+                raise ValueError("--rotate: rotating the residual stream is implemented for llama, qwen2 and qwen3 "
+                                 "models, not for DeepSeek's MLA and MoE layers")
+            # the residual stream's rotation and each attention head's (values), fixed by the seed: parts agree
+            self.rotation = (rotation.rotation_matrix(self.cfg.hidden_size),
+                             rotation.rotation_matrix(self.cfg.head_dim, rotation.SEED + 1))
         from lowbit.tokenizer import load_tokenizer
         self.tokenizer = load_tokenizer(job.source)
         self.seqs = None
@@ -210,7 +218,8 @@ class Quantization:
             calib = hashlib.sha256(json.dumps(self.seqs).encode()).hexdigest()[:16]
         return {"source_fingerprint": self.reader.fingerprint(),
                 "quantization_config": self.qconfig, "algo": o.algo, "damp": o.damp, "actorder": o.actorder,
-                "block_size": o.block_size, "smoothquant": o.smoothquant, "calibration_tokens": calib,
+                "block_size": o.block_size, "smoothquant": o.smoothquant, "rotate": o.rotate,
+                "calibration_tokens": calib,
                 "num_units": len(self.units)}
 
     # -------------------------------------------------------------------------------- units
@@ -225,9 +234,21 @@ class Quantization:
                 state, start = calibrate.CalibState(*saved), v + 1
                 break
         for u in self.units[start:unit.index]:
-            tensors = self.reader.read(u.names + u.reads)
-            state = self._advance(u, tensors, state)
+            state = self._advance(u, self._read(u), state)
         return state
+
+    def _read(self, u: Unit) -> dict:
+        """A unit's tensors from the source (those it writes and those it reads), rotated when --rotate asks."""
+        if self.rotation is None:
+            return self.reader.read(u.names + u.reads)
+        q, qh = self.rotation
+        if u.kind == "embed":
+            return rotation.rotate_embedding(self.reader.read(u.names), q)
+        if u.kind == "head":  # a tied head becomes a head of its own: the embedding's rows, turned
+            tied = [] if "lm_head.weight" in u.names else ["model.embed_tokens.weight"]
+            return rotation.rotate_head(self.reader.read(u.names + tied), q)
+        return rotation.rotate_layer(self.reader.read(u.names), f"model.layers.{u.layer}", q, qh,
+                                     self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
 
     def _advance(self, u: Unit, tensors: dict, state) -> calibrate.CalibState | None:
         if u.kind == "embed":
@@ -243,8 +264,8 @@ class Quantization:
         return layer
 
     def _quantize_unit(self, u: Unit, state):
-        tensors = self.reader.read(u.names + u.reads)
-        own = {n: tensors[n] for n in u.names}
+        tensors = self._read(u)
+        own = {n: t for n, t in tensors.items() if n not in u.reads}
         if u.kind in ("embed", "head"):
             nxt = self._advance(u, tensors, state) if self.seqs is not None else None
             return own, {}, nxt
@@ -319,6 +340,8 @@ class Quantization:
             config.setdefault("hidden_act", "silu")
         if self.reader.fp8_block is not None:
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = "bfloat16"
+        if self.rotation is not None:
+            config["tie_word_embeddings"] = False  # the head was turned with the final norm folded into it
         config["quantization_config"] = self.qconfig
         extra = [os.path.join(self.job.source, "generation_config.json")] if os.path.isdir(self.job.source) else []
         self.out.finish(len(self.units), config, {"uncovered_experts": uncovered}, self.tokenizer,

@@ -77,6 +77,11 @@ def test_bad_options(tiny_llama, tmp_path, capsys, args, match):
     assert not (tmp_path / "out").exists()
 
 
+def test_rotate_refuses_deepseek(tiny_deepseek, tmp_path, capsys):
+    fails(["--scheme", "w8a8", "--rotate"], capsys, tiny_deepseek, tmp_path / "out", "llama, qwen2 and qwen3")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_default_model_quantizes_without_model_argument(tmp_path, default_llm):
     from lowbit import LLM

@@ -195,10 +195,8 @@ def test_deepseek_fp8_source_is_dequantized_in_memory(tiny_deepseek, tmp_path):
     assert ((wa - wb).norm() / wa.norm()).item() < 0.2
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_dense_families(tmp_path, family):
-    """Merged qkv / gate_up parts (with qwen2's q/k/v biases, llama's tied embeddings) quantized apart and loaded as
-    one layer: the runtime computes what the dequantized weights compute."""
+def make_family(tmp_path, family) -> str:
+    """A 2-layer random llama or qwen2 (its q/k/v biases drawn away from 0) with the byte tokenizer."""
     import transformers
     from tests.quant.conftest import LLAMA, save_byte_tokenizer
     src = tmp_path / "src"
@@ -213,8 +211,16 @@ def test_dense_families(tmp_path, family):
                     p.normal_(0, 0.1)
     model.save_pretrained(str(src))
     save_byte_tokenizer(src)
+    return str(src)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dense_families(tmp_path, family):
+    """Merged qkv / gate_up parts (with qwen2's q/k/v biases, llama's tied embeddings) quantized apart and loaded as
+    one layer: the runtime computes what the dequantized weights compute."""
+    src = make_family(tmp_path, family)
     out = tmp_path / "q"
-    run(str(src), out, "w4a16", scheme_opts={"group_size": 64, "symmetric": False})
+    run(src, out, "w4a16", scheme_opts={"group_size": 64, "symmetric": False})
     written = source_tensors(str(out))
     assert ("model.layers.0.self_attn.q_proj.bias" in written) == (family == "qwen2")
     assert "lm_head.weight" not in written and "model.layers.1.self_attn.v_proj.weight_zero_point" in written
@@ -244,3 +250,29 @@ def test_transformers_loads_it_and_agrees(tiny_llama, tmp_path, scheme):
         assert (theirs - ours).abs().max().item() < 1e-4
     else:
         assert ((theirs - ours).norm() / ours.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("scheme,smoothquant", [("w8a16", None), ("w8a8", "auto")])
+def test_rotated_checkpoint_loads_as_plain_weights(tiny_llama, tmp_path, scheme, smoothquant):
+    """--rotate folds the rotations into the weights: the checkpoint has its own lm_head and norms of 1, lowbit's
+    runtime and transformers (through compressed-tensors) run it to the same logits, and those are the original
+    model's up to quantization error (calibration ran in the rotated basis too)."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "q"
+    quantize(Job(tiny_llama, str(out), Recipe.from_scheme(scheme),
+                 QuantOptions(algo="gptq", rotate=True, smoothquant=smoothquant), num_calib_tokens=512, seq_len=128),
+             progress=False)
+    with open(out / "config.json") as f:
+        assert json.load(f)["tie_word_embeddings"] is False
+    written = source_tensors(str(out))
+    assert "lm_head.weight" in written and torch.equal(written["model.norm.weight"], torch.ones(128))
+    ids = list(b"Rotated weights are plain weights.")
+    ours = LLM(str(out), device="cpu", num_kv_blocks=16).logits(ids)
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(
+            torch.tensor([ids])).logits[0]
+        original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()(
+            torch.tensor([ids])).logits[0]
+    if scheme == "w8a16":
+        assert (theirs - ours).abs().max().item() < 1e-4
+    assert ((ours - original).norm() / original.norm()).item() < 0.05

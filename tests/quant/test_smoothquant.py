@@ -1,5 +1,6 @@
 """SmoothQuant: the float model computes exactly what it did (router included), and int8 activations with outlier
 channels lose less."""
+import pytest
 import torch
 
 from lowbit.quant import layerwise, smoothquant
@@ -28,6 +29,46 @@ def test_smoothing_reduces_int8_error_with_outlier_channels():
     assert error(x / s, smoothquant.smooth_weight(w, s)) < 0.5 * error(x, w)
 
 
+def _int8_error_functions():
+    args = get_scheme("w8a8").weights
+    return fake_quant_int8_per_token, lambda w: dequantize(rtn_quantize(w, args, torch.float32))
+
+
+def test_search_picks_the_least_output_error():
+    """The searched factors beat no smoothing and SmoothQuant's 0.5 on outlier channels, and are the best of the
+    candidates by the error they report."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 256)
+    x[:, [3, 77, 200]] *= 60
+    w = torch.randn(128, 256) * 0.05
+    qa, qw = _int8_error_functions()
+    s, none, best = smoothquant.search_factors(x, [w], qa, qw)
+    assert s is not None and best == smoothquant.output_error(x, [w], s, qa, qw)
+    assert best < 0.5 * none
+    assert best <= smoothquant.output_error(x, [w], smoothquant.smoothing_factors(x.abs().amax(0), [w], 0.5), qa, qw)
+    assert all(best <= smoothquant.output_error(x, [w], c, qa, qw) for c in smoothquant.candidate_factors(x, [w]))
+
+
+def test_search_leaves_the_inputs_alone_when_smoothing_hurts():
+    """One token's huge value in one channel (a massive activation) makes that channel's factor huge at alpha 0.9:
+    its weight column then takes over every row's scale, worse than the one noisy token, and the search answers
+    None (no smoothing)."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    x[0, 5] = 1000.0
+    w = torch.randn(32, 64) * 0.05
+    qa, qw = _int8_error_functions()
+    s, none, best = smoothquant.search_factors(x, [w], qa, qw, alphas=(0.9,))
+    assert s is None and best == none
+
+
+def test_o_proj_factors_are_shared_by_the_heads_of_a_kv_head():
+    s = torch.arange(12.0)  # 4 query heads of 3 features, 2 kv heads: heads 0,1 read kv head 0; 2,3 kv head 1
+    shared = smoothquant.share_across_heads(s, num_kv_heads=2, head_dim=3)
+    assert shared.tolist() == [3, 4, 5, 3, 4, 5, 9, 10, 11, 9, 10, 11]
+    assert smoothquant.kv_rows(shared, 2, 3).tolist() == [3, 4, 5, 9, 10, 11]
+
+
 def _layer_outputs(src, layer_idx, alpha):
     reader = SourceReader(src)
     cfg = reader.model_config()
@@ -43,7 +84,7 @@ def _layer_outputs(src, layer_idx, alpha):
         before = layerwise.advance(layer, state, cfg).hidden
     inputs = {p: torch.cat(v) if v else torch.zeros(0, 1) for p, v in seen.items()}
     smoothed = dict(tensors)
-    layerwise._smooth(smoothed, specs, inputs, prefix, alpha)
+    layerwise._smooth(smoothed, specs, inputs, prefix, alpha, None if cfg.is_deepseek else cfg.head_dim)
     fresh = layerwise.build_layer(cfg, layer_idx, torch.float32)
     layerwise.load_layer(fresh, prefix, smoothed)
     after = layerwise.advance(fresh, state, cfg).hidden
@@ -65,4 +106,17 @@ def test_llama_layer_function_unchanged(tiny_llama):
     tensors, smoothed, before, after, p = _layer_outputs(tiny_llama, 1, 0.8)
     assert not torch.equal(tensors[f"{p}.input_layernorm.weight"], smoothed[f"{p}.input_layernorm.weight"])
     assert not torch.equal(tensors[f"{p}.mlp.up_proj.weight"], smoothed[f"{p}.mlp.up_proj.weight"])  # for down_proj
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,alpha", [("llama", 0.5), ("llama", "auto"), ("qwen2", "auto")])
+def test_o_proj_smoothed_through_v_proj(tmp_path, family, alpha):
+    """o_proj's input divided through v_proj's rows (its bias too, qwen2), with grouped-query heads sharing factors:
+    the layer computes what it did."""
+    from tests.quant.test_pipeline import make_family
+    src = make_family(tmp_path, family)
+    tensors, smoothed, before, after, p = _layer_outputs(src, 1, alpha)
+    for name in ("self_attn.v_proj.weight", "self_attn.o_proj.weight") + (
+            ("self_attn.v_proj.bias",) if family == "qwen2" else ()):
+        assert not torch.equal(tensors[f"{p}.{name}"], smoothed[f"{p}.{name}"]), name
     assert torch.allclose(after, before, rtol=1e-4, atol=1e-4)
