@@ -92,7 +92,12 @@ def test_bench_against_serve(server, tmp_path, capsys):
         assert r["prompt_tokens"] == r["input_len"] == 16  # the random prompt is exactly 16 tokens to the server
         assert r["completion_tokens"] == r["output_len"] == 8  # --ignore-eos
         assert 0 < r["ttft_s"] <= r["e2e_s"]
-        assert 1 <= len(r["chunk_times_s"]) <= r["completion_tokens"]
+        chunks = r["chunk_times_s"]
+        assert 1 <= len(chunks) <= r["completion_tokens"]  # a chunk carries at least one token
+        # arrivals are in order, the first at TTFT and the last by the end, each gap an inter-token latency
+        assert chunks == sorted(chunks) and len(r["itl_s"]) == len(chunks) - 1
+        assert abs(chunks[0] - (r["start_s"] + r["ttft_s"])) < 1e-3 and chunks[-1] <= r["start_s"] + r["e2e_s"]
+        assert all(abs((b - a) - g) < 1e-3 for a, b, g in zip(chunks, chunks[1:], r["itl_s"], strict=False))
     # the bench's token totals are the server's own counters
     assert s["total_input_tokens"] == sum(r["prompt_tokens"] for r in reqs) == prompt1 - prompt0
     assert s["total_output_tokens"] == sum(r["completion_tokens"] for r in reqs) == gen1 - gen0
