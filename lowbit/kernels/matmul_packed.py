@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import act_quant, cdiv
+from lowbit.kernels.rows import grid_and_rows
 
 ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN, ACT_FP8_TOKEN = 0, 1, 2, 3
 
@@ -111,6 +112,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from lowbit.kernels.rows import program_rows, store_rows
+
     @triton.jit
     def _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, n_rows, n_mask,
                     K, num_groups, n_total, t_start, t_end, inv_in_scale,
@@ -201,20 +204,10 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        offs_m = pid_m * BM + tl.arange(0, BM)
         if MOE:
             if pid_m * BM >= tl.load(npad_ptr):
                 return
-            ids = tl.load(sorted_ptr + offs_m)
-            row_mask = ids < M
-            x_rows = ids // x_row_div
-            out_rows = ids
-            e = tl.load(expert_ptr + pid_m).to(tl.int64)
-        else:
-            row_mask = offs_m < M
-            x_rows = offs_m
-            out_rows = offs_m
-            e = 0
+        ids, row_mask, x_rows, e = program_rows(sorted_ptr, expert_ptr, pid_m, M, x_row_div, BM, MOE)
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         n_total = 2 * N if FUSE_SILU else N
@@ -246,15 +239,7 @@ if triton is not None:
                 up = up * xs[:, None]
         if FUSE_SILU:
             acc = acc / (1.0 + tl.exp(-acc)) * up
-        if ROUTED_WEIGHT:
-            rw = tl.load(rw_ptr + ids, mask=row_mask, other=0.0)
-            acc = acc * rw[:, None]
-        out = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
-        mask = row_mask[:, None] & n_mask[None, :]
-        if SPLIT_K > 1:
-            tl.atomic_add(out, acc, mask=mask)
-        else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
 
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
@@ -262,20 +247,14 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
            routed_weights: torch.Tensor | None = None, x_row_div: int = 1) -> torch.Tensor:
     """Run the kernel. moe = (sorted_ids, block_expert, num_padded [1], num_ids): grouped mode over
     experts; otherwise dense over x's M rows with expert 0."""
-    bm, bn, split_k = config["BM"], config["BN"], config.get("SPLIT_K", 1)
+    bm, bn = config["BM"], config["BN"]
+    split_k = config.get("SPLIT_K", 1) if moe is None else 1
     n = pw.n // 2 if fuse_silu else pw.n
     k_tiles = pw.words.shape[2] * (32 // pw.bits) // pw.tile_k
     assert k_tiles % split_k == 0 and (split_k == 1 or out.dtype == torch.float32), \
         f"SPLIT_K={split_k} must divide the {k_tiles} K tiles and write a float32 output"
     dummy = pw.scales
-    if moe is not None:
-        sorted_ids, block_expert, num_padded, num_ids = moe
-        grid = (sorted_ids.numel() // bm, cdiv(n, bn), 1)
-        m = num_ids
-    else:
-        sorted_ids = block_expert = num_padded = dummy
-        m = x.shape[0]
-        grid = (cdiv(m, bm), cdiv(n, bn), split_k)
+    grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
     _packed_matmul_kernel[grid](
         x, pw.words, pw.scales, pw.zeros if pw.zeros is not None else dummy, out,
         act_scale if act_scale is not None else dummy,
@@ -284,7 +263,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         x.stride(0), out.stride(0), pw.words.stride(0), pw.words.stride(1), pw.scales.stride(0),
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
-        BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k if moe is None else 1,
+        BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 

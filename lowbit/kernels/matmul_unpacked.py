@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import act_quant, cdiv
+from lowbit.kernels.rows import grid_and_rows
 
 KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK = 0, 1, 2
 FP8_BLOCK = 128
@@ -38,6 +39,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from lowbit.kernels.rows import program_rows, store_rows
+
     @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                       n_rows, n_mask, K, k_groups, t_start, t_end,
@@ -79,20 +82,10 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        offs_m = pid_m * BM + tl.arange(0, BM)
         if MOE:
             if pid_m * BM >= tl.load(npad_ptr):
                 return
-            ids = tl.load(sorted_ptr + offs_m)
-            row_mask = ids < M
-            x_rows = ids // x_row_div
-            out_rows = ids
-            e = tl.load(expert_ptr + pid_m).to(tl.int64)
-        else:
-            row_mask = offs_m < M
-            x_rows = offs_m
-            out_rows = offs_m
-            e = 0
+        ids, row_mask, x_rows, e = program_rows(sorted_ptr, expert_ptr, pid_m, M, x_row_div, BM, MOE)
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         tiles = k_tiles // SPLIT_K  # the host splits K evenly
@@ -106,15 +99,7 @@ if triton is not None:
             up = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                                offs_n + N, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
             acc = acc / (1.0 + tl.exp(-acc)) * up
-        if ROUTED_WEIGHT:
-            rw = tl.load(rw_ptr + ids, mask=row_mask, other=0.0)
-            acc = acc * rw[:, None]
-        out = out_ptr + out_rows[:, None] * stride_om + offs_n[None, :]
-        mask = row_mask[:, None] & n_mask[None, :]
-        if SPLIT_K > 1:
-            tl.atomic_add(out, acc, mask=mask)
-        else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
 
 def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,14 +128,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
     if w_scale is None:
         w_scale = torch.empty(E, 1, 1, device=w.device)
     ws3 = w_scale.view(E, w_scale.shape[1], -1)
-    if moe is not None:
-        sorted_ids, block_expert, num_padded, num_ids = moe
-        grid = (sorted_ids.numel() // bm, cdiv(n, bn), 1)
-        m = num_ids
-    else:
-        sorted_ids = block_expert = num_padded = dummy
-        m = x.shape[0]
-        grid = (cdiv(m, bm), cdiv(n, bn), split_k)
+    grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
     _unpacked_matmul_kernel[grid](
         x, xs if xs is not None else dummy, w, ws3, out,
         sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy,

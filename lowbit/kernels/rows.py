@@ -1,0 +1,48 @@
+"""What the GEMM kernels share around their K loop: which rows a program owns (dense: a block of M; grouped by
+expert: a block of sorted token-slot ids, see moe.py) and how it writes them back (routing weight, split-K)."""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import cdiv
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def program_rows(sorted_ptr, expert_ptr, pid_m, M, x_row_div, BM: tl.constexpr, MOE: tl.constexpr):
+        """-> (ids: the output rows, their mask, the rows of x they read, the expert). The caller has returned
+        already where pid_m is past the padded total of a grouped launch."""
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        if MOE:
+            ids = tl.load(sorted_ptr + offs_m)
+            e = tl.load(expert_ptr + pid_m).to(tl.int64)
+            return ids, ids < M, ids // x_row_div, e
+        else:
+            return offs_m, offs_m < M, offs_m, 0
+
+    @triton.jit
+    def store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr,
+                   ROUTED_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr):
+        if ROUTED_WEIGHT:
+            rw = tl.load(rw_ptr + ids, mask=row_mask, other=0.0)
+            acc = acc * rw[:, None]
+        out = out_ptr + ids[:, None] * stride_om + offs_n[None, :]
+        mask = row_mask[:, None] & n_mask[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(out, acc, mask=mask)
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def grid_and_rows(moe: tuple | None, m: int, n: int, bm: int, bn: int, split_k: int, dummy: torch.Tensor):
+    """-> (grid, sorted_ids, block_expert, num_padded, rows): a grouped launch (moe = (sorted_ids, block_expert,
+    num_padded, num_ids)) sizes its grid by the padded upper bound; a dense one by m rows and its K splits."""
+    if moe is not None:
+        sorted_ids, block_expert, num_padded, num_ids = moe
+        return (sorted_ids.numel() // bm, cdiv(n, bn), 1), sorted_ids, block_expert, num_padded, num_ids
+    return (cdiv(m, bm), cdiv(n, bn), split_k), dummy, dummy, dummy, m
