@@ -3,27 +3,25 @@ keys and values.
 
 A program takes one sequence, one kv head with the query heads that share it (padded to a 16-row tile) and one split
 of the context; it reads each cached key and value row once, keeps an online softmax, and writes its partial output
-and log-sum-exp; splits are merged as in mla_decode (flash-decoding for long contexts at small batch).
+and log-sum-exp; splits are merged by split_kv.combine (flash-decoding for long contexts at small batch).
 """
 from __future__ import annotations
 
 import torch
 
-from lowbit.kernels.mla_decode import combine
+from lowbit.kernels.split_kv import buffers, combine, default_splits
+from lowbit.layers.attention import gather_slots
 
 
 def gqa_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                    context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """float64 reference: q [B, H, D], k_cache [N, page, Hkv, D], v_cache [N, page, Hkv, Dv] -> [B, H, Dv]."""
     B, H, _ = q.shape
-    page, Hkv = k_cache.shape[1], k_cache.shape[2]
-    G = H // Hkv
+    G = H // k_cache.shape[2]
     kf, vf = k_cache.flatten(0, 1).double(), v_cache.flatten(0, 1).double()
     out = torch.empty(B, H, v_cache.shape[-1], dtype=torch.float64)
     for b in range(B):
-        n = int(context_lens[b])
-        pos = torch.arange(n)
-        slots = block_tables[b].cpu()[pos // page] * page + pos % page
+        slots = gather_slots(block_tables[b].cpu(), int(context_lens[b]), k_cache.shape[1])
         k, v = kf[slots], vf[slots]  # [n, Hkv, D]
         for h in range(H):
             p = torch.softmax(k[:, h // G] @ q[b, h].double() * scale, dim=0)
@@ -38,6 +36,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from lowbit.kernels.split_kv import dot, page_slots, softmax_step, split_range, store_split
+
     @triton.jit
     def _gqa_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr,
                            H, G, scale, stride_qb, stride_qh, stride_kslot, stride_kh, stride_vslot, stride_vh,
@@ -47,10 +47,7 @@ if triton is not None:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        length = tl.load(lens_ptr + b)
-        per_split = tl.cdiv(tl.cdiv(length, BN), SPLITS) * BN
-        start = split * per_split
-        end = tl.minimum(start + per_split, length)
+        start, end = split_range(lens_ptr, b, split, BN, SPLITS)
         rows = tl.arange(0, BH)
         h_mask = rows < G
         heads = kvh * G + rows
@@ -66,32 +63,14 @@ if triton is not None:
         for n0 in range(start, end, BN):
             pos = n0 + tl.arange(0, BN)
             p_mask = pos < end
-            blk = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=p_mask & (pos // PAGE < max_blocks), other=0)
-            slot = blk.to(tl.int64) * PAGE + pos % PAGE
+            slot = page_slots(bt_ptr, b, stride_bt, max_blocks, pos, p_mask, PAGE)
             k = tl.load(k_ptr + slot[:, None] * stride_kslot + kvh * stride_kh + offs_d[None, :],
                         mask=p_mask[:, None] & d_mask[None, :], other=0.0)
             v = tl.load(v_ptr + slot[:, None] * stride_vslot + kvh * stride_vh + offs_dv[None, :],
                         mask=p_mask[:, None] & dv_mask[None, :], other=0.0)
-            if k.dtype == tl.float32:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(p_mask[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            lsum = lsum * alpha + tl.sum(p, axis=1)
-            if v.dtype == tl.float32:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
-        empty = lsum == 0.0
-        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, lsum)[:, None])
-        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, lsum)))
-        o_rows = (split * tl.num_programs(0) + b) * H + heads
-        tl.store(out_ptr + o_rows[:, None] * DV + offs_dv[None, :], out, mask=h_mask[:, None] & dv_mask[None, :])
-        tl.store(lse_ptr + o_rows, lse, mask=h_mask)
+            m, lsum, acc = softmax_step(dot(q, tl.trans(k)), p_mask, scale, m, lsum, acc, v)
+        store_split(out_ptr, lse_ptr, acc, m, lsum, (split * tl.num_programs(0) + b) * H + heads, h_mask, offs_dv,
+                    dv_mask, DV)
 
 
 def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -105,11 +84,8 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
     G = H // Hkv
     assert H % Hkv == 0 and G <= 16, f"{H} query heads over {Hkv} kv heads: groups of at most 16 supported"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    if num_splits is None:
-        from lowbit.kernels.tuning import num_sms
-        num_splits = max(1, min(16, num_sms() // max(B * Hkv, 1)))
-    partial = torch.empty(num_splits, B, H, Dv, dtype=torch.float32, device=q.device)
-    lse = torch.empty(num_splits, B, H, dtype=torch.float32, device=q.device)
+    num_splits = num_splits or default_splits(B * Hkv)
+    partial, lse = buffers(num_splits, B, H, Dv, q.device)
     if B:
         _gqa_decode_kernel[(B, Hkv, num_splits)](
             q, k_cache, v_cache, block_tables, context_lens, partial, lse,
@@ -117,5 +93,4 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
             v_cache.stride(2), block_tables.stride(0), block_tables.shape[1],
             D=D, DV=Dv, D_P=max(16, triton.next_power_of_2(D)), DV_P=max(16, triton.next_power_of_2(Dv)),
             PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2)
-    out = partial[0] if num_splits == 1 else combine(partial, lse)
-    return out.to(q.dtype)
+    return combine(partial, lse).to(q.dtype)

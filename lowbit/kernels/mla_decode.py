@@ -11,20 +11,18 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import cdiv
+from lowbit.kernels.split_kv import buffers, combine, default_splits
+from lowbit.layers.attention import gather_slots
 
 
 def mla_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                    context_lens: torch.Tensor, scale: float, rank: int) -> torch.Tensor:
     """float64 reference: q [B, H, R + DR], kv_cache [N, page, 1, R + DR] -> [B, H, R]."""
     B, H, _ = q.shape
-    page = kv_cache.shape[1]
     flat = kv_cache.reshape(-1, kv_cache.shape[-1]).double()
     out = torch.empty(B, H, rank, dtype=torch.float64)
     for b in range(B):
-        n = int(context_lens[b])
-        pos = torch.arange(n)
-        slots = block_tables[b].cpu()[pos // page] * page + pos % page
-        kv = flat[slots]  # [n, R + DR]
+        kv = flat[gather_slots(block_tables[b].cpu(), int(context_lens[b]), kv_cache.shape[1])]  # [n, R + DR]
         p = torch.softmax((q[b].double() @ kv.t()) * scale, dim=-1)  # [H, n]
         out[b] = p @ kv[:, :rank]
     return out
@@ -37,6 +35,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from lowbit.kernels.split_kv import dot, page_slots, softmax_step, split_range, store_split
+
     @triton.jit
     def _mla_decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr,
                            H, scale, stride_qb, stride_qh, stride_cache, stride_bt, max_blocks,
@@ -45,10 +45,7 @@ if triton is not None:
         b = tl.program_id(0)
         hb = tl.program_id(1)
         split = tl.program_id(2)
-        length = tl.load(lens_ptr + b)
-        per_split = tl.cdiv(tl.cdiv(length, BN), SPLITS) * BN
-        start = split * per_split
-        end = tl.minimum(start + per_split, length)
+        start, end = split_range(lens_ptr, b, split, BN, SPLITS)
         heads = hb * BH + tl.arange(0, BH)
         h_mask = heads < H
         offs_r = tl.arange(0, R_P)
@@ -64,40 +61,15 @@ if triton is not None:
         for n0 in range(start, end, BN):
             pos = n0 + tl.arange(0, BN)
             p_mask = pos < end
-            blk = tl.load(bt_ptr + b * stride_bt + pos // PAGE, mask=p_mask & (pos // PAGE < max_blocks), other=0)
-            rows = (blk.to(tl.int64) * PAGE + pos % PAGE) * stride_cache
+            rows = page_slots(bt_ptr, b, stride_bt, max_blocks, pos, p_mask, PAGE) * stride_cache
             kv = tl.load(cache_ptr + rows[:, None] + offs_r[None, :], mask=p_mask[:, None] & r_mask[None, :],
                          other=0.0)  # [BN, R]
             kpe = tl.load(cache_ptr + rows[:, None] + R + offs_dr[None, :],
                           mask=p_mask[:, None] & dr_mask[None, :], other=0.0)  # [BN, DR]
-            if kv.dtype == tl.float32:
-                s = tl.dot(q_lat, tl.trans(kv), input_precision="ieee")
-                s += tl.dot(q_pe, tl.trans(kpe), input_precision="ieee")
-            else:
-                s = tl.dot(q_lat, tl.trans(kv))
-                s += tl.dot(q_pe, tl.trans(kpe))
-            s = tl.where(p_mask[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            lsum = lsum * alpha + tl.sum(p, axis=1)
-            if kv.dtype == tl.float32:
-                acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
-            m = m_new
-        empty = lsum == 0.0  # a split past the end of a short context
-        out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, lsum)[:, None])
-        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, lsum)))
-        o_base = out_ptr + ((split * tl.num_programs(0) + b) * H + heads) * R
-        tl.store(o_base[:, None] + offs_r[None, :], out, mask=h_mask[:, None] & r_mask[None, :])
-        tl.store(lse_ptr + (split * tl.num_programs(0) + b) * H + heads, lse, mask=h_mask)
-
-
-def combine(partial: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """partial [S, B, H, R], lse [S, B, H] -> the softmax-weighted sum over splits [B, H, R]."""
-    w = torch.softmax(lse, dim=0)  # splits that saw nothing have lse -inf: weight 0
-    return (partial * w[..., None]).sum(0)
+            s = dot(q_lat, tl.trans(kv)) + dot(q_pe, tl.trans(kpe))
+            m, lsum, acc = softmax_step(s, p_mask, scale, m, lsum, acc, kv)
+        store_split(out_ptr, lse_ptr, acc, m, lsum, (split * tl.num_programs(0) + b) * H + heads, h_mask, offs_r,
+                    r_mask, R)
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -108,12 +80,8 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
     page = kv_cache.shape[1]
     assert kv_cache.shape[-1] == D and kv_cache.is_contiguous(), f"cache {tuple(kv_cache.shape)} vs q {q.shape}"
     assert q.stride(2) == 1
-    if num_splits is None:  # enough programs to fill the chip when the batch is small
-        from lowbit.kernels.tuning import num_sms
-        programs = B * cdiv(H, 16)
-        num_splits = max(1, min(16, num_sms() // max(programs, 1)))
-    partial = torch.empty(num_splits, B, H, rank, dtype=torch.float32, device=q.device)
-    lse = torch.empty(num_splits, B, H, dtype=torch.float32, device=q.device)
+    num_splits = num_splits or default_splits(B * cdiv(H, 16))
+    partial, lse = buffers(num_splits, B, H, rank, q.device)
     if B:
         rope = D - rank
         _mla_decode_kernel[(B, cdiv(H, 16), num_splits)](
@@ -121,5 +89,4 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
             H, scale, q.stride(0), q.stride(1), kv_cache.stride(1), block_tables.stride(0), block_tables.shape[1],
             R=rank, DR=rope, R_P=max(16, triton.next_power_of_2(rank)), DR_P=max(16, triton.next_power_of_2(rope)),
             PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2)
-    out = partial[0] if num_splits == 1 else combine(partial, lse)
-    return out.to(q.dtype)
+    return combine(partial, lse).to(q.dtype)

@@ -64,7 +64,7 @@ def prefill_context(seq_lens: list[int], block_size: int, device) -> tuple[Conte
 PREFILL_SCORE_ELEMENTS = 1 << 27
 
 
-def _gather_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+def gather_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
     pos = torch.arange(n, device=block_table.device)
     return block_table[pos // block_size] * block_size + pos % block_size  # [n]
 
@@ -98,9 +98,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     outs = []
     k_flat, v_flat = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
     start = 0
-    for i, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens_list)):
+    for i, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens_list, strict=True)):
         qi = q[start:start + qlen].transpose(0, 1)  # [H, qlen, Dk]
-        slots = _gather_slots(ctx.block_tables[i], clen, ctx.block_size)
+        slots = gather_slots(ctx.block_tables[i], clen, ctx.block_size)
         ki = k_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, clen, Dk]
         vi = v_flat.index_select(0, slots).transpose(0, 1)  # [Hkv, clen, Dv]
         chunk = max(1, PREFILL_SCORE_ELEMENTS // (H * clen))
