@@ -1,5 +1,5 @@
-"""Paged grouped-query decode kernel against its float64 reference, and the engine's greedy decode with it against
-without (Llama with GQA, Qwen3)."""
+"""Paged grouped-query decode kernel against its float64 reference, and the engine's greedy decode with the decode
+kernels against without (MLA: DeepSeek-V3; GQA: Llama, Qwen3)."""
 import pytest
 import torch
 
@@ -32,7 +32,7 @@ def test_gqa_decode_matches_reference(heads, kv_heads, dim, splits, dtype):
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+@pytest.mark.parametrize("variant", ["deepseek_v3", "llama", "qwen3"])
 def test_engine_decodes_with_the_kernel(tiny_checkpoints, monkeypatch, variant):
     path, _ = tiny_checkpoints[variant]
     prompts = [torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 21, 9)]

@@ -1,11 +1,10 @@
-"""Paged MLA decode kernel against its float64 reference, and the engine's greedy decode with it against without."""
+"""Paged MLA decode kernel against its float64 reference (the engine with it: test_gqa_decode.py)."""
 import pytest
 import torch
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::DeprecationWarning")
 
-from lowbit import LLM, SamplingParams  # noqa: E402
 from lowbit.kernels import mla_decode as md  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -29,15 +28,3 @@ def test_mla_decode_matches_reference(rank, rope, heads, splits, dtype):
     err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 
-
-def test_engine_decodes_with_the_kernel(tiny_checkpoints, monkeypatch):
-    path, _ = tiny_checkpoints["deepseek_v3"]
-    prompts = [torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 21, 9)]
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    monkeypatch.setenv("LOWBIT_KERNELS", "0")
-    ref = [o.token_ids for o in LLM(path, device=DEV, dtype="float32").generate(prompts, params)]
-    monkeypatch.setenv("LOWBIT_KERNELS", "1")
-    llm = LLM(path, device=DEV, dtype="float32")
-    attn = llm.engine.runner.model.model.layers[0].self_attn.attn
-    assert attn.decode_kernel
-    assert [o.token_ids for o in llm.generate(prompts, params)] == ref
