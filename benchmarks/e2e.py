@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import make_random_checkpoint as mrc  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 SCHEMES = ["bf16", "w4a16", "w4a8", "w4a8-int8", "w8a16", "w8a8", "fp8-block"]
 TARGETS = {"w4a16": 2.0, "w4a8": 2.0, "w8a16": 1.5, "w8a8": 1.5}  # batch-1 decode over lowbit's own bf16
@@ -270,13 +271,7 @@ def report(results: dict, out_dir: str, geometry: str) -> str:
         b = results["serve"]["bench"]
         L += ["", "## lowbit serve (w4a8) under lowbit bench, 64 concurrent streams, 512 in / 256 out", "",
               "```", json.dumps({k: v for k, v in b.items() if not isinstance(v, list)}, indent=1)[:3000], "```"]
-    tag = device.replace("NVIDIA ", "").replace(" ", "-").lower()
-    path = os.path.join(out_dir, f"e2e-{tag}-{date}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(L) + "\n")
-    with open(path[:-3] + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    return path
+    return write_results(out_dir, "e2e", device, L, results)
 
 
 def main() -> None:

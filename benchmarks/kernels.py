@@ -23,6 +23,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_file import write_results  # noqa: E402
 
 from lowbit.kernels import matmul_packed as mp
 from lowbit.kernels import matmul_unpacked as mu
@@ -227,8 +230,6 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 def write(out_dir: str, device: str, ceil: dict, rows: list[dict], moe_rows: list[dict]) -> str:
     date = datetime.date.today().isoformat()
-    tag = device.replace("NVIDIA ", "").replace(" ", "-").lower()
-    path = os.path.join(out_dir, f"kernels-{tag}-{date}.md")
     L = [f"# lowbit kernels on {device}, {date}", "",
          f"torch {torch.__version__}, triton {__import__('triton').__version__}. Produced by "
          "`python benchmarks/kernels.py` in one run.", "",
@@ -256,11 +257,8 @@ def write(out_dir: str, device: str, ceil: dict, rows: list[dict], moe_rows: lis
             L.append(f"| {r['geometry']} | {r['scheme']} | {r['tokens']} | {r['experts_reached']} | "
                      f"{r['us']:.1f} us | {r['GBps']:.0f} | {r['of_copy']:.0%} |")
         L.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(L))
-    with open(path[:-3] + ".json", "w") as f:
-        json.dump({"device": device, "date": date, "ceilings": ceil, "gemm": rows, "moe": moe_rows}, f, indent=1)
-    return path
+    return write_results(out_dir, "kernels", device, L,
+                         {"device": device, "date": date, "ceilings": ceil, "gemm": rows, "moe": moe_rows})
 
 
 def main() -> None:

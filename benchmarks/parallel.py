@@ -27,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from results_file import write_results  # noqa: E402
+
 LAYOUTS = {"1 GPU": (1, 1, False), "TP=2": (2, 2, False), "EP=2": (2, 1, True)}  # name -> (world, tp, ep)
 TARGETS = [("r1", "TP=2", 1, 1.5), ("v2-lite", "TP=2", 1, 1.2), ("r1", "EP=2", 32, 1.4), ("v2-lite", "EP=2", 32, 1.4)]
 
@@ -126,13 +128,7 @@ def report(results: dict, device: str, out_dir: str) -> str:
                 x = results[geometry][variant][f"decode_b{batch}"] / results[geometry]["1 GPU"][f"decode_b{batch}"]
                 L.append(f"- {variant} batch-{batch} decode on {geometry} >= {bound}x one GPU: {x:.2f}x "
                          f"({'met' if x >= bound else 'MISSED'})")
-    tag = device.replace("NVIDIA ", "").replace(" ", "-").lower()
-    path = os.path.join(out_dir, f"parallel-{tag}-{date}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(L) + "\n")
-    with open(path[:-3] + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    return path
+    return write_results(out_dir, "parallel", device, L, results)
 
 
 def main() -> None:
