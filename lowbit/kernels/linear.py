@@ -47,13 +47,15 @@ class UnpackedLinear:
         return mu.unpacked_matmul(x.contiguous(), self.weight, self.kind, self.scale)
 
     def dequantized(self) -> torch.Tensor:
-        w = self.weight.float()
+        from lowbit.quant.formats import dequantize_values
+        from lowbit.quant.schemes import QuantArgs
         if self.kind == mu.KIND_INT8_CHANNEL:
-            return w * self.scale.float().reshape(-1, 1)
+            return dequantize_values(self.weight, self.scale, None, QuantArgs(8, "int", "channel"))
         if self.kind == mu.KIND_FP8_BLOCK:
-            N, K = w.shape
-            return w * self.scale.float().repeat_interleave(128, 0)[:N].repeat_interleave(128, 1)[:, :K]
-        return w
+            block = (mu.FP8_BLOCK, mu.FP8_BLOCK)
+            return dequantize_values(self.weight, self.scale, None, QuantArgs(8, "float", "block",
+                                                                              block_structure=block))
+        return self.weight.float()
 
 
 def activation_kind(input_activations) -> int | None:
