@@ -59,8 +59,15 @@ def inspect(k) -> dict:
             f.write(k.asm["ptx"])
         with open(cubin, "wb") as f:
             f.write(k.asm["cubin"])
-        info = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o",
-                               os.path.join(d, "o.cubin")], capture_output=True, text=True).stderr
+        # Triton 3.9 writes PTX newer than its sm_90 ptxas reads and assembles it with ptxas-blackwell
+        for ptxas in ("ptxas", "ptxas-blackwell"):
+            run = subprocess.run([os.path.join(BIN, ptxas), "-v", "--gpu-name", "sm_90a", ptx, "-o",
+                                  os.path.join(d, "o.cubin")], capture_output=True, text=True)
+            if run.returncode == 0 or not os.path.exists(os.path.join(BIN, "ptxas-blackwell")):
+                break
+        info = run.stderr
+        if run.returncode:
+            raise RuntimeError(f"ptxas failed: {info}")
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))

@@ -137,7 +137,8 @@ if triton is not None:
                 u = (words >> (j * BITS)) & MASK
                 if GROUP > 0:
                     g = k0 // GROUP
-                    g_ok = g < num_groups
+                    # a tensor, not a scalar: Triton 3.9's interpreter rejects a scalar bool in a load mask
+                    g_ok = (g + tl.zeros_like(n_rows)) < num_groups
                 if HAS_ZP:  # zero point + 2^(bits-1), per output column
                     if GROUP > 0:
                         z = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)[None, :]
