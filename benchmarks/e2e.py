@@ -92,9 +92,8 @@ def best(fn, repeats: int = 2) -> float:
 def active_weight_bytes(cfg: dict, scheme_name: str) -> int:
     """Bytes of weights one decode token reads: attention, dense and shared MLPs, top-k routed experts, router, the
     head (bf16); the embedding row is negligible."""
-    from lowbit.quant.recipe import Recipe
     from lowbit.quant.schemes import get_scheme
-    recipe = None if scheme_name == "bf16" else Recipe.from_scheme(scheme_name)
+    recipe = mrc.recipe_for(cfg, scheme_name)
     bf16 = get_scheme("bf16")
     total = 0
     per_layer_experts = cfg["num_experts_per_tok"] / cfg["n_routed_experts"]

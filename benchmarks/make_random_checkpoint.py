@@ -129,14 +129,33 @@ def random_module(name: str, shape: tuple[int, ...], scheme, gen: torch.Generato
     return tensors
 
 
+def recipe_for(cfg: dict, scheme_name: str):
+    """The recipe `lowbit quantize --scheme` would take for this geometry: the scheme's group size where every linear
+    layer's input features divide by it, else the largest of 64 and 32 that does (V2-Lite's dense MLP has 10944
+    inputs, not a multiple of 128)."""
+    from lowbit.quant.recipe import Recipe
+    from lowbit.quant.schemes import get_scheme
+    if scheme_name == "bf16":
+        return None
+    w = get_scheme(scheme_name).weights
+    if w.strategy != "group":
+        return Recipe.from_scheme(scheme_name)
+    ins = {shape[-1] for name, shape in tensor_shapes(cfg).items()
+           if len(shape) == 2 and name.rsplit(".", 2)[-2].endswith(("_proj", "_proj_with_mqa"))}
+    for g in (w.group_size, 64, 32):
+        if all(k % g == 0 for k in ins):
+            return Recipe.from_scheme(scheme_name) if g == w.group_size else Recipe.from_scheme(scheme_name,
+                                                                                                  group_size=g)
+    raise ValueError(f"{scheme_name}: no group size fits input features {sorted(ins)}")
+
+
 def write(cfg: dict, out: str, scheme_name: str = "bf16", seed: int = 0, device: str = "cpu",
           shard_bytes: int = 2 << 30, progress: bool = True) -> str:
     from lowbit.quant.compressed import build_config
-    from lowbit.quant.recipe import Recipe
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "config.json")):
         os.remove(os.path.join(out, "config.json"))  # incomplete until written again, last
-    recipe = None if scheme_name == "bf16" else Recipe.from_scheme(scheme_name)
+    recipe = recipe_for(cfg, scheme_name)
     gen = torch.Generator(device=device).manual_seed(seed)
     shapes = tensor_shapes(cfg)
     weight_map, shard, size, n_shard = {}, {}, 0, 0

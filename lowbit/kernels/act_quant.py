@@ -63,7 +63,7 @@ if triton is not None:
         for off in range(0, GROUP, BLOCK):
             cols = start + off + tl.arange(0, BLOCK)
             mask = (cols < K) & (cols < start + GROUP)
-            v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32) / scale
+            v = tl.div_rn(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32), scale)
             if TO_FP8:
                 q = tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv)
             else:

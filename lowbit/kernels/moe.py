@@ -33,7 +33,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
         0, keyed, torch.ones_like(keyed))
     padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
+    padded[num_experts:].zero_()  # a device fill: an indexed scalar store copies from the host, which graphs refuse
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
     first = torch.cumsum(counts, 0) - counts

@@ -64,7 +64,7 @@ def pack_int32(values: torch.Tensor, num_bits: int, dim: int = 1) -> torch.Tenso
     if pad:
         v = torch.nn.functional.pad(v, (0, pad))
     v = v.view(rows, -1, per_word)  # [rows, words, per_word]
-    shifts = torch.arange(per_word, dtype=torch.int64) * num_bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=v.device) * num_bits
     words = (v << shifts).sum(-1)  # [rows, words], < 2^32
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return words.t().contiguous() if dim == 0 else words.contiguous()
@@ -76,7 +76,7 @@ def unpack_int32(words: torch.Tensor, num_bits: int, size: int, dim: int = 1) ->
     w = words.to(torch.int64) & 0xFFFFFFFF
     if dim == 0:
         w = w.t()
-    shifts = torch.arange(per_word, dtype=torch.int64) * num_bits
+    shifts = torch.arange(per_word, dtype=torch.int64, device=w.device) * num_bits
     v = (w[..., None] >> shifts) & ((1 << num_bits) - 1)  # [rows, words, per_word]
     v = v.flatten(-2)[:, :size] - (1 << (num_bits - 1))
     v = v.to(torch.int8)
