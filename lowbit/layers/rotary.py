@@ -6,6 +6,9 @@ import math
 import torch
 from torch import nn
 
+from lowbit.kernels.linear import kernels_enabled
+from lowbit.kernels.norm_rope import rope
+
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
@@ -86,6 +89,8 @@ class RotaryEmbedding(nn.Module):
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, H, dim]; cos/sin [T, dim/2]."""
+        if x.is_cuda and kernels_enabled(x.device) and x.stride(-1) == 1:
+            return rope(x, cos, sin, self.interleaved)
         cos, sin = cos[:, None, :], sin[:, None, :]
         if self.interleaved:
             x1, x2 = x[..., 0::2], x[..., 1::2]

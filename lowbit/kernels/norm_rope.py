@@ -1,0 +1,77 @@
+"""RMSNorm and rotary embedding, one launch each: the torch forms take about seven kernels per RMSNorm and seven per
+rotated tensor, and at batch-1 decode a layer's time goes to launches, not bytes (benchmarks/profile_decode.py: 425
+kernels per token for four V2-Lite layers on an H100, 2026-11-23).
+
+Both compute in float32 and round once; the torch references (layers/norm.py, layers/rotary.py) round after each op.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, stride_o, eps, BLOCK: tl.constexpr):
+        """One row: x / sqrt(mean(x^2) + eps), rounded to x's dtype, times the weight (as the HF models do)."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=0) / N + eps)
+        y = (xf * inv).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, INTERLEAVED: tl.constexpr):
+        """One (token, head): out = [x1 cos - x2 sin, x2 cos + x1 sin], x1/x2 the even/odd features (interleaved)
+        or the two halves."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        i = tl.arange(0, BLOCK)
+        mask = i < HALF
+        base = x_ptr + t * stride_xt + h * stride_xh
+        if INTERLEAVED:
+            x1 = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+        else:
+            x1 = tl.load(base + i, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(base + HALF + i, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + t * stride_c + i, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + t * stride_c + i, mask=mask, other=0.0).to(tl.float32)
+        ob = out_ptr + t * stride_ot + h * stride_oh
+        ty = out_ptr.dtype.element_ty
+        tl.store(ob + i, (x1 * c - x2 * s).to(ty), mask=mask)
+        tl.store(ob + HALF + i, (x2 * c + x1 * s).to(ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., N] (rows with unit stride) -> the same shape, in the dtype `weight * x` has in torch."""
+    N = x.shape[-1]
+    assert weight.shape == (N,) and x.stride(-1) == 1, f"x {tuple(x.shape)} vs weight {tuple(weight.shape)}"
+    x2 = x.reshape(-1, N)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x2.shape[0]:
+        block = triton.next_power_of_2(N)
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, N, x2.stride(0), out.stride(0), eps, BLOCK=block,
+                                         num_warps=min(16, max(1, block // 512)))
+    return out.view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [T, H, dim] (unit stride in dim); cos / sin [T, dim/2] -> rotated [T, H, dim], contiguous, x's dtype."""
+    T, H, D = x.shape
+    assert D % 2 == 0 and x.stride(2) == 1 and cos.shape == (T, D // 2) and cos.stride() == sin.stride(), \
+        f"x {tuple(x.shape)}, cos {tuple(cos.shape)}"
+    out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
+    if T and H:
+        _rope_kernel[(T, H)](x, cos, sin, out, H, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                             cos.stride(0), HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2),
+                             INTERLEAVED=interleaved, num_warps=1)
+    return out
