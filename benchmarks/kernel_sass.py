@@ -92,7 +92,7 @@ PACKED_PTRS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i
 
 
 def variants():
-    base = dict(GROUP=128, HAS_ZP=False, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1)
+    base = dict(GROUP=128, HAS_ZP=False, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1, SWAP=False)
     for name, bits, act, x_t in (("w4a16", 4, mp.ACT_NONE, "*bf16"), ("w8a16", 8, mp.ACT_NONE, "*bf16"),
                                  ("w4a8", 4, mp.ACT_FP8_STATIC, "*bf16"), ("w4a8-int8", 4, mp.ACT_INT8_TOKEN, "*i8")):
         for bm, bn, warps, stages in ((16, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)):
@@ -135,7 +135,7 @@ def check_engine_configs() -> list[str]:
             cfg = tuning.packed_config(m, N, K, bits, act)
             const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False,
                          ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits),
-                         SPLIT_K=cfg.get("SPLIT_K", 1))
+                         SPLIT_K=cfg.get("SPLIT_K", 1), SWAP=cfg.get("SWAP", False))
             x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
             r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
                                         cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
@@ -149,6 +149,18 @@ def check_engine_configs() -> list[str]:
             if m <= 16 and bits == 4 and act == mp.ACT_NONE and r["I2F"]:
                 problems.append(f"{name}: {r['I2F']} I2F")
             print(f"{name}: {r}", flush=True)
+        # the swapped candidates autotuning may pick (tuning.candidates)
+        for cfg in [c for c in tuning.candidates(True, m, K, 4) if c.get("SWAP")] if m in (1, 256) else []:
+            for bits, act in ((4, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC)):
+                const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False,
+                             ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits),
+                             SPLIT_K=cfg.get("SPLIT_K", 1), SWAP=True)
+                r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr="*bf16"), const,
+                                            cfg["num_warps"], cfg["num_stages"]))
+                name = f"packed swapped bits={bits} act={act} M={m} {cfg}"
+                if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
+                    problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
+                print(f"{name}: {r}", flush=True)
         for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
             cfg = tuning.unpacked_config(m, N, K, kind)
             ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",

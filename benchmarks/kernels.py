@@ -170,6 +170,8 @@ def moe_candidates(scheme: str) -> list[dict]:
             if scheme in ("bf16", "fp8-block"):
                 c["BK"] = 128 if scheme == "fp8-block" else 64
             out.append(c)
+    if scheme not in ("bf16", "fp8-block"):  # packed experts: the swapped product too (tuning.candidates)
+        out += [dict(BM=16, BN=bn, num_warps=w, num_stages=3, SWAP=True) for bn, w in ((64, 4), (128, 8))]
     return out
 
 

@@ -118,17 +118,27 @@ if triton is not None:
     def _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, n_rows, n_mask,
                     K, num_groups, n_total, t_start, t_end, inv_in_scale,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr):
-        """sum over K tiles [t_start, t_end) of x[x_rows] @ W[n_rows]^T, group scales applied, in float32."""
+                    BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SWAP: tl.constexpr):
+        """sum over K tiles [t_start, t_end) of x[x_rows] @ W[n_rows]^T, group scales applied, in float32: [BM, BN],
+        or with SWAP its transpose [BN, BM], computed as W @ x^T so that the dequantized weights are the matrix
+        product's first operand, which Hopper's warpgroup MMA takes from registers (the second one it reads from
+        shared memory, where the weights would otherwise be stored again after dequantization)."""
         PW: tl.constexpr = 32 // BITS
         PLANE: tl.constexpr = TK // PW
         MASK: tl.constexpr = (1 << BITS) - 1
         HALF: tl.constexpr = 1 << (BITS - 1)
         offs_w = tl.arange(0, PLANE)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
         for t in range(t_start, t_end):
-            words = tl.load(w_base + n_rows[None, :] * stride_wn + (t * PLANE + offs_w)[:, None],
-                            mask=n_mask[None, :], other=0)  # [PLANE, BN]
+            if SWAP:  # [BN, PLANE]: each row's words of this tile are contiguous
+                words = tl.load(w_base + n_rows[:, None] * stride_wn + (t * PLANE + offs_w)[None, :],
+                                mask=n_mask[:, None], other=0)
+            else:  # [PLANE, BN]
+                words = tl.load(w_base + n_rows[None, :] * stride_wn + (t * PLANE + offs_w)[:, None],
+                                mask=n_mask[None, :], other=0)
             for j in tl.static_range(PW):
                 k0 = t * TK + j * PLANE
                 cols = k0 + offs_w
@@ -141,14 +151,18 @@ if triton is not None:
                     g_ok = (g + tl.zeros_like(n_rows)) < num_groups
                 if HAS_ZP:  # zero point + 2^(bits-1), per output column
                     if GROUP > 0:
-                        z = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)[None, :]
+                        zv = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)
                     else:
-                        z = tl.load(z_base + n_rows, mask=n_mask, other=HALF)[None, :]
+                        zv = tl.load(z_base + n_rows, mask=n_mask, other=HALF)
+                    if SWAP:
+                        z = zv[:, None]
+                    else:
+                        z = zv[None, :]
                 else:
                     z = HALF
                 if ACT == 0:
-                    if xj.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
-                        d = tl.dot(xj, (u - z).to(tl.float32), input_precision="ieee")
+                    if xj.dtype == tl.float32:
+                        wm = (u - z).to(tl.float32)
                     elif BITS == 4:
                         # int -> float without I2F, a quarter-rate instruction that would bound the kernel: the
                         # nibble as the low mantissa bits of 128.0 (bf16 0x4300) or 1024.0 (fp16 0x6400) is
@@ -160,38 +174,57 @@ if triton is not None:
                             w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
                             off = z + 1024
                         if HAS_ZP:
-                            off = off.to(xj.dtype)
-                        else:
-                            off = tl.full([1, BN], off, xj.dtype)
-                        d = tl.dot(xj, w - off)
+                            wm = w - off.to(xj.dtype)
+                        else:  # a 16-bit constant: a Python number would promote the weights to fp32
+                            wm = w - tl.full([1, 1], off, xj.dtype)
                     else:
-                        d = tl.dot(xj, (u - z).to(xj.dtype))
+                        wm = (u - z).to(xj.dtype)
+                    xm = xj
                 elif ACT == 2:
-                    d = tl.dot(xj, (u - z).to(tl.int8)).to(tl.float32)
+                    wm = (u - z).to(tl.int8)
+                    xm = xj
                 else:  # FP8 activations: static scale (quantized here) or per token (quantized before)
                     if ACT == 1:
                         xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
                     else:
                         xq = xj
-                    if BM >= 64:  # FP8 tensor cores (wgmma)
-                        d = tl.dot(xq, (u - z).to(tl.float16).to(tl.float8e4nv))
+                    if BM >= 64 and not SWAP:  # FP8 tensor cores (wgmma)
+                        wm = (u - z).to(tl.float16).to(tl.float8e4nv)
+                        xm = xq
                     else:
                         # small M runs on the 16-bit MMA anyway: the same exact products in fp16 (e4m3 values and
                         # int4 weights are fp16 numbers), the weights converted without I2F as above
                         w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
                         if HAS_ZP:
-                            off = (z + 1024).to(tl.float16)
+                            wm = w - (z + 1024).to(tl.float16)
                         else:
-                            off = tl.full([1, BN], z + 1024, tl.float16)
-                        d = tl.dot(xq.to(tl.float16), w - off)
+                            wm = w - tl.full([1, 1], z + 1024, tl.float16)
+                        xm = xq.to(tl.float16)
+                if xm.dtype == tl.float32:
+                    if SWAP:
+                        d = tl.dot(wm, tl.trans(xm), input_precision="ieee")
+                    else:
+                        d = tl.dot(xm, wm, input_precision="ieee")
+                elif SWAP:
+                    d = tl.dot(wm, tl.trans(xm))
+                else:
+                    d = tl.dot(xm, wm)
+                if ACT == 2:
+                    d = d.to(tl.float32)
                 if GROUP > 0:
                     s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
-                    acc += d * s[None, :]
+                    if SWAP:
+                        acc += d * s[:, None]
+                    else:
+                        acc += d * s[None, :]
                 else:
                     acc += d
         if GROUP == 0:
             s = tl.load(s_base + n_rows, mask=n_mask, other=0.0)
-            acc = acc * s[None, :]
+            if SWAP:
+                acc = acc * s[:, None]
+            else:
+                acc = acc * s[None, :]
         return acc
 
     @triton.jit
@@ -201,7 +234,8 @@ if triton is not None:
                               stride_xm, stride_om, stride_we, stride_wn, stride_se,
                               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                               MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr):
+                              BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
+                              SWAP: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -224,11 +258,15 @@ if triton is not None:
         z_base = z_ptr + e * stride_se
         acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
                           K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                          BITS, GROUP, HAS_ZP, ACT, BM, BN, TK)
+                          BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP)
+        if SWAP:
+            acc = tl.trans(acc)
         if FUSE_SILU:
             up = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n + N,
                              n_mask, K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                             BITS, GROUP, HAS_ZP, ACT, BM, BN, TK)
+                             BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP)
+            if SWAP:
+                up = tl.trans(up)
         if ACT == 1:
             acc = acc * in_scale
             if FUSE_SILU:
@@ -264,7 +302,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         x.stride(0), out.stride(0), pw.words.stride(0), pw.words.stride(1), pw.scales.stride(0),
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
-        BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k,
+        BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 

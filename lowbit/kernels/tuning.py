@@ -114,13 +114,20 @@ def candidates(packed: bool, m: int, k: int, bits: int = 8) -> list[dict]:
     within Hopper's shared memory and unspilled (benchmarks/kernel_sass.py)."""
     k_tiles = cdiv(k, (256 if bits == 4 else 128) if packed else 128)
     extra = {} if packed else {"BK": 128}
+    # packed: also the swapped product (W @ x^T: the dequantized weights stay in registers as the first operand of
+    # Hopper's warpgroup MMA instead of going through shared memory; not yet measured against the plain one)
+    swapped = [dict(BM=16, BN=64, SPLIT_K=s, num_warps=4, num_stages=3, SWAP=True) for s in (1, 4)
+               if k_tiles % s == 0] + [dict(BM=16, BN=128, num_warps=8, num_stages=3, SWAP=True)]
     if m <= 16:
         return [dict(BM=16, BN=bn, SPLIT_K=split, num_warps=4, num_stages=3 if packed else 4, **extra)
-                for bn, split in ((32, 1), (64, 1), (128, 1), (64, 4), (128, 4)) if k_tiles % split == 0]
+                for bn, split in ((32, 1), (64, 1), (128, 1), (64, 4), (128, 4)) if k_tiles % split == 0] + \
+            (swapped if packed else [])
     if m <= 256:
-        return [dict(BM=bm, BN=bn, num_warps=w, num_stages=3, **extra) for bm, bn, w in ((32, 64, 4), (64, 128, 8))]
+        return [dict(BM=bm, BN=bn, num_warps=w, num_stages=3, **extra) for bm, bn, w in ((32, 64, 4), (64, 128, 8))] + \
+            ([dict(BM=64, BN=128, num_warps=8, num_stages=3, SWAP=True)] if packed else [])
     if packed:
-        return [dict(BM=bm, BN=bn, num_warps=8, num_stages=3) for bm, bn in ((128, 64), (64, 128))]
+        return [dict(BM=bm, BN=bn, num_warps=8, num_stages=3) for bm, bn in ((128, 64), (64, 128))] + \
+            [dict(BM=64, BN=128, num_warps=8, num_stages=3, SWAP=True)]
     return [dict(BM=128, BN=128, num_warps=8, num_stages=st, **extra) for st in (3, 4)]
 
 

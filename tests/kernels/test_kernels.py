@@ -103,8 +103,9 @@ def test_packed_matmul(bits, group, asym, act, M, N, K):
     ref = mp.packed_matmul_ref(x.float(), pw, act, input_scale)
     pw = to_dev(pw)
     xs = input_scale.to(DEV) if input_scale is not None else None
-    for config in (None, dict(BM=16, BN=32), dict(BM=32, BN=16, SPLIT_K=pw.words.shape[2] * (32 // bits)
-                                                       // pw.tile_k)):
+    splits = pw.words.shape[2] * (32 // bits) // pw.tile_k
+    for config in (None, dict(BM=16, BN=32), dict(BM=32, BN=16, SPLIT_K=splits),
+                   dict(BM=16, BN=64, SWAP=True), dict(BM=32, BN=32, SWAP=True, SPLIT_K=splits)):
         out = mp.packed_matmul(x.to(DEV), pw, act, xs, config=config)
         assert out.shape == (M, N) and out.dtype == DTYPE
         assert rel(out, ref) < (3e-2 if act == mp.ACT_INT8_TOKEN and not GPU else BOUND), config
@@ -226,3 +227,7 @@ def test_fused_moe(scheme, T):
     ref = moe.fused_moe_ref(x, d13, d2, weights, skip, fq, fq)
     out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), skip.to(DEV), may_skip=True)
     assert rel(out, ref) < bound
+    if isinstance(w13, moe.PackedExperts):  # weights as the first operand (the small-M and Hopper variant)
+        cfg = dict(BM=16, BN=32, SWAP=True)
+        out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), skip.to(DEV), config=cfg, may_skip=True)
+        assert rel(out, ref) < bound
