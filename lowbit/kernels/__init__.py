@@ -7,7 +7,9 @@ The references are the CPU path and the oracles of the tests; the kernels run on
 - matmul_packed.py    int4 / int8 weights packed in int32 words (w4a16, w8a16, w4a8, w4a8-int8), dequantized in
                       registers; dense or grouped by expert (fused MoE), gate and up fused with SiLU
 - matmul_unpacked.py  bf16, int8 per channel (w8a8) and FP8 128x128 block (fp8-block) weights; dense or grouped
-- moe.py              the fused MoE: tokens sorted by expert, one launch per projection for all experts
+- moe.py              the fused MoE: tokens sorted by expert (one launch up to 256 slots), one launch per projection
+                      for all experts
+- norm_rope.py        RMSNorm and rotary embedding in one launch each (decode is launch-bound at batch 1)
 - tuning.py           launch configurations per shape range, chosen (and optionally measured) at load time
 """
 from __future__ import annotations
