@@ -177,6 +177,27 @@ def check_engine_configs() -> list[str]:
             if m >= 4096 and r["HGMMA"] + r["QGMMA"] + r["IMMA"] == 0:
                 problems.append(f"{name}: no warpgroup MMA at large M")
             print(f"{name}: {r}", flush=True)
+    # the decode kernels around the GEMMs: each compiles (the interpreter does not check what only the compiler does)
+    from lowbit.kernels import moe, norm_rope, router
+    small = [
+        ("rms_norm bf16 7168", norm_rope._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(BLOCK=8192), 16, ("eps",)),
+        ("rope bf16 interleaved 64", norm_rope._rope_kernel,
+         {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(HALF=32, BLOCK=32, INTERLEAVED=True), 1, ()),
+        ("moe align 256 slots", moe._align_kernel,
+         {"ids_ptr": "*i64", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32"},
+         dict(BLOCK_M=16, BN=256, CHUNK=32, FILL=256), 4, ()),
+        ("router R1", router._route_kernel,
+         {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64"},
+         dict(E_P=256, K=8, K_P=8, G=8, G_P=8, TOPK_GROUP=4, SIGMOID=True, HAS_BIAS=True, NORM=True), 4,
+         ("scaling",)),
+    ]
+    for name, fn, ptrs, const, warps, floats in small:
+        r = inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats))
+        if r["spill_bytes"] or r["smem"] > SMEM_LIMIT:
+            problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
+        print(f"{name}: {r}", flush=True)
     return problems
 
 

@@ -10,6 +10,7 @@ The references are the CPU path and the oracles of the tests; the kernels run on
 - moe.py              the fused MoE: tokens sorted by expert (one launch up to 256 slots), one launch per projection
                       for all experts
 - norm_rope.py        RMSNorm and rotary embedding in one launch each (decode is launch-bound at batch 1)
+- router.py           the MoE router after its logits (scores, bias, group-limited top-k, weights) in one launch
 - tuning.py           launch configurations per shape range, chosen (and optionally measured) at load time
 """
 from __future__ import annotations

@@ -8,6 +8,8 @@ from torch import nn
 
 from lowbit.config import ModelConfig
 from lowbit.engine import parallel
+from lowbit.kernels.linear import kernels_enabled
+from lowbit.kernels.router import route
 from lowbit.layers.attention import MLAAttention
 from lowbit.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from lowbit.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -108,6 +110,11 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K] float32, expert ids [T, K])."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        if logits.is_cuda and kernels_enabled(logits.device):  # the rest in one launch
+            grouped = self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc")
+            return route(logits, self.top_k, self.n_group if grouped else 1, self.topk_group,
+                         self.scoring_func == "sigmoid", self.e_score_correction_bias,
+                         self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc"):

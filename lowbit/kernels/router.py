@@ -1,0 +1,83 @@
+"""The MoE router after its logits, one launch: scores (softmax or sigmoid), the correction bias (noaux_tc),
+group-limited selection, top-k, the weights normalized and scaled. The torch form (models/deepseek.py Gate) takes
+about 18 launches per MoE layer for DeepSeek-V3/R1's grouped sigmoid routing, at batch-1 decode each costing more
+than its work.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import triton_available
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, scaling,
+                      E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
+                      TOPK_GROUP: tl.constexpr,
+                      SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+        """One token. G > 1: groups of E / G experts, scored by their best (no bias) or best two (bias) choices;
+        only the TOPK_GROUP best groups' experts may be chosen. Ties go to the lower index, as in torch.topk."""
+        t = tl.program_id(0)
+        e = tl.arange(0, E_P)
+        valid = e < E
+        logits = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
+        if SIGMOID:
+            scores = tl.where(valid, 1.0 / (1.0 + tl.exp(-logits)), 0.0)
+        else:
+            p = tl.exp(logits - tl.max(logits, axis=0))
+            scores = p / tl.sum(p, axis=0)
+        choice = scores
+        if HAS_BIAS:
+            choice = scores + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+        choice = tl.where(valid, choice, float("-inf"))
+        if G > 1:
+            per_group = E // G
+            gid = e // per_group
+            g_idx = tl.arange(0, G_P)
+            group_scores = tl.full([G_P], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                member = gid == g
+                c = tl.where(member, choice, float("-inf"))
+                best = tl.max(c, axis=0)
+                if HAS_BIAS:  # the sum of the group's two best
+                    first = tl.argmax(c, axis=0)
+                    best = best + tl.max(tl.where(e == first, float("-inf"), c), axis=0)
+                group_scores = tl.where(g_idx == g, best, group_scores)
+            keep = tl.zeros([E_P], dtype=tl.int1)
+            for r in tl.static_range(TOPK_GROUP):
+                gbest = tl.argmax(group_scores, axis=0)
+                keep = keep | (gid == gbest)
+                group_scores = tl.where(g_idx == gbest, float("-inf"), group_scores)
+            choice = tl.where(keep & valid, choice, float("-inf"))
+        k_idx = tl.arange(0, K_P)
+        top_w = tl.zeros([K_P], dtype=tl.float32)
+        top_i = tl.zeros([K_P], dtype=tl.int64)
+        for r in tl.static_range(K):
+            i = tl.argmax(choice, axis=0)
+            w = tl.sum(tl.where(e == i, scores, 0.0), axis=0)
+            top_w = tl.where(k_idx == r, w, top_w)
+            top_i = tl.where(k_idx == r, i.to(tl.int64), top_i)
+            choice = tl.where(e == i, float("-inf"), choice)
+        if NORM:
+            top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)
+        tl.store(w_ptr + t * K + k_idx, top_w * scaling, mask=k_idx < K)
+        tl.store(ids_ptr + t * K + k_idx, top_i, mask=k_idx < K)
+
+
+def route(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
+          bias: torch.Tensor | None, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] (float32) -> (weights [T, K] float32, expert ids [T, K] int64), as Gate.forward routes."""
+    T, E = logits.shape
+    assert logits.stride(1) == 1 and E % n_group == 0 and top_k <= E, f"logits {tuple(logits.shape)}"
+    weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    if T:
+        _route_kernel[(T,)](logits, bias if bias is not None else logits, weights, ids, E, logits.stride(0),
+                            float(scaling), E_P=triton.next_power_of_2(E), K=top_k, K_P=triton.next_power_of_2(top_k), G=n_group,
+                            G_P=triton.next_power_of_2(n_group),
+                            TOPK_GROUP=topk_group, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORM=normalize,
+                            num_warps=4)
+    return weights, ids
