@@ -73,6 +73,14 @@ def inspect(k) -> dict:
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill", info))
     ops = collections.Counter(m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4}\*/\s+(?:@!?P\d\s+)?([A-Z0-9_.]+)",
                                                                sass))
+    # the main loop: the longest span closed by a backward branch (instructions per K tile in the GEMMs)
+    addrs = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loop = 0
+    for addr, text in addrs:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            loop = max(loop, sum(1 for a, _ in addrs if int(target.group(1), 16) <= a <= addr))
+
     def count(prefix):
         return sum(v for k, v in ops.items() if k.startswith(prefix))
     loads = collections.Counter()
@@ -81,6 +89,7 @@ def inspect(k) -> dict:
             width = re.search(r"\.(128|64|U16|U8|S8|S16)\b", name)
             loads[width.group(1) if width else "32"] += v
     return {"regs": regs, "spill_bytes": spills, "smem": k.metadata.shared, "instructions": sum(ops.values()),
+            "loop instructions": loop,
             "HMMA": count("HMMA"), "HGMMA": count("HGMMA"), "QGMMA": count("QGMMA"),
             "IMMA": count("IMMA") + count("IGMMA"),
             "I2F": count("I2F"), "F2F": count("F2F") + count("F2FP"), "LDL/STL": count("LDL") + count("STL"),
@@ -92,13 +101,14 @@ PACKED_PTRS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i
 
 
 def variants():
-    base = dict(GROUP=128, HAS_ZP=False, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1, SWAP=False)
+    base = dict(GROUP=128, HAS_ZP=False, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1, SWAP=False, EVEN_K=True)
     for name, bits, act, x_t in (("w4a16", 4, mp.ACT_NONE, "*bf16"), ("w8a16", 8, mp.ACT_NONE, "*bf16"),
                                  ("w4a8", 4, mp.ACT_FP8_STATIC, "*bf16"), ("w4a8-int8", 4, mp.ACT_INT8_TOKEN, "*i8")):
-        for bm, bn, warps, stages in ((16, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)):
-            const = dict(base, BITS=bits, ACT=act, BM=bm, BN=bn, TK=mp.default_tile_k(bits))
-            yield (f"packed {name} BM={bm} BN={bn}", mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
-                   warps, stages)
+        for bm, bn, warps, stages, swap in ((16, 64, 4, 3, False), (64, 128, 8, 3, False), (128, 64, 8, 3, False),
+                                            (16, 64, 4, 3, True), (64, 128, 8, 3, True)):
+            const = dict(base, BITS=bits, ACT=act, BM=bm, BN=bn, TK=mp.default_tile_k(bits), SWAP=swap)
+            yield (f"packed {name} BM={bm} BN={bn}{' swapped' if swap else ''}", mp._packed_matmul_kernel,
+                   dict(PACKED_PTRS, x_ptr=x_t), const, warps, stages)
     const = dict(base, BITS=4, ACT=mp.ACT_NONE, BM=16, BN=64, TK=256, MOE=True, FUSE_SILU=True)
     yield "packed w4a16 fused-MoE gate_up BM=16 BN=64", mp._packed_matmul_kernel, PACKED_PTRS, const, 4, 3
     uptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*bf16", "ws_ptr": "*fp32", "out_ptr": "*bf16",
@@ -135,7 +145,7 @@ def check_engine_configs() -> list[str]:
             cfg = tuning.packed_config(m, N, K, bits, act)
             const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False,
                          ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits),
-                         SPLIT_K=cfg.get("SPLIT_K", 1), SWAP=cfg.get("SWAP", False))
+                         SPLIT_K=cfg.get("SPLIT_K", 1), SWAP=cfg.get("SWAP", False), EVEN_K=True)
             x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
             r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
                                         cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
@@ -154,7 +164,7 @@ def check_engine_configs() -> list[str]:
             for bits, act in ((4, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC)):
                 const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False,
                              ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits),
-                             SPLIT_K=cfg.get("SPLIT_K", 1), SWAP=True)
+                             SPLIT_K=cfg.get("SPLIT_K", 1), SWAP=True, EVEN_K=True)
                 r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr="*bf16"), const,
                                             cfg["num_warps"], cfg["num_stages"]))
                 name = f"packed swapped bits={bits} act={act} M={m} {cfg}"
@@ -221,10 +231,11 @@ def main() -> None:
     if args.out:
         lines = ["# Triton kernels compiled for sm_90a (no GPU): resources and instruction mix", "",
                  f"triton {triton.__version__}; produced by `python benchmarks/kernel_sass.py`.", "",
-                 "| kernel | warps/stages | regs | spills | smem | HMMA | HGMMA | QGMMA | IMMA | I2F | F2F | "
-                 "LDL/STL | global loads by width |", "| --- " * 13 + "|"]
+                 "| kernel | warps/stages | regs | spills | smem | main-loop instructions | HMMA | HGMMA | QGMMA | "
+                 "IMMA | I2F | F2F | LDL/STL | global loads by width |", "| --- " * 14 + "|"]
         for name, warps, stages, r in rows:
             lines.append(f"| {name} | {warps}/{stages} | {r['regs']} | {r['spill_bytes']} | {r['smem']} | "
+                         f"{r['loop instructions']} | "
                          f"{r['HMMA']} | {r['HGMMA']} | {r['QGMMA']} | {r['IMMA']} | {r['I2F']} | {r['F2F']} | "
                          f"{r['LDL/STL']} | {r['global loads by width']} |")
         with open(args.out, "w") as f:

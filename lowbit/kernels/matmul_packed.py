@@ -118,7 +118,8 @@ if triton is not None:
     def _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, n_rows, n_mask,
                     K, num_groups, n_total, t_start, t_end, inv_in_scale,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SWAP: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SWAP: tl.constexpr,
+                    EVEN_K: tl.constexpr):
         """sum over K tiles [t_start, t_end) of x[x_rows] @ W[n_rows]^T, group scales applied, in float32: [BM, BN],
         or with SWAP its transpose [BN, BM], computed as W @ x^T so that the dequantized weights are the matrix
         product's first operand, which Hopper's warpgroup MMA takes from registers (the second one it reads from
@@ -127,6 +128,7 @@ if triton is not None:
         PLANE: tl.constexpr = TK // PW
         MASK: tl.constexpr = (1 << BITS) - 1
         HALF: tl.constexpr = 1 << (BITS - 1)
+        PPG: tl.constexpr = GROUP // PLANE if GROUP > 0 else PW  # planes per scale group (repack: PLANE | GROUP)
         offs_w = tl.arange(0, PLANE)
         if SWAP:
             acc = tl.zeros([BN, BM], dtype=tl.float32)
@@ -142,13 +144,20 @@ if triton is not None:
             for j in tl.static_range(PW):
                 k0 = t * TK + j * PLANE
                 cols = k0 + offs_w
-                xj = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
-                             mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+                if EVEN_K:  # K a multiple of the tile: no column mask
+                    xj = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :], mask=row_mask[:, None],
+                                 other=0.0)
+                else:
+                    xj = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
+                                 mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
                 u = (words >> (j * BITS)) & MASK
                 if GROUP > 0:
                     g = k0 // GROUP
-                    # a tensor, not a scalar: Triton 3.9's interpreter rejects a scalar bool in a load mask
-                    g_ok = (g + tl.zeros_like(n_rows)) < num_groups
+                    if EVEN_K:  # every group of the tile exists
+                        g_ok = n_mask
+                    else:
+                        # a tensor, not a scalar: Triton 3.9's interpreter rejects a scalar bool in a load mask
+                        g_ok = (g + tl.zeros_like(n_rows)) < num_groups
                 if HAS_ZP:  # zero point + 2^(bits-1), per output column
                     if GROUP > 0:
                         zv = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)
@@ -200,25 +209,31 @@ if triton is not None:
                         else:
                             wm = w - tl.full([1, 1], z + 1024, tl.float16)
                         xm = xq.to(tl.float16)
+                # the products of one scale group accumulate in one chain (the tensor cores run it without waiting
+                # in between), the group's scale applies once at its end; integer products chain in int32
+                if j % PPG == 0:
+                    if ACT == 2:
+                        d = tl.zeros(acc.shape, dtype=tl.int32)
+                    else:
+                        d = tl.zeros(acc.shape, dtype=tl.float32)
                 if xm.dtype == tl.float32:
                     if SWAP:
-                        d = tl.dot(wm, tl.trans(xm), input_precision="ieee")
+                        d = tl.dot(wm, tl.trans(xm), d, input_precision="ieee")
                     else:
-                        d = tl.dot(xm, wm, input_precision="ieee")
+                        d = tl.dot(xm, wm, d, input_precision="ieee")
                 elif SWAP:
-                    d = tl.dot(wm, tl.trans(xm))
+                    d = tl.dot(wm, tl.trans(xm), d, out_dtype=d.dtype)
                 else:
-                    d = tl.dot(xm, wm)
-                if ACT == 2:
-                    d = d.to(tl.float32)
-                if GROUP > 0:
-                    s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
-                    if SWAP:
-                        acc += d * s[:, None]
+                    d = tl.dot(xm, wm, d, out_dtype=d.dtype)
+                if j % PPG == PPG - 1:
+                    if GROUP > 0:
+                        s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
+                        if SWAP:
+                            acc += d.to(tl.float32) * s[:, None]
+                        else:
+                            acc += d.to(tl.float32) * s[None, :]
                     else:
-                        acc += d * s[None, :]
-                else:
-                    acc += d
+                        acc += d.to(tl.float32)
         if GROUP == 0:
             s = tl.load(s_base + n_rows, mask=n_mask, other=0.0)
             if SWAP:
@@ -235,7 +250,7 @@ if triton is not None:
                               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                               MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
-                              SWAP: tl.constexpr):
+                              SWAP: tl.constexpr, EVEN_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -258,13 +273,13 @@ if triton is not None:
         z_base = z_ptr + e * stride_se
         acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
                           K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                          BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP)
+                          BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K)
         if SWAP:
             acc = tl.trans(acc)
         if FUSE_SILU:
             up = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n + N,
                              n_mask, K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                             BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP)
+                             BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K)
             if SWAP:
                 up = tl.trans(up)
         if ACT == 1:
@@ -303,6 +318,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
+        EVEN_K=pw.k % pw.tile_k == 0,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 
