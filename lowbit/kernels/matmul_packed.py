@@ -197,17 +197,18 @@ if triton is not None:
                         xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
                     else:
                         xq = xj
+                    # the weights to fp16 without I2F, as above (int4 values are exact in fp16 and in e4m3)
+                    w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+                    if HAS_ZP:
+                        wm = w - (z + 1024).to(tl.float16)
+                    else:
+                        wm = w - tl.full([1, 1], z + 1024, tl.float16)
                     if BM >= 64 and not SWAP:  # FP8 tensor cores (wgmma)
-                        wm = (u - z).to(tl.float16).to(tl.float8e4nv)
+                        wm = wm.to(tl.float8e4nv)
                         xm = xq
                     else:
-                        # small M runs on the 16-bit MMA anyway: the same exact products in fp16 (e4m3 values and
-                        # int4 weights are fp16 numbers), the weights converted without I2F as above
-                        w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                        if HAS_ZP:
-                            wm = w - (z + 1024).to(tl.float16)
-                        else:
-                            wm = w - tl.full([1, 1], z + 1024, tl.float16)
+                        # small M runs on the 16-bit MMA anyway: the same exact products in fp16 (e4m3 values are
+                        # fp16 numbers)
                         xm = xq.to(tl.float16)
                 # the products of one scale group accumulate in one chain (the tensor cores run it without waiting
                 # in between), the group's scale applies once at its end; integer products chain in int32
@@ -344,6 +345,11 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_
     xq, xs = quantize_input(x, act)
     if act == ACT_FP8_STATIC:
         xs = input_scale.float().reshape(1)
+        if x.shape[0] > 64:
+            # quantized once here rather than in every N tile of the GEMM: the per-token path with one scale
+            xq = (x.float() * (1.0 / xs)).clamp(-448.0, 448.0).to(act_quant.FP8)
+            xs = xs.expand(x.shape[0]).contiguous()
+            act = ACT_FP8_TOKEN
     split = config.get("SPLIT_K", 1) > 1
     out = (torch.zeros if split else torch.empty)(x.shape[0], pw.n, dtype=torch.float32 if split else x.dtype,
                                                   device=x.device)

@@ -92,7 +92,7 @@ PACKED = [  # bits, group (0 = per channel), asymmetric, activations
 
 
 @pytest.mark.parametrize("bits,group,asym,act", PACKED)
-@pytest.mark.parametrize("M,N,K", [(1, 96, 640), (5, 48, 384), (19, 160, 1152), (3, 64, 512)])
+@pytest.mark.parametrize("M,N,K", [(1, 96, 640), (5, 48, 384), (19, 160, 1152), (3, 64, 512), (80, 32, 256)])
 def test_packed_matmul(bits, group, asym, act, M, N, K):
     values, scale, zp = random_packed(1, N, K, bits, group, asym, seed=M + N + K)
     pw = mp.repack(values, scale, zp, bits, group)
