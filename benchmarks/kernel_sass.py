@@ -192,9 +192,9 @@ def check_engine_configs() -> list[str]:
     small = [
         ("rms_norm bf16 7168", norm_rope._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
          dict(BLOCK=8192), 16, ("eps",)),
-        ("rope bf16 interleaved 64", norm_rope._rope_kernel,
+        ("rope bf16 interleaved 64, 128 heads", norm_rope._rope_kernel,
          {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16"},
-         dict(HALF=32, BLOCK=32, INTERLEAVED=True), 1, ()),
+         dict(HALF=32, BLOCK=32, BH=128, INTERLEAVED=True), 4, ()),
         ("moe align 256 slots", moe._align_kernel,
          {"ids_ptr": "*i64", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32"},
          dict(BLOCK_M=16, BN=256, CHUNK=32, FILL=256), 4, ()),

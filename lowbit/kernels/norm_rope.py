@@ -29,26 +29,26 @@ if triton_available():
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
-                     HALF: tl.constexpr, BLOCK: tl.constexpr, INTERLEAVED: tl.constexpr):
-        """One (token, head): out = [x1 cos - x2 sin, x2 cos + x1 sin], x1/x2 the even/odd features (interleaved)
-        or the two halves."""
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, BH: tl.constexpr, INTERLEAVED: tl.constexpr):
+        """One token, BH heads: out = [x1 cos - x2 sin, x2 cos + x1 sin], x1/x2 the even/odd features
+        (interleaved) or the two halves."""
         t = tl.program_id(0)
-        h = tl.program_id(1)
+        h = tl.program_id(1) * BH + tl.arange(0, BH)
         i = tl.arange(0, BLOCK)
-        mask = i < HALF
-        base = x_ptr + t * stride_xt + h * stride_xh
+        mask = (h[:, None] < H) & (i[None, :] < HALF)
+        base = x_ptr + t * stride_xt + h[:, None] * stride_xh
         if INTERLEAVED:
-            x1 = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+            x1 = tl.load(base + 2 * i[None, :], mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(base + 2 * i[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
         else:
-            x1 = tl.load(base + i, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(base + HALF + i, mask=mask, other=0.0).to(tl.float32)
-        c = tl.load(cos_ptr + t * stride_c + i, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + t * stride_c + i, mask=mask, other=0.0).to(tl.float32)
-        ob = out_ptr + t * stride_ot + h * stride_oh
+            x1 = tl.load(base + i[None, :], mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(base + HALF + i[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + t * stride_c + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        s = tl.load(sin_ptr + t * stride_c + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+        ob = out_ptr + t * stride_ot + h[:, None] * stride_oh + i[None, :]
         ty = out_ptr.dtype.element_ty
-        tl.store(ob + i, (x1 * c - x2 * s).to(ty), mask=mask)
-        tl.store(ob + HALF + i, (x2 * c + x1 * s).to(ty), mask=mask)
+        tl.store(ob, (x1 * c - x2 * s).to(ty), mask=mask)
+        tl.store(ob + HALF, (x2 * c + x1 * s).to(ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,7 +71,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         f"x {tuple(x.shape)}, cos {tuple(cos.shape)}"
     out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
     if T and H:
-        _rope_kernel[(T, H)](x, cos, sin, out, H, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                             cos.stride(0), HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2),
-                             INTERLEAVED=interleaved, num_warps=1)
+        block = triton.next_power_of_2(D // 2)
+        bh = min(triton.next_power_of_2(H), max(1, 4096 // block))  # up to 4096 pairs a program
+        _rope_kernel[(T, triton.cdiv(H, bh))](x, cos, sin, out, H, x.stride(0), x.stride(1), out.stride(0),
+                                              out.stride(1), cos.stride(0), HALF=D // 2, BLOCK=block, BH=bh,
+                                              INTERLEAVED=interleaved, num_warps=4 if bh * block >= 1024 else 1)
     return out

@@ -45,7 +45,7 @@ def rope_ref(x, cos, sin, interleaved):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("T,H,D", [(1, 16, 64), (5, 1, 64), (3, 4, 48)])
+@pytest.mark.parametrize("T,H,D", [(1, 16, 64), (5, 1, 64), (3, 4, 48), (2, 200, 64)])
 def test_rope(dtype, interleaved, T, H, D):
     # x is a strided view, as q_pe is (the last rope features of each head's query)
     full = torch.randn(T, H, D + 32, generator=gen(T * H)).to(dtype)
