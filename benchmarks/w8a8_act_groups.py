@@ -1,0 +1,88 @@
+"""What per-token-group int8 activation scales would give w8a8 on the default model (issue #3's open question): the
+same w8a8 checkpoint evaluated with its activations quantized per token (the scheme as it is), per token and group of
+128 features, and per token and group of 32 (llama.cpp Q8_0's block), against llama.cpp Q8_0 of the same weights.
+An experiment on the CPU reference path only: no kernel runs grouped int8 activations.
+
+    python benchmarks/w8a8_act_groups.py [--workdir /tmp/w8a8-groups] [--max-tokens 4096] [--smoothquant]
+Writes benchmarks/results/w8a8-act-groups-cpu-<date>[-sq].md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lowbit.default_model import default_model_path  # noqa: E402
+from lowbit.eval.gguf_baseline import requantize_gguf  # noqa: E402
+from lowbit.eval.runner import evaluate  # noqa: E402
+from lowbit.quant import methods  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def int8_per_token_group(group: int):
+    def fake_quant(x: torch.Tensor) -> torch.Tensor:
+        T, n = x.shape
+        xf = F.pad(x.float(), (0, -n % group)).view(T, -1, group)
+        s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
+        return (torch.round(xf / s).clamp(-128, 127) * s).view(T, -1)[:, :n].to(x.dtype)
+    return fake_quant
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default="/tmp/w8a8-groups")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--smoothquant", action="store_true", help="the checkpoint also takes --smoothquant auto")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    recipe = ["--scheme", "w8a8", "--algo", "gptq", "--rotate"] + (["--smoothquant", "auto"] if args.smoothquant else [])
+    ckpt = os.path.join(args.workdir, "w8a8-gptq-rotate" + ("-sq" if args.smoothquant else ""))
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        subprocess.run([sys.executable, "-m", "lowbit", "quantize", *recipe, "--output", ckpt, "--quiet"], check=True)
+    q8 = os.path.join(args.workdir, "q8_0.gguf")
+    if not os.path.exists(q8):
+        requantize_gguf(default_model_path(), q8, "Q8_0")
+    rows = {}
+    original = methods.fake_quant_int8_per_token
+    variants = [("llama.cpp Q8_0", q8, None), ("w8a8, per token (the scheme)", ckpt, original),
+                ("w8a8, per token and 128 features", ckpt, int8_per_token_group(128)),
+                ("w8a8, per token and 32 features", ckpt, int8_per_token_group(32))]
+    for label, model, quantizer in variants:
+        if quantizer is not None:
+            methods.fake_quant_int8_per_token = quantizer
+        try:
+            report = evaluate([model], reference="default", max_tokens=args.max_tokens, dtype="float32",
+                              device="cpu", log=print)
+        finally:
+            methods.fake_quant_int8_per_token = original
+        rows[label] = report["results"][0]
+        print(label, rows[label], flush=True)
+    date = datetime.date.today().isoformat()
+    q8k = rows["llama.cpp Q8_0"]["kld_mean"]
+    lines = [f"# w8a8 with grouped int8 activations: the default model, CPU, {date}", "",
+             f"`python benchmarks/w8a8_act_groups.py`: one checkpoint (`lowbit quantize {' '.join(recipe)}`), its "
+             "activations fake-quantized three ways on the float32 reference path; {} tokens, reference the default "
+             "GGUF dequantized to float32 (as `quant_table.py`). No GPU kernel takes grouped int8 activations.".format(
+                 report["tokens"]), "",
+             "| model | mean KLD | vs Q8_0 | top-1 |", "| --- | ---: | ---: | ---: |"]
+    for label, r in rows.items():
+        lines.append(f"| {label} | {r['kld_mean']:.5f} | {r['kld_mean'] / q8k:.2f}x | "
+                     f"{100 * r['top1_agreement']:.1f}% |")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"w8a8-act-groups-cpu-{date}{'-sq' if args.smoothquant else ''}.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
