@@ -29,7 +29,7 @@ from results_file import write_results  # noqa: E402
 
 from lowbit.kernels import matmul_packed as mp
 from lowbit.kernels import matmul_unpacked as mu
-from lowbit.kernels import moe, tuning
+from lowbit.kernels import linear, moe, tuning
 
 MS = [1, 4, 16, 64, 256, 4096]
 SHAPES = {  # name -> (N, K) of DeepSeek-R1 layers
@@ -159,6 +159,11 @@ def gemm_table(ceil: dict, quick: bool) -> list[dict]:
                 nbytes = weights[s][3] + M * K * 2 + M * N * 2
                 row[s] = {"us": t * 1e6, "speedup": t_ref / t, "tflops": flops / t / 1e12,
                           "GBps": nbytes / t / 1e9, "config": cfg}
+                if fam[0] == "packed" and fam[2] == mp.ACT_NONE and M > linear.DEQUANT_ABOVE_ROWS:
+                    # what the engine runs at this M: dequantize, then the matrix library (kernels/linear.py)
+                    pw = weights[s][0]
+                    t_eng = bench(lambda x=x, pw=pw: torch.nn.functional.linear(x, mp.dequantize(pw, x.dtype)))
+                    row[s]["engine_us"], row[s]["engine_speedup"] = t_eng * 1e6, t_ref / t_eng
             rows.append(row)
             print(f"{name} M={M}: cublas {t_ref * 1e6:.1f} us | " + " | ".join(
                 f"{s} {row[s]['us']:.1f} us {row[s]['speedup']:.2f}x" for s in SCHEMES), flush=True)
@@ -286,7 +291,9 @@ def write(out_dir: str, device: str, ceil: dict, rows: list[dict], moe_rows: lis
         for r in (r for r in rows if r["shape"] == shape):
             L.append(f"| {r['M']} | {r['cublas_us']:.1f} us, {r['cublas_GBps']:.0f} GB/s | " + " | ".join(
                 f"{r[s]['us']:.1f} us, **{r[s]['speedup']:.2f}x**, {r[s]['tflops']:.0f} TF/s, "
-                f"{r[s]['GBps']:.0f} GB/s" for s in SCHEMES) + " |")
+                f"{r[s]['GBps']:.0f} GB/s" + (f"; engine (dequantize + cuBLAS) {r[s]['engine_us']:.1f} us, "
+                                             f"**{r[s]['engine_speedup']:.2f}x**" if "engine_us" in r[s] else "")
+                for s in SCHEMES) + " |")
         L.append("")
     if moe_rows:
         L += ["## Fused MoE: bytes of the experts reached over the time", "",

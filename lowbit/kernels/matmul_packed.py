@@ -297,6 +297,46 @@ if triton is not None:
         store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
 
+if triton is not None:
+    @triton.jit
+    def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_on,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
+                        TK: tl.constexpr):
+        """One K tile of BN rows: the packed words back to (value - zero) * scale in out's dtype."""
+        PW: tl.constexpr = 32 // BITS
+        PLANE: tl.constexpr = TK // PW
+        HALF: tl.constexpr = 1 << (BITS - 1)
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        t = tl.program_id(1)
+        r = tl.arange(0, PLANE)
+        n_mask = n < N
+        words = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + r)[None, :], mask=n_mask[:, None], other=0)
+        for j in tl.static_range(PW):
+            cols = t * TK + j * PLANE + r
+            u = (words >> (j * BITS)) & ((1 << BITS) - 1)
+            g = (t * TK + j * PLANE) // GROUP if GROUP > 0 else 0
+            s = tl.load(s_ptr + g * N + n, mask=n_mask, other=0.0)
+            if HAS_ZP:
+                z = tl.load(z_ptr + g * N + n, mask=n_mask, other=HALF)[:, None]
+            else:
+                z = HALF
+            w = (u - z).to(tl.float32) * s[:, None]
+            tl.store(out_ptr + n[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty),
+                     mask=n_mask[:, None] & (cols[None, :] < K))
+
+
+def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int = 0) -> torch.Tensor:
+    """One expert's weights [N, K] in `dtype`, for the matrix libraries (large M: see PackedLinear)."""
+    out = torch.empty(pw.n, pw.k, dtype=dtype, device=pw.words.device)
+    bn = 64
+    k_tiles = pw.words.shape[2] * (32 // pw.bits) // pw.tile_k
+    zeros = pw.zeros[expert] if pw.zeros is not None else pw.scales[expert]
+    _dequant_kernel[(triton.cdiv(pw.n, bn), k_tiles)](
+        pw.words[expert], pw.scales[expert], zeros, out, pw.n, pw.k, pw.words.stride(1), out.stride(0),
+        BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, BN=bn, TK=pw.tile_k, num_warps=4)
+    return out
+
+
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
            config: dict, moe: tuple | None = None, fuse_silu: bool = False,
            routed_weights: torch.Tensor | None = None, x_row_div: int = 1) -> torch.Tensor:

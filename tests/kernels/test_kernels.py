@@ -231,3 +231,27 @@ def test_fused_moe(scheme, T):
         cfg = dict(BM=16, BN=32, SWAP=True)
         out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), skip.to(DEV), config=cfg, may_skip=True)
         assert rel(out, ref) < bound
+
+
+@pytest.mark.parametrize("bits,group,asym", [(4, 128, False), (4, 64, True), (8, 0, False), (8, 128, True)])
+def test_dequantize_kernel_matches_unpack(bits, group, asym):
+    """The packed words back to 16-bit weights (what large-M weight-only layers hand to the matrix library)."""
+    N, K = 80, 640
+    values, scale, zp = random_packed(1, N, K, bits, group, asym, seed=bits + group)
+    pw = mp.repack(values, scale, zp, bits, group)
+    ref = mp.unpack(pw)[0].double()
+    out = mp.dequantize(to_dev(pw), DTYPE)
+    assert out.shape == (N, K) and out.dtype == DTYPE
+    assert rel(out, ref) < BOUND
+
+
+def test_large_m_weight_only_layer_takes_the_dequantized_path(monkeypatch):
+    from lowbit.kernels import linear
+    values, scale, zp = random_packed(1, 48, 256, 4, 128, False, seed=3)
+    layer = linear.PackedLinear(to_dev(mp.repack(values, scale, zp, 4, 128)), mp.ACT_NONE, None)
+    monkeypatch.setattr(linear, "DEQUANT_ABOVE_ROWS", 8)
+    x = torch.randn(20, 256, generator=gen(20)).to(DTYPE)
+    ref = mp.packed_matmul_ref(x.float(), mp.repack(values, scale, zp, 4, 128))
+    calls = []
+    monkeypatch.setattr(mp, "dequantize", lambda *a, f=mp.dequantize: calls.append(1) or f(*a))
+    assert rel(layer(x.to(DEV)), ref) < BOUND and calls
