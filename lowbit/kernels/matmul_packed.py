@@ -299,15 +299,20 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_on,
+    def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_we, stride_wn, stride_se, stride_oe, stride_on,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
                         TK: tl.constexpr):
-        """One K tile of BN rows: the packed words back to (value - zero) * scale in out's dtype."""
+        """One K tile of BN rows of one expert: the packed words back to (value - zero) * scale in out's dtype."""
         PW: tl.constexpr = 32 // BITS
         PLANE: tl.constexpr = TK // PW
         HALF: tl.constexpr = 1 << (BITS - 1)
         n = tl.program_id(0) * BN + tl.arange(0, BN)
         t = tl.program_id(1)
+        e = tl.program_id(2).to(tl.int64)
+        w_ptr += e * stride_we
+        s_ptr += e * stride_se
+        z_ptr += e * stride_se
+        out_ptr += e * stride_oe
         r = tl.arange(0, PLANE)
         n_mask = n < N
         words = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + r)[None, :], mask=n_mask[:, None], other=0)
@@ -325,16 +330,23 @@ if triton is not None:
                      mask=n_mask[:, None] & (cols[None, :] < K))
 
 
-def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int = 0) -> torch.Tensor:
-    """One expert's weights [N, K] in `dtype`, for the matrix libraries (large M: see PackedLinear)."""
-    out = torch.empty(pw.n, pw.k, dtype=dtype, device=pw.words.device)
+def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0) -> torch.Tensor:
+    """One expert's weights [N, K] (expert=None: all of them, [E, N, K]) in `dtype`, for the matrix libraries and
+    the 16-bit MoE kernel at large M (see PackedLinear, moe.fused_moe)."""
+    words, scales = pw.words, pw.scales
+    zeros = pw.zeros if pw.zeros is not None else pw.scales
+    if expert is not None:
+        words, scales, zeros = words[expert:expert + 1], scales[expert:expert + 1], zeros[expert:expert + 1]
+    E = words.shape[0]
+    out = torch.empty(E, pw.n, pw.k, dtype=dtype, device=words.device)
     bn = 64
-    k_tiles = pw.words.shape[2] * (32 // pw.bits) // pw.tile_k
-    zeros = pw.zeros[expert] if pw.zeros is not None else pw.scales[expert]
-    _dequant_kernel[(triton.cdiv(pw.n, bn), k_tiles)](
-        pw.words[expert], pw.scales[expert], zeros, out, pw.n, pw.k, pw.words.stride(1), out.stride(0),
-        BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, BN=bn, TK=pw.tile_k, num_warps=4)
-    return out
+    k_tiles = words.shape[2] * (32 // pw.bits) // pw.tile_k
+    if E:
+        _dequant_kernel[(triton.cdiv(pw.n, bn), k_tiles, E)](
+            words, scales, zeros, out, pw.n, pw.k, words.stride(0), words.stride(1), scales.stride(0),
+            out.stride(0), out.stride(1),
+            BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, BN=bn, TK=pw.tile_k, num_warps=4)
+    return out[0] if expert is not None else out
 
 
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,

@@ -164,6 +164,14 @@ class UnpackedExperts:
                          routed_weights=routed_weights, x_row_div=x_row_div)
 
 
+DEQUANT_ROWS_PER_EXPERT = 128  # token slots per expert from which weight-only experts run dequantized, 16-bit
+DEQUANT_MAX_BYTES = 2 << 30  # and only where all of a layer's experts fit in this much 16-bit memory (V2-Lite: 1.1 GB)
+
+
+def _weight_only(w) -> bool:
+    return isinstance(w, PackedExperts) and w.act == mp.ACT_NONE
+
+
 def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               config: dict | None = None, may_skip: bool = False) -> torch.Tensor:
     """x [T, H]; w13 gate_up experts [E, 2I, H]; w2 down experts [E, H, I]; topk_* [T, k] -> [T, H] in x's dtype.
@@ -175,6 +183,12 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     _, h2, inter_size = w2.shape
     assert h13 == H and h2 == H and two_i == 2 * inter_size, f"w13 {w13.shape} / w2 {w2.shape} vs hidden {H}"
     n = T * k
+    if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and _weight_only(w13) and _weight_only(w2)
+            and E * (two_i * h13 + h2 * inter_size) * x.element_size() <= DEQUANT_MAX_BYTES):
+        # prefill: every expert sees many rows; the 16-bit kernel on weights dequantized for this call outruns the
+        # packed one there (dense layers: kernels/linear.py PackedLinear)
+        w13 = UnpackedExperts(mp.dequantize(w13.weight, x.dtype, expert=None))
+        w2 = UnpackedExperts(mp.dequantize(w2.weight, x.dtype, expert=None))
     per_expert = -(-n // min(n, E))  # rows an expert sees when routing spreads: what the block size should fit
     cfg1 = config or w13.config(per_expert, inter_size, H)
     cfg2 = config or w2.config(per_expert, H, inter_size)

@@ -255,3 +255,20 @@ def test_large_m_weight_only_layer_takes_the_dequantized_path(monkeypatch):
     calls = []
     monkeypatch.setattr(mp, "dequantize", lambda *a, f=mp.dequantize: calls.append(1) or f(*a))
     assert rel(layer(x.to(DEV)), ref) < BOUND and calls
+
+
+def test_fused_moe_with_many_rows_runs_weight_only_experts_dequantized(monkeypatch):
+    """From DEQUANT_ROWS_PER_EXPERT slots per expert on, weight-only packed experts run in the 16-bit kernel on
+    weights dequantized for the call: the same result as the packed kernel's."""
+    E, H, inter, k, T = 4, 256, 128, 2, 12
+    w13, d13, _ = make_experts("w4a16", E, 2 * inter, H, seed=5)
+    w2, d2, _ = make_experts("w4a16", E, H, inter, seed=6)
+    x = torch.randn(T, H, generator=gen(7)).to(DTYPE)
+    topk = torch.stack([torch.randperm(E, generator=gen(t))[:k] for t in range(T)])
+    weights = torch.rand(T, k, generator=gen(8))
+    ref = moe.fused_moe_ref(x, d13, d2, weights, topk)
+    calls = []
+    monkeypatch.setattr(moe, "DEQUANT_ROWS_PER_EXPERT", 2)
+    monkeypatch.setattr(mp, "dequantize", lambda *a, f=mp.dequantize, **kw: calls.append(1) or f(*a, **kw))
+    out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
+    assert len(calls) == 2 and rel(out, ref) < BOUND
