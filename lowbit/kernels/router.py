@@ -47,7 +47,7 @@ if triton_available():
                     best = best + tl.max(tl.where(e == first, float("-inf"), c), axis=0)
                 group_scores = tl.where(g_idx == g, best, group_scores)
             keep = tl.zeros([E_P], dtype=tl.int1)
-            for r in tl.static_range(TOPK_GROUP):
+            for _ in tl.static_range(TOPK_GROUP):
                 gbest = tl.argmax(group_scores, axis=0)
                 keep = keep | (gid == gbest)
                 group_scores = tl.where(g_idx == gbest, float("-inf"), group_scores)
