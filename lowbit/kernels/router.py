@@ -1,5 +1,5 @@
 """The MoE router after its logits, one launch: scores (softmax or sigmoid), the correction bias (noaux_tc),
-group-limited selection, top-k, the weights normalized and scaled. The torch form (models/deepseek.py Gate) takes
+group-limited selection, top-k, the weights normalized and scaled. The torch form (`route_ref`, the CPU path) takes
 about 18 launches per MoE layer for DeepSeek-V3/R1's grouped sigmoid routing, at batch-1 decode each costing more
 than its work.
 """
@@ -8,6 +8,28 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import triton_available
+
+
+def route_ref(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
+              bias: torch.Tensor | None, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] (float32) -> (weights [T, K] float32, expert ids [T, K]). n_group > 1: only the experts of the
+    topk_group best groups may be chosen, a group scored by its best choice (no bias) or its best two (bias)."""
+    scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias
+    if n_group > 1:
+        grouped = choice.view(logits.shape[0], n_group, -1)  # [T, G, E/G]
+        if bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+        keep = group_scores.topk(topk_group, dim=-1)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~mask[:, :, None].expand_as(grouped).reshape_as(choice), float("-inf"))
+    ids = choice.topk(top_k, dim=-1)[1]  # [T, K]
+    weights = scores.gather(1, ids)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
 
 if triton_available():
     import triton
@@ -69,7 +91,7 @@ if triton_available():
 
 def route(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
           bias: torch.Tensor | None, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] (float32) -> (weights [T, K] float32, expert ids [T, K] int64), as Gate.forward routes."""
+    """The kernel of route_ref: (weights [T, K] float32, expert ids [T, K] int64)."""
     T, E = logits.shape
     assert logits.stride(1) == 1 and E % n_group == 0 and top_k <= E, f"logits {tuple(logits.shape)}"
     weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)

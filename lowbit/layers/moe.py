@@ -11,7 +11,17 @@ import torch
 from torch import nn
 
 from lowbit.engine import parallel
+from lowbit.kernels.linear import kernels_enabled
+from lowbit.kernels.router import route, route_ref
 from lowbit.layers.mlp import GatedMLP
+
+
+def select_experts(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
+                   bias: torch.Tensor | None, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router after its logits [T, E]: (weights [T, K] float32, expert ids [T, K]), see kernels/router.py; one
+    launch on a GPU, the torch reference elsewhere."""
+    choose = route if logits.is_cuda and kernels_enabled(logits.device) else route_ref
+    return choose(logits, top_k, n_group, topk_group, sigmoid, bias, normalize, scaling)
 
 
 class Experts(nn.ModuleDict):
@@ -45,7 +55,7 @@ class Experts(nn.ModuleDict):
     def process_weights_after_loading(self) -> None:
         """On the kernel path, stack the local experts' weights for the fused MoE (one launch per projection for all
         experts); any expert whose weights no kernel covers keeps the whole layer on the torch path."""
-        from lowbit.kernels.linear import kernels_enabled, stack_experts
+        from lowbit.kernels.linear import stack_experts
         from lowbit.layers.linear import UnquantizedLinearMethod
         self._fused = None
         first = self[self.local[0]].down_proj

@@ -8,13 +8,11 @@ from torch import nn
 
 from lowbit.config import ModelConfig
 from lowbit.engine import parallel
-from lowbit.kernels.linear import kernels_enabled
-from lowbit.kernels.router import route
 from lowbit.layers.attention import MLAAttention
 from lowbit.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from lowbit.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from lowbit.layers.mlp import GatedMLP
-from lowbit.layers.moe import Experts
+from lowbit.layers.moe import Experts, select_experts
 from lowbit.layers.norm import RMSNorm
 from lowbit.layers.rotary import RotaryEmbedding, yarn_get_mscale
 
@@ -110,27 +108,10 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K] float32, expert ids [T, K])."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        if logits.is_cuda and kernels_enabled(logits.device):  # the rest in one launch
-            grouped = self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc")
-            return route(logits, self.top_k, self.n_group if grouped else 1, self.topk_group,
-                         self.scoring_func == "sigmoid", self.e_score_correction_bias,
-                         self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor)
-        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc"):
-            grouped = choice.view(x.shape[0], self.n_group, -1)  # [T, G, E/G]
-            if self.e_score_correction_bias is None:
-                group_scores = grouped.amax(dim=-1)
-            else:
-                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
-            keep = group_scores.topk(self.topk_group, dim=-1)[1]
-            mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = choice.masked_fill(~mask[:, :, None].expand_as(grouped).reshape_as(choice), float("-inf"))
-        ids = choice.topk(self.top_k, dim=-1)[1]  # [T, K]
-        weights = scores.gather(1, ids)
-        if self.norm_topk_prob and self.top_k > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, ids
+        grouped = self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc")
+        return select_experts(logits, self.top_k, self.n_group if grouped else 1, self.topk_group,
+                              self.scoring_func == "sigmoid", self.e_score_correction_bias,
+                              self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor)
 
 
 class MoE(nn.Module):
