@@ -115,6 +115,21 @@ if triton is not None:
     from lowbit.kernels.rows import program_rows, store_rows
 
     @triton.jit
+    def _int4_to_16bit(u, z, dtype: tl.constexpr, HAS_ZP: tl.constexpr):
+        """Unsigned nibbles u minus their zero point z, exactly, in bf16 or fp16, without I2F (a quarter-rate
+        instruction that would bound the kernel): the nibble as the low mantissa bits of 128.0 (bf16 0x4300) or
+        1024.0 (fp16 0x6400) is 128 + u or 1024 + u exactly, and subtracting 128 + z (or 1024 + z) is exact."""
+        if dtype == tl.bfloat16:
+            w = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            off = z + 128
+        else:
+            w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            off = z + 1024
+        if HAS_ZP:
+            return w - off.to(dtype)
+        return w - tl.full([1, 1], off, dtype)  # a 16-bit constant: a Python number would promote w to fp32
+
+    @triton.jit
     def _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, n_rows, n_mask,
                     K, num_groups, n_total, t_start, t_end, inv_in_scale,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
@@ -173,19 +188,7 @@ if triton is not None:
                     if xj.dtype == tl.float32:
                         wm = (u - z).to(tl.float32)
                     elif BITS == 4:
-                        # int -> float without I2F, a quarter-rate instruction that would bound the kernel: the
-                        # nibble as the low mantissa bits of 128.0 (bf16 0x4300) or 1024.0 (fp16 0x6400) is
-                        # 128 + u or 1024 + u exactly, and subtracting 128 + z (or 1024 + z) is exact in 16 bits
-                        if xj.dtype == tl.bfloat16:
-                            w = (u | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-                            off = z + 128
-                        else:
-                            w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                            off = z + 1024
-                        if HAS_ZP:
-                            wm = w - off.to(xj.dtype)
-                        else:  # a 16-bit constant: a Python number would promote the weights to fp32
-                            wm = w - tl.full([1, 1], off, xj.dtype)
+                        wm = _int4_to_16bit(u, z, xj.dtype, HAS_ZP)
                     else:
                         wm = (u - z).to(xj.dtype)
                     xm = xj
@@ -197,12 +200,7 @@ if triton is not None:
                         xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
                     else:
                         xq = xj
-                    # the weights to fp16 without I2F, as above (int4 values are exact in fp16 and in e4m3)
-                    w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-                    if HAS_ZP:
-                        wm = w - (z + 1024).to(tl.float16)
-                    else:
-                        wm = w - tl.full([1, 1], z + 1024, tl.float16)
+                    wm = _int4_to_16bit(u, z, tl.float16, HAS_ZP)  # int4 values are exact in fp16 and in e4m3
                     if BM >= 64 and not SWAP:  # FP8 tensor cores (wgmma)
                         wm = wm.to(tl.float8e4nv)
                         xm = xq
@@ -210,8 +208,8 @@ if triton is not None:
                         # small M runs on the 16-bit MMA anyway: the same exact products in fp16 (e4m3 values are
                         # fp16 numbers)
                         xm = xq.to(tl.float16)
-                # the products of one scale group accumulate in one chain (the tensor cores run it without waiting
-                # in between), the group's scale applies once at its end; integer products chain in int32
+                # the products of one scale group accumulate in one chain and the group's scale applies once at its
+                # end (integer products chain in int32)
                 if j % PPG == 0:
                     if ACT == 2:
                         d = tl.zeros(acc.shape, dtype=tl.int32)
