@@ -132,6 +132,16 @@ def variants():
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have
 
 
+def inspect_packed(bits: int, act: int, cfg: dict) -> dict:
+    """The dense packed GEMM compiled with an engine / tuning configuration (K filling its tiles, as R1's do)."""
+    const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False,
+                 BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits), SPLIT_K=cfg.get("SPLIT_K", 1),
+                 SWAP=cfg.get("SWAP", False), EVEN_K=True)
+    x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
+    return inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
+                                   cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
+
+
 def check_engine_configs() -> list[str]:
     """Compile the configuration the engine picks for each kernel family and M bucket (R1 dense-down shape) and
     return what is wrong: shared memory over the limit, register spills, no
@@ -143,12 +153,7 @@ def check_engine_configs() -> list[str]:
     for m in (1, 16, 256, 4096):
         for bits, act in ((4, mp.ACT_NONE), (8, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC), (4, mp.ACT_INT8_TOKEN)):
             cfg = tuning.packed_config(m, N, K, bits, act)
-            const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False,
-                         ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits),
-                         SPLIT_K=cfg.get("SPLIT_K", 1), SWAP=cfg.get("SWAP", False), EVEN_K=True)
-            x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
-            r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
-                                        cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
+            r = inspect_packed(bits, act, cfg)
             name = f"packed bits={bits} act={act} M={m} {cfg}"
             if r["smem"] > SMEM_LIMIT:
                 problems.append(f"{name}: {r['smem']} bytes of shared memory")
@@ -162,11 +167,7 @@ def check_engine_configs() -> list[str]:
         # the swapped candidates autotuning may pick (tuning.candidates)
         for cfg in [c for c in tuning.candidates(True, m, K, 4) if c.get("SWAP")] if m in (1, 256) else []:
             for bits, act in ((4, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC)):
-                const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False,
-                             ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits),
-                             SPLIT_K=cfg.get("SPLIT_K", 1), SWAP=True, EVEN_K=True)
-                r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr="*bf16"), const,
-                                            cfg["num_warps"], cfg["num_stages"]))
+                r = inspect_packed(bits, act, cfg)
                 name = f"packed swapped bits={bits} act={act} M={m} {cfg}"
                 if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
                     problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
