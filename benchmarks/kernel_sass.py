@@ -132,9 +132,9 @@ def variants():
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have
 
 
-def inspect_packed(bits: int, act: int, cfg: dict) -> dict:
+def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False) -> dict:
     """The dense packed GEMM compiled with an engine / tuning configuration (K filling its tiles, as R1's do)."""
-    const = dict(BITS=bits, GROUP=128, HAS_ZP=False, ACT=act, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False,
+    const = dict(BITS=bits, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False,
                  BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits), SPLIT_K=cfg.get("SPLIT_K", 1),
                  SWAP=cfg.get("SWAP", False), EVEN_K=True)
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
@@ -164,6 +164,12 @@ def check_engine_configs() -> list[str]:
             if m <= 16 and bits == 4 and act == mp.ACT_NONE and r["I2F"]:
                 problems.append(f"{name}: {r['I2F']} I2F")
             print(f"{name}: {r}", flush=True)
+        # asymmetric w4a16 (zero points): its own int4 -> 16-bit branch (a compile error there once reached a GPU)
+        cfg = tuning.packed_config(m, N, K, 4, mp.ACT_NONE)
+        r = inspect_packed(4, mp.ACT_NONE, cfg, has_zp=True)
+        if r["spill_bytes"] or r["HGMMA"] + r["HMMA"] == 0:
+            problems.append(f"packed asymmetric M={m} {cfg}: {r['spill_bytes']} spilled, no MMA?")
+        print(f"packed asymmetric bits=4 M={m} {cfg}: {r}", flush=True)
         # the swapped candidates autotuning may pick (tuning.candidates)
         for cfg in [c for c in tuning.candidates(True, m, K, 4) if c.get("SWAP")] if m in (1, 256) else []:
             for bits, act in ((4, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC)):

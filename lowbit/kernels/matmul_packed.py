@@ -126,8 +126,10 @@ if triton is not None:
             w = (u | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
             off = z + 1024
         if HAS_ZP:
-            return w - off.to(dtype)
-        return w - tl.full([1, 1], off, dtype)  # a 16-bit constant: a Python number would promote w to fp32
+            w = w - off.to(dtype)
+        else:  # (one return: the compiler also visits the statements after a return inside a constexpr branch)
+            w = w - tl.full([1, 1], off, dtype)  # a 16-bit constant: a Python number would promote w to fp32
+        return w
 
     @triton.jit
     def _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, n_rows, n_mask,
