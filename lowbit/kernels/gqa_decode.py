@@ -93,4 +93,4 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
             v_cache.stride(2), block_tables.stride(0), block_tables.shape[1],
             D=D, DV=Dv, D_P=max(16, triton.next_power_of_2(D)), DV_P=max(16, triton.next_power_of_2(Dv)),
             PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2)
-    return combine(partial, lse).to(q.dtype)
+    return combine(partial, lse, q.dtype)

@@ -89,4 +89,4 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
             H, scale, q.stride(0), q.stride(1), kv_cache.stride(1), block_tables.stride(0), block_tables.shape[1],
             R=rank, DR=rope, R_P=max(16, triton.next_power_of_2(rank)), DR_P=max(16, triton.next_power_of_2(rope)),
             PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2)
-    return combine(partial, lse).to(q.dtype)
+    return combine(partial, lse, q.dtype)
