@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import matmul_packed as mp, matmul_unpacked as mu, moe, triton_available
+from lowbit.kernels import cdiv, matmul_packed as mp, matmul_unpacked as mu, moe, triton_available
 
 
 def kernels_enabled(device: torch.device) -> bool:
@@ -143,3 +143,60 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
             scale = scale.reshape(len(parts), -1)
         return moe.UnpackedExperts(torch.stack([p.weight for p in parts]).contiguous(), first.kind, scale)
     return None
+
+
+def _rows_cols(part, rows: slice, cols: slice):
+    """A bf16 weight / PackedLinear / UnpackedLinear restricted to rows x cols; None where the cut is off the
+    weight's scale grid (groups, 128x128 blocks)."""
+    if isinstance(part, torch.Tensor):
+        return part[rows, cols]
+    if isinstance(part, PackedLinear):
+        pw = mp.slice_rows_cols(part.weight, rows, cols)
+        return None if pw is None else PackedLinear(pw, part.act, part.input_scale)
+    if isinstance(part, UnpackedLinear):
+        w, scale = part.weight[rows, cols], part.scale
+        if part.kind == mu.KIND_INT8_CHANNEL:
+            scale = scale[rows]
+        elif part.kind == mu.KIND_FP8_BLOCK:
+            b = mu.FP8_BLOCK
+            (r0, r1, _), (c0, c1, _) = rows.indices(part.weight.shape[0]), cols.indices(part.weight.shape[1])
+            if r0 % b or c0 % b or (r1 % b and r1 != part.weight.shape[0]) or (c1 % b and c1 != part.weight.shape[1]):
+                return None
+            scale = scale[r0 // b:cdiv(r1, b), c0 // b:cdiv(c1, b)]
+        return UnpackedLinear(w.contiguous(), part.kind, None if scale is None else scale.contiguous())
+    return None
+
+
+def _cat_rows(parts: list):
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, PackedLinear):
+        return PackedLinear(mp.cat_rows([p.weight for p in parts]), first.act, first.input_scale)
+    scale = None if first.scale is None else torch.cat([p.scale for p in parts])
+    return UnpackedLinear(torch.cat([p.weight for p in parts]), first.kind, scale)
+
+
+def split_shared(gate_up, down, n: int) -> tuple[list, list] | None:
+    """A shared MLP n experts wide (gate_up [2S, H], down [H, S], as kernel parts) -> n gate_up parts [2S/n, H] and
+    n down parts [H, S/n], each piece an expert's shape, for the fused MoE to run as n more experts (SGLang's
+    shared-experts fusion); None where a cut is off the weights' scale grid."""
+    if n == 1:
+        return [gate_up], [down]
+    two_s = gate_up.shape[0] if isinstance(gate_up, torch.Tensor) else (
+        gate_up.weight.n if isinstance(gate_up, PackedLinear) else gate_up.weight.shape[0])
+    s = two_s // 2
+    if s % n:
+        return None
+    i = s // n
+    every = slice(None)
+    pieces13, pieces2 = [], []
+    for j in range(n):
+        gate = _rows_cols(gate_up, slice(j * i, (j + 1) * i), every)
+        up = _rows_cols(gate_up, slice(s + j * i, s + (j + 1) * i), every)
+        dn = _rows_cols(down, every, slice(j * i, (j + 1) * i))
+        if gate is None or up is None or dn is None:
+            return None
+        pieces13.append(_cat_rows([gate, up]))
+        pieces2.append(dn)
+    return pieces13, pieces2

@@ -72,19 +72,53 @@ def repack(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor |
     return PackedWeight(words.contiguous(), scales, zeros, bits, group_size, N, K, tile_k)
 
 
-def unpack(pw: PackedWeight) -> torch.Tensor:
-    """The inverse of repack's value layout: float32 dequantized weights [E, N, K] (for the reference)."""
+def _unsigned(pw: PackedWeight) -> torch.Tensor:
+    """The stored unsigned values (value + 2^(bits-1)), int64 [E, N, K]."""
     per_word = 32 // pw.bits
     plane = pw.tile_k // per_word
     E, N, words = pw.words.shape
     w = pw.words.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per_word, dtype=torch.int64, device=w.device) * pw.bits
     u = (w.view(E, N, -1, plane)[..., None] >> shifts) & ((1 << pw.bits) - 1)  # [E, N, T, w, j]
-    u = u.transpose(-1, -2).reshape(E, N, -1)[..., :pw.k]
+    return u.transpose(-1, -2).reshape(E, N, -1)[..., :pw.k]
+
+
+def values(pw: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of repack: (signed values int8 [E, N, K], scales [E, N, groups], zero points or None)."""
+    half = 1 << (pw.bits - 1)
+    zp = None if pw.zeros is None else (pw.zeros - half).transpose(1, 2)
+    return (_unsigned(pw) - half).to(torch.int8), pw.scales.transpose(1, 2), zp
+
+
+def slice_rows_cols(pw: PackedWeight, rows: slice, cols: slice) -> PackedWeight | None:
+    """One expert's weight restricted to output rows and input columns [E, rows, cols], repacked; None where the
+    columns do not start on a scale-group boundary."""
+    g = pw.group_size
+    start, stop = cols.start or 0, min(cols.stop if cols.stop is not None else pw.k, pw.k)
+    if g and start % g:
+        return None
+    v, s, z = values(pw)
+    gs = slice(start // g, cdiv(stop, g)) if g else slice(None)
+    return repack(v[:, rows, start:stop], s[:, rows, gs], None if z is None else z[:, rows, gs], pw.bits, g,
+                  pw.tile_k)
+
+
+def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
+    """Weights of one configuration stacked along their output rows."""
+    v, s, z = zip(*(values(p) for p in parts))
+    first = parts[0]
+    return repack(torch.cat(v, 1), torch.cat(s, 1), None if z[0] is None else torch.cat(z, 1), first.bits,
+                  first.group_size, first.tile_k)
+
+
+def unpack(pw: PackedWeight) -> torch.Tensor:
+    """The inverse of repack's value layout: float32 dequantized weights [E, N, K] (for the reference)."""
+    E, N, _ = pw.words.shape
+    u = _unsigned(pw)
     groups = pw.scales.shape[1]
     g = pw.group_size or pw.k
     zeros = pw.zeros if pw.zeros is not None else torch.full((E, groups, N), 1 << (pw.bits - 1),
-                                                               device=w.device)
+                                                               device=u.device)
     expand = lambda t: t.transpose(1, 2).repeat_interleave(g, dim=2)[..., :pw.k].double()
     return ((u.double() - expand(zeros)) * expand(pw.scales)).float()
 

@@ -11,9 +11,12 @@ from lowbit.kernels import triton_available
 
 
 def route_ref(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
-              bias: torch.Tensor | None, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+              bias: torch.Tensor | None, normalize: bool, scaling: float,
+              shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] (float32) -> (weights [T, K] float32, expert ids [T, K]). n_group > 1: only the experts of the
-    topk_group best groups may be chosen, a group scored by its best choice (no bias) or its best two (bias)."""
+    topk_group best groups may be chosen, a group scored by its best choice (no bias) or its best two (bias).
+    shared > 0: `shared` more slots for every token, experts E .. E + shared - 1 with weight 1 (the shared experts,
+    where the fused MoE runs them as experts of its own)."""
     scores = logits.sigmoid() if sigmoid else logits.softmax(dim=-1)
     choice = scores if bias is None else scores + bias
     if n_group > 1:
@@ -29,7 +32,12 @@ def route_ref(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, s
     weights = scores.gather(1, ids)
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * scaling, ids
+    weights = weights * scaling
+    if shared:
+        T, E = logits.shape
+        extra = torch.arange(E, E + shared, device=ids.device).expand(T, shared)
+        weights, ids = torch.cat([weights, weights.new_ones(T, shared)], 1), torch.cat([ids, extra], 1)
+    return weights, ids
 
 if triton_available():
     import triton
@@ -39,7 +47,7 @@ if triton_available():
     def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, scaling,
                       E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
                       TOPK_GROUP: tl.constexpr,
-                      SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+                      SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHARED: tl.constexpr):
         """One token. G > 1: groups of E / G experts, scored by their best (no bias) or best two (bias) choices;
         only the TOPK_GROUP best groups' experts may be chosen. Ties go to the lower index, as in torch.topk."""
         t = tl.program_id(0)
@@ -85,21 +93,25 @@ if triton_available():
             choice = tl.where(e == i, float("-inf"), choice)
         if NORM:
             top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)
-        tl.store(w_ptr + t * K + k_idx, top_w * scaling, mask=k_idx < K)
-        tl.store(ids_ptr + t * K + k_idx, top_i, mask=k_idx < K)
+        tl.store(w_ptr + t * (K + SHARED) + k_idx, top_w * scaling, mask=k_idx < K)
+        tl.store(ids_ptr + t * (K + SHARED) + k_idx, top_i, mask=k_idx < K)
+        for j in tl.static_range(SHARED):  # the shared experts' slots, weight 1
+            tl.store(w_ptr + t * (K + SHARED) + K + j, 1.0)
+            tl.store(ids_ptr + t * (K + SHARED) + K + j, (E + j).to(tl.int64))
 
 
 def route(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
-          bias: torch.Tensor | None, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel of route_ref: (weights [T, K] float32, expert ids [T, K] int64)."""
+          bias: torch.Tensor | None, normalize: bool, scaling: float,
+          shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel of route_ref: (weights [T, K + shared] float32, expert ids [T, K + shared] int64)."""
     T, E = logits.shape
     assert logits.stride(1) == 1 and E % n_group == 0 and top_k <= E, f"logits {tuple(logits.shape)}"
-    weights = torch.empty(T, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(T, top_k + shared, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(T, top_k + shared, dtype=torch.int64, device=logits.device)
     if T:
         _route_kernel[(T,)](logits, bias if bias is not None else logits, weights, ids, E, logits.stride(0),
                             float(scaling), E_P=triton.next_power_of_2(E), K=top_k, K_P=triton.next_power_of_2(top_k), G=n_group,
                             G_P=triton.next_power_of_2(n_group),
                             TOPK_GROUP=topk_group, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORM=normalize,
-                            num_warps=4)
+                            SHARED=shared, num_warps=4)
     return weights, ids

@@ -17,11 +17,12 @@ from lowbit.layers.mlp import GatedMLP
 
 
 def select_experts(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
-                   bias: torch.Tensor | None, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router after its logits [T, E]: (weights [T, K] float32, expert ids [T, K]), see kernels/router.py; one
-    launch on a GPU, the torch reference elsewhere."""
+                   bias: torch.Tensor | None, normalize: bool, scaling: float,
+                   shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router after its logits [T, E]: (weights [T, K + shared] float32, expert ids [T, K + shared]), see
+    kernels/router.py; one launch on a GPU, the torch reference elsewhere."""
     choose = route if logits.is_cuda and kernels_enabled(logits.device) else route_ref
-    return choose(logits, top_k, n_group, topk_group, sigmoid, bias, normalize, scaling)
+    return choose(logits, top_k, n_group, topk_group, sigmoid, bias, normalize, scaling, shared)
 
 
 class Experts(nn.ModuleDict):
@@ -52,12 +53,19 @@ class Experts(nn.ModuleDict):
     def owns(self, e: int) -> bool:
         return e in self.local
 
+    def fuse_shared(self, mlp: GatedMLP, n: int) -> None:
+        """Offer a shared MLP n experts wide to the fused MoE, to run as n more experts (ids num_experts ..) in the
+        same launches: its three matmuls, activation and sum were five launches per layer at batch-1 decode.
+        Taken up in process_weights_after_loading where the weights allow it; `num_shared` says whether."""
+        self.__dict__["_shared_mlp"] = (mlp, n)  # not a submodule: its parameters keep their own names
+
     def process_weights_after_loading(self) -> None:
         """On the kernel path, stack the local experts' weights for the fused MoE (one launch per projection for all
         experts); any expert whose weights no kernel covers keeps the whole layer on the torch path."""
-        from lowbit.kernels.linear import stack_experts
+        from lowbit.kernels.linear import split_shared, stack_experts
         from lowbit.layers.linear import UnquantizedLinearMethod
         self._fused = None
+        self.num_shared = 0
         first = self[self.local[0]].down_proj
         device = next(iter(first.parameters())).device
         if not kernels_enabled(device):
@@ -75,14 +83,23 @@ class Experts(nn.ModuleDict):
         if w13 is None or w2 is None:
             return
         self._fused = (w13, w2)
-        for e in self.local:  # the stacked copies are the weights from now on
-            for layer in (self[e].gate_up_proj, self[e].down_proj):
-                layer._kernel = None
-                for p in layer.parameters(recurse=False):
-                    p.data = p.data.new_empty(0)
+        layers = [m for e in self.local for m in (self[e].gate_up_proj, self[e].down_proj)]
+        mlp, n = self.__dict__.get("_shared_mlp", (None, 0))
+        if mlp is not None and not self.expert_parallel:
+            pieces = split_shared(part(mlp.gate_up_proj), part(mlp.down_proj), n)
+            if pieces is not None and all(p is not None for p in pieces[0] + pieces[1]):
+                w13, w2 = stack_experts(gate_up + pieces[0]), stack_experts(down + pieces[1])
+                if w13 is not None and w2 is not None:
+                    self._fused, self.num_shared = (w13, w2), n
+                    layers += [mlp.gate_up_proj, mlp.down_proj]
+        for layer in layers:  # the stacked copies are the weights from now on
+            layer._kernel = None
+            for p in layer.parameters(recurse=False):
+                p.data = p.data.new_empty(0)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, D], topk_ids / topk_weights [T, K] -> sum_k weight_k * expert_k(x) [T, D], over all ranks."""
+        """x [T, D], topk_ids / topk_weights [T, K] -> sum_k weight_k * expert_k(x) [T, D], over all ranks (ids
+        from num_experts on: the shared experts, where num_shared says they are fused)."""
         if getattr(self, "_fused", None) is not None:
             from lowbit.kernels.moe import fused_moe
             ids = topk_ids

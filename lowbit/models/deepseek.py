@@ -105,13 +105,14 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] -> (weights [T, K] float32, expert ids [T, K])."""
+    def forward(self, x: torch.Tensor, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> (weights [T, K] float32, expert ids [T, K]); shared > 0 appends that many slots of weight 1
+        for the shared experts, numbered after the routed ones."""
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
         grouped = self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc")
         return select_experts(logits, self.top_k, self.n_group if grouped else 1, self.topk_group,
                               self.scoring_func == "sigmoid", self.e_score_correction_bias,
-                              self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor)
+                              self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor, shared)
 
 
 class MoE(nn.Module):
@@ -123,11 +124,14 @@ class MoE(nn.Module):
         self.shared_experts = (GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
                                         quant_config, f"{prefix}.shared_experts", dtype)
                                if cfg.n_shared_experts else None)
+        if self.shared_experts is not None:
+            self.experts.fuse_shared(self.shared_experts, cfg.n_shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
+        fused = getattr(self.experts, "num_shared", 0)  # the shared experts run inside the fused MoE
+        weights, ids = self.gate(x, fused)
         y = self.experts(x, ids, weights)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not fused:
             y = y + self.shared_experts(x)
         return y
 

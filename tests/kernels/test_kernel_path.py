@@ -30,7 +30,8 @@ ACT_QUANT = set(LAYER_BOUND)
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    return make_deepseek(tmp_path_factory.mktemp("src"), mtp=False)
+    # two shared experts: the fused MoE runs them as two more experts, cut from the shared MLP's weights
+    return make_deepseek(tmp_path_factory.mktemp("src"), mtp=False, n_shared_experts=2)
 
 
 def quantized(source, tmp_path, scheme):
@@ -54,8 +55,9 @@ def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
     llm = LLM(path, device=DEV, dtype=DTYPE, num_kv_blocks=16)
     model = llm.engine.runner.model
     kernels = [n for n, m in model.named_modules() if getattr(m, "_kernel", None) is not None]
-    fused = [n for n, m in model.named_modules() if getattr(m, "_fused", None) is not None]
+    fused = [n.rsplit(".experts", 1)[0] for n, m in model.named_modules() if getattr(m, "_fused", None) is not None]
     assert fused, "the routed experts run in the fused MoE"
+    assert all(model.get_submodule(n).experts.num_shared == 2 for n in fused), "and the shared experts with them"
     assert scheme == "bf16" or kernels, "quantized linears run in the GPU kernels"
     # every kernel layer against the reference layer of the same name, on the same inputs
     ref_modules = dict(ref_llm.engine.runner.model.named_modules())
