@@ -15,12 +15,18 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, stride_x, stride_o, eps, BLOCK: tl.constexpr):
-        """One row: x / sqrt(mean(x^2) + eps), rounded to x's dtype, times the weight (as the HF models do)."""
+    def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, stride_x, stride_r, stride_o, eps,
+                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+        """One row: x / sqrt(mean(x^2) + eps), rounded to x's dtype, times the weight (as the HF models do).
+        HAS_RES: x + residual first, rounded to x's dtype as torch's add rounds, and written to sum_ptr."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            tl.store(sum_ptr + row * stride_x + cols, x, mask=mask)
         xf = x.to(tl.float32)
         inv = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=0) / N + eps)
         y = (xf * inv).to(x.dtype).to(tl.float32)
@@ -51,17 +57,28 @@ if triton_available():
         tl.store(ob + HALF, (x2 * c + x1 * s).to(ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x [..., N] (rows with unit stride) -> the same shape, in the dtype `weight * x` has in torch."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x [..., N] (rows with unit stride) -> the same shape, in the dtype `weight * x` has in torch. With a residual
+    (the decoder's running sum, same shape and dtype): (the norm of x + residual, x + residual), one launch where
+    the add and the norm were two."""
     N = x.shape[-1]
     assert weight.shape == (N,) and x.stride(-1) == 1, f"x {tuple(x.shape)} vs weight {tuple(weight.shape)}"
     x2 = x.reshape(-1, N)
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    res = summed = x2
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
+        res = residual.reshape(-1, N)
+        summed = torch.empty_like(x2)
     if x2.shape[0]:
         block = triton.next_power_of_2(N)
-        _rms_norm_kernel[(x2.shape[0],)](x2, weight, out, N, x2.stride(0), out.stride(0), eps, BLOCK=block,
+        _rms_norm_kernel[(x2.shape[0],)](x2, res, summed, weight, out, N, x2.stride(0), res.stride(0),
+                                         out.stride(0), eps, BLOCK=block, HAS_RES=residual is not None,
                                          num_warps=min(16, max(1, block // 512)))
-    return out.view(x.shape)
+    if residual is None:
+        return out.view(x.shape)
+    return out.view(x.shape), summed.view(x.shape)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

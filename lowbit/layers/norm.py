@@ -11,9 +11,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and kernels_enabled(x.device) and x.stride(-1) == 1:
-            return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The norm of x; with a residual, (the norm of x + residual, x + residual): the decoder blocks' add and
+        norm, one launch on the kernel path."""
+        if x.is_cuda and kernels_enabled(x.device) and x.stride(-1) == 1 and (
+                residual is None or residual.stride(-1) == 1):
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -148,9 +148,16 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this block's MLP output, the running sum before it): the sum of the two is the block's output, and the
+        next norm adds them (one launch with the norm on the kernel path)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(positions, h), residual)
+        return self.mlp(h), residual
 
 
 class SharedHead(nn.Module):
@@ -177,8 +184,8 @@ class MTPLayer(Block):
     def forward(self, positions: torch.Tensor, next_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """next_ids [T], the main model's final hidden states [T, D] -> this layer's logits [T, V]."""
         x = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)], dim=-1))
-        x = super().forward(positions, x)
-        return self.shared_head.head(self.shared_head.norm(x))
+        x, residual = super().forward(positions, x)
+        return self.shared_head.head(self.shared_head.norm(x, residual)[0])
 
 
 class DeepseekModel(nn.Module):
@@ -195,9 +202,10 @@ class DeepseekModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, D]
+        residual = None
         for layer in self.layers:
-            x = layer(positions, x)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual)
+        return self.norm(x, residual)[0]
 
 
 class DeepseekForCausalLM(nn.Module):

@@ -94,7 +94,10 @@ def run_layer(block: nn.Module, x: torch.Tensor, seq_lens: list[int], positions:
         m.bind_cache([torch.zeros(s, dtype=x.dtype, device=x.device) for s in m.cache_shape(num_blocks, CACHE_BLOCK)])
     set_context(ctx)
     try:
-        return (forward or block)(positions, x)
+        out = (forward or block)(positions, x)
+        if isinstance(out, tuple):  # a decoder block: (its MLP output, the running sum before it)
+            out = out[1] + out[0]
+        return out
     finally:
         reset_context()
         for m in _attention_modules(block):

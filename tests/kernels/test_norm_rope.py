@@ -37,6 +37,24 @@ def test_rms_norm(dtype, rows, n):
     assert ((out.double().cpu() - ref).abs() <= 2 * ULP[dtype] * ref.abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 64), (5, 2048)])
+def test_add_rms_norm_equals_the_torch_layer(dtype, rows, n):
+    """With a residual: the sum exactly as torch's add rounds it, and the norm of that sum as without one."""
+    x = (torch.randn(rows, n, generator=gen(n)) * 3).to(dtype)
+    r = (torch.randn(rows, n, generator=gen(n + 2)) * 3).to(dtype)
+    w = (torch.rand(n, generator=gen(n + 1)) + 0.5).to(dtype)
+    out, summed = rms_norm(x.to(DEV), w.to(DEV), 1e-6, residual=r.to(DEV))
+    assert torch.equal(summed.cpu(), x + r)
+    torch.testing.assert_close(out.cpu(), rms_norm(x + r, w, 1e-6) if DEV == "cpu" else
+                               rms_norm((x + r).to(DEV), w.to(DEV), 1e-6).cpu(), rtol=0, atol=0)
+    layer = RMSNorm(n, 1e-6)
+    layer.weight.data = w
+    ref_out, ref_sum = layer(x, r)  # the torch path (CPU, no kernels)
+    assert torch.equal(ref_sum, summed.cpu())
+    assert ((out.double().cpu() - ref_out.double()).abs() <= 2 * ULP[dtype] * ref_out.double().abs() + 1e-6).all()
+
+
 def rope_ref(x, cos, sin, interleaved):
     xd, c, s = x.double(), cos.double()[:, None, :], sin.double()[:, None, :]
     x1, x2 = (xd[..., 0::2], xd[..., 1::2]) if interleaved else xd.chunk(2, dim=-1)
