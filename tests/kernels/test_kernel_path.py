@@ -76,9 +76,14 @@ def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
     worst = max(errors, key=errors.get)
     assert errors[worst] < LAYER_BOUND.get(scheme, 1e-2), (worst, errors[worst])
     # and the whole model: activation quantization rounds differently once float16 rounding upstream differs, and
-    # the tiny random model amplifies that, so the end-to-end bound is looser where activations are quantized
+    # the tiny random model amplifies that, so the end-to-end bound is looser where activations are quantized.
+    # Where the 16-bit reference itself is far from float32 (a token routed to another expert: bf16 on an H100,
+    # 2026-11-23, kernels vs reference 0.108 with every layer within 1%), the kernels may be as far on the other
+    # side: d(kernels, ref) <= d(kernels, fp32) + d(ref, fp32), allowing the kernels 1.5x the reference's distance.
     err = ((out - ref).norm() / ref.norm()).item()
-    assert err < (2e-1 if scheme in ACT_QUANT else 2e-2), err
+    exact = LLM(path, device="cpu", dtype="float32", num_kv_blocks=16).logits(ids)
+    floor = ((ref.cpu().float() - exact).norm() / exact.norm()).item()
+    assert err < max(2e-1 if scheme in ACT_QUANT else 2e-2, 2.5 * floor), (err, floor)
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.8
 
 
