@@ -195,10 +195,16 @@ def check_engine_configs() -> list[str]:
                 problems.append(f"{name}: no warpgroup MMA at large M")
             print(f"{name}: {r}", flush=True)
     # the decode kernels around the GEMMs: each compiles (the interpreter does not check what only the compiler does)
-    from lowbit.kernels import moe, norm_rope, router
+    from lowbit.kernels import moe, norm_rope, router, split_kv
     small = [
-        ("rms_norm bf16 7168", norm_rope._rms_norm_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
-         dict(BLOCK=8192), 16, ("eps",)),
+        ("rms_norm bf16 7168", norm_rope._rms_norm_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16",
+                                                             "w_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(BLOCK=8192, HAS_RES=False), 16, ("eps",)),
+        ("residual add + rms_norm bf16 7168", norm_rope._rms_norm_kernel,
+         {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(BLOCK=8192, HAS_RES=True), 16, ("eps",)),
+        ("split-KV combine, 16 splits x 512", split_kv._combine_kernel,
+         {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}, dict(S=16, S_P=16, BR=1, D_P=512), 4, ()),
         ("rope bf16 interleaved 64, 128 heads", norm_rope._rope_kernel,
          {"x_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16"},
          dict(HALF=32, BLOCK=32, BH=128, INTERLEAVED=True), 4, ()),
@@ -210,7 +216,7 @@ def check_engine_configs() -> list[str]:
          dict(BITS=4, GROUP=128, HAS_ZP=False, BN=64, TK=256), 4, ()),
         ("router R1", router._route_kernel,
          {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64"},
-         dict(E_P=256, K=8, K_P=8, G=8, G_P=8, TOPK_GROUP=4, SIGMOID=True, HAS_BIAS=True, NORM=True), 4,
+         dict(E_P=256, K=8, K_P=8, G=8, G_P=8, TOPK_GROUP=4, SIGMOID=True, HAS_BIAS=True, NORM=True, SHARED=1), 4,
          ("scaling",)),
     ]
     for name, fn, ptrs, const, warps, floats in small:
