@@ -1,6 +1,9 @@
 """What per-token-group int8 activation scales would give w8a8 on the default model (issue #3's open question): the
 same w8a8 checkpoint evaluated with its activations quantized per token (the scheme as it is), per token and group of
-128 features, and per token and group of 32 (llama.cpp Q8_0's block), against llama.cpp Q8_0 of the same weights.
+128 features, and per token and group of 32 (llama.cpp Q8_0's block), against llama.cpp Q8_0 of the same weights,
+both as the issue measures it (weights only, float activations) and as llama.cpp's CPU dot product computes it
+(every matmul input quantized to Q8_0 too: blocks of 32, scale absmax / 127 rounded to fp16, round half away from
+zero; emulated on the linear layers' inputs, not on lm_head, which favours Q8_0 slightly).
 An experiment on the CPU reference path only: no kernel runs grouped int8 activations.
 
     python benchmarks/w8a8_act_groups.py [--workdir /tmp/w8a8-groups] [--max-tokens 4096] [--smoothquant]
@@ -36,6 +39,16 @@ def int8_per_token_group(group: int):
     return fake_quant
 
 
+def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
+    """ggml's quantize_row_q8_0 and back: blocks of 32, d = absmax / 127 stored as fp16, round(x / d) away from 0."""
+    T, n = x.shape
+    xf = F.pad(x.float(), (0, -n % 32)).view(T, -1, 32)
+    d = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).half().float()
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.sign(xf * inv) * torch.floor((xf * inv).abs() + 0.5)
+    return (q * d).view(T, -1)[:, :n].to(x.dtype)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="/tmp/w8a8-groups")
@@ -53,24 +66,44 @@ def main() -> None:
         requantize_gguf(default_model_path(), q8, "Q8_0")
     rows = {}
     original = methods.fake_quant_int8_per_token
-    variants = [("llama.cpp Q8_0", q8, None), ("w8a8, per token (the scheme)", ckpt, original),
+    variants = [("llama.cpp Q8_0", q8, None), ("llama.cpp Q8_0, activations Q8_0 too (its CPU dot product)", q8, "q8"),
+                ("w8a8, per token (the scheme)", ckpt, original),
                 ("w8a8, per token and 128 features", ckpt, int8_per_token_group(128)),
                 ("w8a8, per token and 32 features", ckpt, int8_per_token_group(32))]
+    from lowbit.eval import runner
+    from lowbit.layers.linear import LinearBase
+    linear_forward, load = LinearBase.forward, runner._load
+
+    def q8_forward(self, x):  # only the layers of the model under test, never the reference's
+        if getattr(self, "q8_act", False):
+            x = q8_0_activations(x.reshape(-1, x.shape[-1])).view(x.shape)
+        return linear_forward(self, x)
+
+    def load_q8(path, *a, **kw):
+        llm = load(path, *a, **kw)
+        if path == q8:
+            for m in llm.engine.runner.model.modules():
+                if isinstance(m, LinearBase):
+                    m.q8_act = True
+        return llm
     for label, model, quantizer in variants:
-        if quantizer is not None:
+        if quantizer == "q8":
+            LinearBase.forward, runner._load = q8_forward, load_q8
+        elif quantizer is not None:
             methods.fake_quant_int8_per_token = quantizer
         try:
             report = evaluate([model], reference="default", max_tokens=args.max_tokens, dtype="float32",
                               device="cpu", log=print)
         finally:
             methods.fake_quant_int8_per_token = original
+            LinearBase.forward, runner._load = linear_forward, load
         rows[label] = report["results"][0]
         print(label, rows[label], flush=True)
     date = datetime.date.today().isoformat()
     q8k = rows["llama.cpp Q8_0"]["kld_mean"]
     lines = [f"# w8a8 with grouped int8 activations: the default model, CPU, {date}", "",
              f"`python benchmarks/w8a8_act_groups.py`: one checkpoint (`lowbit quantize {' '.join(recipe)}`), its "
-             "activations fake-quantized three ways on the float32 reference path; {} tokens, reference the default "
+             "activations fake-quantized three ways on the float32 reference path, beside Q8_0 with and without its activations quantized; {} tokens, reference the default "
              "GGUF dequantized to float32 (as `quant_table.py`). No GPU kernel takes grouped int8 activations.".format(
                  report["tokens"]), "",
              "| model | mean KLD | vs Q8_0 | top-1 |", "| --- | ---: | ---: | ---: |"]
