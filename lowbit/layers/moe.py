@@ -46,6 +46,7 @@ class Experts(nn.ModuleDict):
         self.expert_parallel = expert_parallel
         self.local = local
         self.reduce = expert_parallel or parallel.tp_size() > 1
+        self.num_shared = 0  # shared experts run in the fused MoE (fuse_shared), set at load
 
     def __getitem__(self, e: int | str) -> GatedMLP:
         return super().__getitem__(str(e))
@@ -79,19 +80,24 @@ class Experts(nn.ModuleDict):
         down = [part(self[e].down_proj) for e in self.local]
         if any(p is None for p in gate_up + down):
             return
-        w13, w2 = stack_experts(gate_up), stack_experts(down)
-        if w13 is None or w2 is None:
-            return
-        self._fused = (w13, w2)
         layers = [m for e in self.local for m in (self[e].gate_up_proj, self[e].down_proj)]
         mlp, n = self.__dict__.get("_shared_mlp", (None, 0))
+        fused = None
         if mlp is not None and not self.expert_parallel:
-            pieces = split_shared(part(mlp.gate_up_proj), part(mlp.down_proj), n)
-            if pieces is not None and all(p is not None for p in pieces[0] + pieces[1]):
-                w13, w2 = stack_experts(gate_up + pieces[0]), stack_experts(down + pieces[1])
-                if w13 is not None and w2 is not None:
-                    self._fused, self.num_shared = (w13, w2), n
+            shared_parts = part(mlp.gate_up_proj), part(mlp.down_proj)
+            pieces = split_shared(*shared_parts, n) if all(p is not None for p in shared_parts) else None
+            if pieces is not None:  # one stack for routed and shared experts, where one configuration covers all
+                fused = stack_experts(gate_up + pieces[0]), stack_experts(down + pieces[1])
+                if any(f is None for f in fused):
+                    fused = None
+                else:
+                    self.num_shared = n
                     layers += [mlp.gate_up_proj, mlp.down_proj]
+        if fused is None:
+            fused = stack_experts(gate_up), stack_experts(down)
+            if any(f is None for f in fused):
+                return
+        self._fused = fused
         for layer in layers:  # the stacked copies are the weights from now on
             layer._kernel = None
             for p in layer.parameters(recurse=False):

@@ -9,6 +9,7 @@ from torch import nn
 from lowbit.config import ModelConfig
 from lowbit.engine import parallel
 from lowbit.layers.attention import MLAAttention
+from lowbit.layers.block import PreNormBlock
 from lowbit.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from lowbit.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from lowbit.layers.mlp import GatedMLP
@@ -128,7 +129,7 @@ class MoE(nn.Module):
             self.experts.fuse_shared(self.shared_experts, cfg.n_shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = getattr(self.experts, "num_shared", 0)  # the shared experts run inside the fused MoE
+        fused = self.experts.num_shared  # the shared experts run inside the fused MoE
         weights, ids = self.gate(x, fused)
         y = self.experts(x, ids, weights)
         if self.shared_experts is not None and not fused:
@@ -136,7 +137,7 @@ class MoE(nn.Module):
         return y
 
 
-class Block(nn.Module):
+class Block(PreNormBlock):
     def __init__(self, cfg: ModelConfig, layer_idx: int, quant_config, prefix: str, dtype,
                  rotary: RotaryEmbedding | None = None):
         super().__init__()
@@ -147,17 +148,6 @@ class Block(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, quant_config, f"{prefix}.mlp", dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this block's MLP output, the running sum before it): the sum of the two is the block's output, and the
-        next norm adds them (one launch with the norm on the kernel path)."""
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(positions, h), residual)
-        return self.mlp(h), residual
 
 
 class SharedHead(nn.Module):

@@ -7,6 +7,7 @@ from torch import nn
 from lowbit.config import ModelConfig
 from lowbit.engine import parallel
 from lowbit.layers.attention import Attention
+from lowbit.layers.block import PreNormBlock
 from lowbit.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from lowbit.layers.linear import QKVParallelLinear, RowParallelLinear
 from lowbit.layers.mlp import GatedMLP
@@ -50,24 +51,13 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o.reshape(T, self.q_size))
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(PreNormBlock):
     def __init__(self, cfg: ModelConfig, quant_config, prefix: str, dtype, rotary: RotaryEmbedding):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, quant_config, f"{prefix}.self_attn", dtype, rotary)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, quant_config, f"{prefix}.mlp", dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this block's MLP output, the running sum before it): the sum of the two is the block's output, and the
-        next norm adds them (one launch with the norm on the kernel path)."""
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(positions, h), residual)
-        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
