@@ -56,30 +56,44 @@ def capturable(model: torch.nn.Module) -> bool:
 
 
 class DecodeGraphs:
+    """One graph per batch size: the forward, the logits and their argmax (greedy decoding's token, on the device).
+
+    A step's inputs reach the graph in two host-to-device copies from pinned buffers, filled in Python from the
+    sequences: token ids, positions, cache slots and context lengths in one [4, n] buffer, the block tables in
+    another; spare rows of a larger graph point at the scratch block (one token of context)."""
+
     def __init__(self, model: torch.nn.Module, batch_sizes: list[int], max_blocks_per_seq: int, block_size: int,
                  scratch_block: int, device: torch.device):
+        from lowbit.kernels.greedy import argmax_rows
         self.model, self.block_size = model, block_size
         self.sizes = sorted(set(batch_sizes))
         n = self.sizes[-1]
-        self.scratch_slot = scratch_block * block_size
-        self.ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.pos = torch.zeros(n, dtype=torch.long, device=device)
-        self.slots = torch.full((n,), self.scratch_slot, dtype=torch.long, device=device)
+        self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
+        self.small = torch.zeros(4, n, dtype=torch.long, device=device)  # ids, positions, slots, context lengths
+        self.small[2].fill_(self.scratch_slot)
+        self.small[3].fill_(1)
+        self.ids, self.pos, self.slots, self.lens = self.small.unbind(0)
         self.tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
-        self.lens = torch.ones(n, dtype=torch.long, device=device)
+        self._host_small = torch.empty(4, n, dtype=torch.long).pin_memory()
+        self._host_tables = self.tables.cpu().pin_memory()
+        self._np_small, self._np_tables = self._host_small.numpy(), self._host_tables.numpy()
+        self._copied = torch.cuda.Event()  # the last copy out of the pinned buffers has run
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def step(b):
+            logits = self.model.compute_logits(self.model(self.ids[:b], self.pos[:b]))  # [b, V]
+            return logits, argmax_rows(logits)
         pool = None
         for b in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            ctx = self._context(b)
-            set_context(ctx)
+            set_context(self._context(b))
             try:
-                self.model(self.ids[:b], self.pos[:b])  # warm-up: compiles the kernels outside the capture
+                step(b)  # warm-up: compiles the kernels outside the capture
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
                 set_context(self._context(b))
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self.model(self.ids[:b], self.pos[:b])
+                    out = step(b)
             finally:
                 reset_context()
             pool = graph.pool()
@@ -93,20 +107,26 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def run(self, ids: torch.Tensor, pos: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """One decode step of len(ids) sequences -> hidden states [B, D] (a view of the graph's output buffer, valid
-        until the next replay)."""
-        B = ids.shape[0]
+    def run(self, seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step of the sequences (each adds its last token) -> (logits [B, V] in the model's dtype, argmax
+        ids [B]), views of the graph's buffers valid until the next replay."""
+        B = len(seqs)
         b = next(s for s in self.sizes if s >= B)
-        w = ctx.block_tables.shape[1]
-        self.ids[:B].copy_(ids)
-        self.pos[:B].copy_(pos)
-        self.slots[:B].copy_(ctx.slot_mapping)
-        self.lens[:B].copy_(ctx.context_lens)
-        self.tables[:B, :w].copy_(ctx.block_tables)
+        bs = self.block_size
+        self._copied.synchronize()  # the pinned buffers are free again (a follower rank never reads a token back)
+        hs, ht = self._np_small, self._np_tables
+        for i, seq in enumerate(seqs):
+            n = len(seq)
+            table = seq.block_table
+            hs[0, i], hs[1, i], hs[3, i] = seq.last_token, n - 1, n
+            hs[2, i] = table[(n - 1) // bs] * bs + (n - 1) % bs
+            ht[i, :len(table)] = table
         if B < b:  # spare rows: one token of context in the scratch block
-            self.slots[B:b].fill_(self.scratch_slot)
-            self.lens[B:b].fill_(1)
-            self.tables[B:b, 0].fill_(self.scratch_slot // self.block_size)
+            hs[0, B:b], hs[1, B:b], hs[2, B:b], hs[3, B:b] = 0, 0, self.scratch_slot, 1
+            ht[B:b, 0] = self.scratch_block
+        self.small.copy_(self._host_small, non_blocking=True)
+        self.tables[:b].copy_(self._host_tables[:b], non_blocking=True)
+        self._copied.record()
         self.graphs[b].replay()
-        return self.outputs[b][:B]
+        logits, greedy = self.outputs[b]
+        return logits[:B], greedy[:B]

@@ -242,7 +242,7 @@ class LLMEngine:
         if not seqs:
             return outputs
         logits = self._run(seqs, is_prefill)  # [B, V]
-        samples = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs])
+        samples = self.sampler(logits, [s.params for s in seqs], [s.seq_id for s in seqs], self.runner.greedy_ids)
         if not self._leading:  # every rank schedules: all take rank 0's tokens
             for sample, tok in zip(samples, parallel.broadcast_from_first([r.token_id for r in samples])):
                 sample.token_id = tok

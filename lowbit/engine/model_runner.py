@@ -7,7 +7,7 @@ from torch import nn
 
 from lowbit.config import EngineConfig, ModelConfig
 from lowbit.engine.sequence import Sequence
-from lowbit.layers.attention import Context, get_context, reset_context, set_context
+from lowbit.layers.attention import Context, reset_context, set_context
 from lowbit.models.loader import Checkpoint, build_model, load_weights, model_class
 from lowbit.quant import gguf
 
@@ -55,6 +55,7 @@ class ModelRunner:
         self.num_blocks = engine_cfg.num_kv_blocks or self._blocks_for_memory(engine_cfg.kv_cache_memory_gb)
         self._allocate_cache(self.num_blocks + 1)  # block num_blocks: scratch for the padding rows of CUDA graphs
         self.graphs = None
+        self.greedy_ids: torch.Tensor | None = None  # the last graph step's argmax ids
         if device.type == "cuda":
             from lowbit.engine.cuda_graphs import DecodeGraphs, capturable, graph_batch_sizes, warm_up_prefill
             # compile every prefill size bucket now, not in the first requests
@@ -123,13 +124,15 @@ class ModelRunner:
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
-        """Next-token logits, float32: [B, V] for each sequence's last token, or [T, V] for every new token."""
+        """Next-token logits: [B, V] for each sequence's last token, or [T, V] for every new token; float32, except
+        from a CUDA graph (the model's dtype, with `greedy_ids`, their argmax [B] on the device, set beside)."""
+        self.greedy_ids = None
+        if not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs)):
+            logits, self.greedy_ids = self.graphs.run(seqs)
+            return logits
         ids, pos = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
         try:
-            if not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs)):
-                hidden = self.graphs.run(ids, pos, get_context())
-            else:
-                hidden = self.model(ids, pos)  # [T, D]
+            hidden = self.model(ids, pos)  # [T, D]
         finally:
             reset_context()
         if is_prefill and not all_logits:

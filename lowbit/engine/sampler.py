@@ -32,17 +32,21 @@ class Sampler:
             self._generators[seq_id] = g
         return g
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int]) -> list[SampleResult]:
-        """logits [B, V] float32 -> one SampleResult per row."""
-        greedy = logits.argmax(dim=-1).tolist()
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int],
+                 greedy_ids: torch.Tensor | None = None) -> list[SampleResult]:
+        """logits [B, V] (float32, or the model's dtype) -> one SampleResult per row; greedy_ids: their argmax where
+        it is computed already (the decode graph's)."""
+        greedy = None
+        if any(p.greedy for p in params):
+            greedy = (greedy_ids if greedy_ids is not None else logits.argmax(dim=-1)).tolist()
         want_lp = any(p.logprobs is not None for p in params)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if want_lp else None
         results = []
         for i, p in enumerate(params):
             if p.greedy:
                 tok = greedy[i]
             else:
-                tok = self._sample_row(logits[i], p, self._generator(seq_ids[i], p.seed, logits.device))
+                tok = self._sample_row(logits[i].float(), p, self._generator(seq_ids[i], p.seed, logits.device))
             r = SampleResult(tok)
             if p.logprobs is not None:
                 r.logprob = logprobs[i, tok].item()

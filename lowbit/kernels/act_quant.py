@@ -36,6 +36,18 @@ def fp8_static_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x.float() / scale.float().reshape(())).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def fp8_grid_rows_ref(x: torch.Tensor, scales: torch.Tensor, row_experts: torch.Tensor | None = None,
+                      row_div: int = 1) -> torch.Tensor:
+    """Static FP8 quantization kept in x's dtype (e4m3 values are exact there): row i of the output is row
+    i // row_div of x through the scale of expert row_experts[i] (all rows: scales[0] where row_experts is None;
+    a negative expert, a slot no expert of this rank takes, through scales[0] too)."""
+    n = x.shape[0] * row_div if row_experts is None else row_experts.numel()
+    src = x[torch.arange(n, device=x.device) // row_div].float()
+    e = torch.zeros(n, dtype=torch.long, device=x.device) if row_experts is None else row_experts.long().clamp(min=0)
+    s = scales.float().reshape(-1)[e]
+    return (src / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 try:
     import triton
@@ -73,6 +85,39 @@ if triton is not None:
                 r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
                 q = tl.clamp(r, -128.0, 127.0).to(tl.int8)
             tl.store(q_ptr + row * stride_q + cols, q, mask=mask)
+
+
+    @triton.jit
+    def _fp8_grid_kernel(x_ptr, out_ptr, s_ptr, e_ptr, K, stride_x, stride_o, row_div,
+                         HAS_E: tl.constexpr, BLOCK: tl.constexpr):
+        """One output row: x's row (row // row_div) divided by its expert's scale, rounded to e4m3 and stored in
+        the output's 16-bit dtype (the w4a8 GEMM at small M then runs the 16-bit path: the same exact products)."""
+        row = tl.program_id(0)
+        e = 0
+        if HAS_E:
+            e = tl.maximum(tl.load(e_ptr + row), 0)
+        s = tl.load(s_ptr + e)
+        src = (row // row_div).to(tl.int64)
+        for off in range(0, K, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + src * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+            q = tl.clamp(tl.div_rn(v, s), -448.0, 448.0).to(tl.float8e4nv)
+            tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=cols < K)
+
+
+def fp8_grid_rows(x: torch.Tensor, scales: torch.Tensor, row_experts: torch.Tensor | None = None,
+                  row_div: int = 1) -> torch.Tensor:
+    """The kernel of fp8_grid_rows_ref, one launch: x [M, K] -> [M * row_div or len(row_experts), K]."""
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K] with contiguous rows"
+    n = x.shape[0] * row_div if row_experts is None else row_experts.numel()
+    out = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
+    scales = scales.float().reshape(-1).contiguous()
+    if n:
+        block = min(triton.next_power_of_2(x.shape[1]), 2048)
+        _fp8_grid_kernel[(n,)](x, out, scales, row_experts if row_experts is not None else scales, x.shape[1],
+                               x.stride(0), out.stride(0), row_div, HAS_E=row_experts is not None, BLOCK=block,
+                               num_warps=4)
+    return out
 
 
 def _quant_rows(x: torch.Tensor, group: int, to_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,10 @@ from lowbit.kernels import act_quant, cdiv
 from lowbit.kernels.rows import grid_and_rows
 
 ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN, ACT_FP8_TOKEN = 0, 1, 2, 3
+# w4a8 at small M: x already on the static FP8 grid in 16 bits (act_quant.fp8_grid_rows, one launch for all N tiles
+# instead of a quantization in each), the 16-bit path's exact products, the input scale applied at the end
+ACT_FP8_GRID = 4
+FP8_GRID_MAX_ROWS = 64  # rows up to which w4a8 takes ACT_FP8_GRID (beyond: FP8 tensor cores)
 
 
 @dataclass
@@ -220,7 +224,7 @@ if triton is not None:
                         z = zv[None, :]
                 else:
                     z = HALF
-                if ACT == 0:
+                if ACT == 0 or ACT == 4:
                     if xj.dtype == tl.float32:
                         wm = (u - z).to(tl.float32)
                     elif BITS == 4:
@@ -300,7 +304,7 @@ if triton is not None:
         t_start = pid_k * tiles
         t_end = t_start + tiles
         inv_in_scale = 1.0
-        if ACT == 1:  # static input scale, one per expert
+        if ACT == 1 or ACT == 4:  # static input scale, one per expert
             in_scale = tl.load(xs_ptr + e)
             inv_in_scale = 1.0 / in_scale
         w_base = w_ptr + e * stride_we
@@ -317,7 +321,7 @@ if triton is not None:
                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K)
             if SWAP:
                 up = tl.trans(up)
-        if ACT == 1:
+        if ACT == 1 or ACT == 4:
             acc = acc * in_scale
             if FUSE_SILU:
                 up = up * in_scale
@@ -431,7 +435,9 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_
     xq, xs = quantize_input(x, act)
     if act == ACT_FP8_STATIC:
         xs = input_scale.float().reshape(1)
-        if x.shape[0] > 64:
+        if x.shape[0] <= FP8_GRID_MAX_ROWS:
+            xq, act = act_quant.fp8_grid_rows(x, xs), ACT_FP8_GRID
+        else:
             # quantized once here rather than in every N tile of the GEMM: the per-token path with one scale
             xq = act_quant.fp8_static_ref(x, xs)
             xs = xs.expand(x.shape[0]).contiguous()

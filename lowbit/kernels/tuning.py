@@ -51,6 +51,11 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
     # compile these for sm_90a)
     if b <= 16:
         cfg = {"BM": 16, "BN": 64 if n >= 8192 else 32, "num_warps": 4, "num_stages": 3}
+        if moe and (n > k or b > 1):
+            # the MoE's down projection (more outputs than inputs), and either projection from two slots an expert:
+            # 64 columns (H100, 2026-11-23, benchmarks/moe_configs.py: 11.7 vs 12.5 us V2-Lite down at one token,
+            # 42.9 vs 47.6 at eight; R1 w4a8 down 49.8 vs 61.1 us); one slot's gate_up keeps 32 (21.9 vs 26.1 us)
+            cfg["BN"] = 64
     elif b <= 64:
         cfg = {"BM": 32 if b <= 32 else 64, "BN": 64, "num_warps": 4, "num_stages": 3}
     elif b <= 256:

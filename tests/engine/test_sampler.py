@@ -56,3 +56,15 @@ def test_stop_string_cuts_the_text_and_stop_token_ends(default_llm):
 def test_invalid_sampling_params_name_the_field(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         SamplingParams(**kw)
+
+
+def test_greedy_rows_take_the_given_argmax_and_16_bit_logits_sample():
+    """The decode graph hands its argmax ids and 16-bit logits: greedy rows take the ids, the others sample from the
+    logits in float32."""
+    logits = torch.tensor([[0.0, 9.0, 1.0], [8.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    s = Sampler()
+    given = torch.tensor([2, 0])  # not the logits' argmax for row 0: proves the ids are what is used
+    out = s(logits, [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=1, logprobs=1)],
+            [1, 2], given)
+    assert [r.token_id for r in out] == [2, 0]
+    assert out[1].logprob == pytest.approx(torch.log_softmax(logits[1].float(), -1)[0].item())

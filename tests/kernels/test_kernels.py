@@ -280,3 +280,50 @@ def test_fused_moe_with_many_rows_runs_weight_only_experts_dequantized(monkeypat
     monkeypatch.setattr(mp, "dequantize", lambda *a, f=mp.dequantize, **kw: calls.append(1) or f(*a, **kw))
     out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
     assert len(calls) == 2 and rel(out, ref) < BOUND
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,k,H", [(1, 8, 64), (5, 3, 1000)])
+def test_moe_sum_adds_each_tokens_slots(dtype, T, k, H):
+    parts = (torch.randn(T, k, H, generator=gen(T * k)) * 4).to(dtype)
+    out = moe.moe_sum(parts.to(DEV)).cpu()
+    ref = parts.double().sum(1)
+    assert out.shape == (T, H) and out.dtype == dtype
+    # float32 accumulation rounded once: half an ulp of the output plus the float32 sums' own error
+    ulp = {torch.float32: 2 ** -23, torch.float16: 2 ** -10}[dtype]
+    assert ((out.double() - ref).abs() <= ulp * ref.abs() + k * 2 ** -22 * parts.double().abs().sum(1)).all()
+
+
+@gpu_only
+@pytest.mark.parametrize("row_div", [1, 3])
+def test_fp8_grid_rows_quantize_each_row_with_its_experts_scale(row_div):
+    """w4a8 at small M: each slot's row on its own expert's static FP8 grid, kept in 16 bits; a slot of no local
+    expert (-1) takes expert 0's scale."""
+    T, K = 4, 300
+    x = (torch.randn(T, K, generator=gen(row_div)) * 3).to(DTYPE)
+    scales = torch.tensor([0.01, 0.02, 0.005, 0.04])
+    experts = torch.randint(-1, 4, (T * row_div,), generator=gen(9))
+    out = aq.fp8_grid_rows(x.to(DEV), scales.to(DEV), experts.to(DEV), row_div).cpu()
+    ref = aq.fp8_grid_rows_ref(x, scales, experts, row_div)
+    assert out.dtype == DTYPE and torch.equal(out, ref)
+    assert torch.equal(out[:, :3], torch.stack([aq.fp8_static_ref(x[i // row_div:i // row_div + 1, :3],
+                                                                  scales[max(int(e), 0)])[0].to(DTYPE)
+                                                for i, e in enumerate(experts)]))
+
+
+@gpu_only
+@pytest.mark.parametrize("T", [1, 9])
+def test_w4a8_moe_small_m_path_equals_the_fp8_tensor_core_path(T):
+    """The slots' rows quantized once on their experts' grids and the 16-bit product (BM < 64) against the FP8
+    tensor-core product that quantizes inside the GEMM (BM = 64), with a different input scale for every expert."""
+    E, H, inter, k = 6, 256, 128, 3
+    w13, _, _ = make_experts("w4a8", E, 2 * inter, H, seed=T)
+    w2, _, _ = make_experts("w4a8", E, H, inter, seed=T + 100)
+    w13.input_scale = (torch.rand(E, generator=gen(1)) * 0.03 + 0.005).to(DEV)
+    w2.input_scale = (torch.rand(E, generator=gen(2)) * 0.03 + 0.005).to(DEV)
+    x = torch.randn(T, H, generator=gen(T)).to(DTYPE).to(DEV)
+    topk = torch.stack([torch.randperm(E, generator=gen(t))[:k] for t in range(T)]).to(DEV)
+    weights = torch.rand(T, k, generator=gen(T + 1)).to(DEV)
+    small = moe.fused_moe(x, w13, w2, weights, topk, config=dict(BM=16, BN=32, num_warps=4, num_stages=3))
+    large = moe.fused_moe(x, w13, w2, weights, topk, config=dict(BM=64, BN=64, num_warps=4, num_stages=3))
+    assert rel(small, large.double().cpu()) < BOUND
