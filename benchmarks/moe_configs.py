@@ -61,7 +61,9 @@ def moe_rows(ceil: dict, geometry: str, schemes: list[str], tokens: list[int]) -
             out = torch.empty(n, H, device="cuda", dtype=torch.bfloat16)
             rw = tw.flatten().float().contiguous()
             per_expert = -(-n // min(n, E + shared))
-            heur = {"gate_up": w13.config(per_expert, inter, H), "down": w2.config(per_expert, H, inter)}
+            packed = isinstance(w13, moe.PackedExperts)
+            heur = {"gate_up": moe.gate_up_config(w13.config(per_expert, inter, H), packed),
+                    "down": w2.config(per_expert, H, inter)}
             for proj, nbytes in (("gate_up", reached * b13), ("down", reached * b2)):
                 def run(cfg, proj=proj, ids=ids, n=n, x=x, inter_buf=inter_buf, out=out, rw=rw, w13=w13, w2=w2):
                     m = (*moe.align(ids, E + shared, cfg["BM"]), n)

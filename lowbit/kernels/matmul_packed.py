@@ -150,7 +150,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from lowbit.kernels.rows import program_rows, store_rows
+    from lowbit.kernels.rows import gate_up_rows, program_rows, silu_mul_pairs, store_rows
 
     @triton.jit
     def _int4_to_16bit(u, z, dtype: tl.constexpr, HAS_ZP: tl.constexpr):
@@ -310,28 +310,24 @@ if triton is not None:
         w_base = w_ptr + e * stride_we
         s_base = s_ptr + e * stride_se
         z_base = z_ptr + e * stride_se
-        acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
-                          K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                          BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K)
+        if FUSE_SILU:  # gate row j and up row j (N + j) side by side: one loop, one pipeline for both
+            w_rows, w_mask = gate_up_rows(pid_n, N, BN)
+            acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, w_rows, w_mask,
+                              K, num_groups, n_total, t_start, t_end, inv_in_scale,
+                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K)
+        else:
+            acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
+                              K, num_groups, n_total, t_start, t_end, inv_in_scale,
+                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K)
         if SWAP:
             acc = tl.trans(acc)
-        if FUSE_SILU:
-            up = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n + N,
-                             n_mask, K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                             BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K)
-            if SWAP:
-                up = tl.trans(up)
         if ACT == 1 or ACT == 4:
             acc = acc * in_scale
-            if FUSE_SILU:
-                up = up * in_scale
         elif ACT >= 2:  # per-token scales of the pre-quantized activations
             xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
             acc = acc * xs[:, None]
-            if FUSE_SILU:
-                up = up * xs[:, None]
         if FUSE_SILU:
-            acc = acc / (1.0 + tl.exp(-acc)) * up
+            acc = silu_mul_pairs(acc, BM, BN)
         store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
 

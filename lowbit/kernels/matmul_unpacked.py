@@ -39,7 +39,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from lowbit.kernels.rows import program_rows, store_rows
+    from lowbit.kernels.rows import gate_up_rows, program_rows, silu_mul_pairs, store_rows
 
     @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
@@ -93,12 +93,14 @@ if triton is not None:
         t_end = t_start + tiles
         w_base = w_ptr + e * stride_we
         ws_base = ws_ptr + e * stride_wse
-        acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
-                            offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
-        if FUSE_SILU:
-            up = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
-                               offs_n + N, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
-            acc = acc / (1.0 + tl.exp(-acc)) * up
+        if FUSE_SILU:  # gate row j and up row j (N + j) side by side: one loop, one pipeline for both
+            w_rows, w_mask = gate_up_rows(pid_n, N, BN)
+            acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
+                                w_rows, w_mask, K, k_groups, t_start, t_end, KIND, BM, 2 * BN, BK)
+            acc = silu_mul_pairs(acc, BM, BN)
+        else:
+            acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
+                                offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
         store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
 

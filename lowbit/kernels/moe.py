@@ -176,6 +176,13 @@ DEQUANT_ROWS_PER_EXPERT = 128  # token slots per expert from which weight-only e
 DEQUANT_MAX_BYTES = 2 << 30  # and only where all of a layer's experts fit in this much 16-bit memory (V2-Lite: 1.1 GB)
 
 
+def gate_up_config(cfg: dict, packed: bool) -> dict:
+    """The gate_up projection's program reads gate and up rows together, 2 * BN weight rows for BN outputs: half the
+    heuristic's BN keeps its tile what the heuristic sized, where a whole one spills registers (the packed kernel,
+    and the unpacked one from BM = 64: benchmarks/kernel_sass.py --check)."""
+    return dict(cfg, BN=max(16, cfg["BN"] // 2)) if packed or cfg["BM"] >= 64 else cfg
+
+
 def _weight_only(w) -> bool:
     return isinstance(w, PackedExperts) and w.act == mp.ACT_NONE
 
@@ -198,7 +205,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         w13 = UnpackedExperts(mp.dequantize(w13.weight, x.dtype, expert=None))
         w2 = UnpackedExperts(mp.dequantize(w2.weight, x.dtype, expert=None))
     per_expert = -(-n // min(n, E))  # rows an expert sees when routing spreads: what the block size should fit
-    cfg1 = config or w13.config(per_expert, inter_size, H)
+    cfg1 = config or gate_up_config(w13.config(per_expert, inter_size, H), isinstance(w13, PackedExperts))
     cfg2 = config or w2.config(per_expert, H, inter_size)
     bm = cfg1["BM"]
     if cfg2["BM"] != bm:

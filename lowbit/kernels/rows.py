@@ -26,6 +26,20 @@ if triton is not None:
             return offs_m, offs_m < M, offs_m, 0
 
     @triton.jit
+    def gate_up_rows(pid_n, N, BN: tl.constexpr):
+        """The 2 * BN weight rows of a fused gate/up program, interleaved: gate row j at 2j, up row N + j at 2j + 1
+        (the output columns pid_n * BN + j); and their mask."""
+        pair = tl.arange(0, 2 * BN)
+        cols = pid_n * BN + pair // 2
+        return cols + (pair % 2) * N, cols < N
+
+    @triton.jit
+    def silu_mul_pairs(acc, BM: tl.constexpr, BN: tl.constexpr):
+        """[BM, 2 * BN] of interleaved (gate, up) columns -> silu(gate) * up [BM, BN]."""
+        gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))
+        return gate / (1.0 + tl.exp(-gate)) * up
+
+    @triton.jit
     def store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr,
                    ROUTED_WEIGHT: tl.constexpr, SPLIT_K: tl.constexpr):
         if ROUTED_WEIGHT:
