@@ -30,7 +30,7 @@ from lowbit.kernels import mla_decode as md  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # M (tokens) and counts derived from K are not multiples of 16; N and K of real layers are (V2-Lite 1408, R1 7168)
-NOT_DIVISIBLE = {"M", "num_groups", "k_tiles", "k_groups", "x_row_div", "H", "G", "max_blocks", "scale"}
+NOT_DIVISIBLE = {"M", "T", "num_groups", "k_tiles", "k_groups", "x_row_div", "H", "G", "max_blocks", "scale"}
 
 
 def compile_variant(fn, ptr_types: dict, const: dict, num_warps: int, num_stages: int, floats=("scale",)):
@@ -132,9 +132,10 @@ def variants():
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have
 
 
-def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False) -> dict:
-    """The dense packed GEMM compiled with an engine / tuning configuration (K filling its tiles, as R1's do)."""
-    const = dict(BITS=bits, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False,
+def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False, moe: bool = False) -> dict:
+    """The dense packed GEMM compiled with an engine / tuning configuration (K filling its tiles, as R1's do); moe:
+    the fused MoE's gate_up projection instead (grouped rows, SiLU fused)."""
+    const = dict(BITS=bits, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=moe, FUSE_SILU=moe, ROUTED_WEIGHT=False,
                  BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits), SPLIT_K=cfg.get("SPLIT_K", 1),
                  SWAP=cfg.get("SWAP", False), EVEN_K=True)
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
@@ -194,8 +195,31 @@ def check_engine_configs() -> list[str]:
             if m >= 4096 and r["HGMMA"] + r["QGMMA"] + r["IMMA"] == 0:
                 problems.append(f"{name}: no warpgroup MMA at large M")
             print(f"{name}: {r}", flush=True)
+    # the fused MoE's gate_up projection (gate and up rows interleaved in one tile, SiLU fused) at R1's shape
+    from lowbit.kernels import moe
+    for m in (1, 4, 64, 4096):
+        for bits, act in ((4, mp.ACT_NONE), (8, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC), (4, mp.ACT_FP8_GRID),
+                          (4, mp.ACT_INT8_TOKEN)):
+            cfg = moe.gate_up_config(tuning.packed_config(m, 2048, 7168, bits, act, moe=True), packed=True)
+            r = inspect_packed(bits, act, cfg, moe=True)
+            name = f"MoE gate_up packed bits={bits} act={act} M={m} {cfg}"
+            if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
+                problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
+            print(f"{name}: {r}", flush=True)
+        for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
+            cfg = moe.gate_up_config(tuning.unpacked_config(m, 2048, 7168, kind, moe=True), packed=False)
+            ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
+                    "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
+            const = dict(KIND=kind, MOE=True, FUSE_SILU=True, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
+                         BK=cfg["BK"], SPLIT_K=1)
+            r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
+                                        cfg.get("num_stages", 3)))
+            name = f"MoE gate_up unpacked kind={kind} M={m} {cfg}"
+            if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
+                problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
+            print(f"{name}: {r}", flush=True)
     # the decode kernels around the GEMMs: each compiles (the interpreter does not check what only the compiler does)
-    from lowbit.kernels import moe, norm_rope, router, split_kv
+    from lowbit.kernels import mla_prep, moe, norm_rope, router, split_kv
     small = [
         ("rms_norm bf16 7168", norm_rope._rms_norm_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16",
                                                              "w_ptr": "*bf16", "out_ptr": "*bf16"},
@@ -218,6 +242,34 @@ def check_engine_configs() -> list[str]:
          {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64"},
          dict(E_P=256, K=8, K_P=8, G=8, G_P=8, TOPK_GROUP=4, SIGMOID=True, HAS_BIAS=True, NORM=True, SHARED=1), 4,
          ("scaling",)),
+        ("router logits R1 T=1 (bf16 x, fp32 w)", router._logits_kernel,
+         {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32"}, dict(BT=1, BE=2, BD=2048, DOT=False), 4, ()),
+        ("router logits R1 T=16 block (bf16 x, fp32 w)", router._logits_kernel,
+         {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32"}, dict(BT=16, BE=2, BD=512, DOT=False), 4, ()),
+        ("router logits R1 T=8 (bf16 x, bf16 w)", router._logits_kernel,
+         {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32"}, dict(BT=8, BE=2, BD=1024, DOT=False), 4, ()),
+        ("router logits R1 16 x 32 tiles (bf16 x, bf16 w)", router._logits_kernel,
+         {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32"}, dict(BT=16, BE=32, BD=256, DOT=True), 4, ()),
+        ("mla_store_kv bf16 R=512 DR=64", mla_prep._store_kv_kernel,
+         {"kv_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "slots_ptr": "*i64",
+          "cache_ptr": "*bf16"}, dict(HALF=32, BLOCK=512, BLOCK_HALF=32, INTERLEAVED=True), 1, ("eps",)),
+        ("mla_q_prep bf16 R=512 DR=64 nope=128, 128 heads", mla_prep._q_prep_kernel,
+         {"q_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(NOPE=128, R=512, HALF=32, NOPE_P=128, BLOCK_HALF=32, BT=16, BR=64, INTERLEAVED=True), 4, ()),
+        ("mla_out bf16 R=512 V=128, 128 heads", mla_prep._out_kernel,
+         {"o_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(R=512, V=128, BT=16, BV=64, BK=64), 4, ()),
+    ]
+    from lowbit.kernels import act_quant, greedy
+    small += [
+        ("argmax chunks, 102400 bf16 logits", greedy._chunk_max_kernel, {"x_ptr": "*bf16", "max_ptr": "*fp32",
+                                                                         "idx_ptr": "*i32"},
+         dict(CHUNK=greedy.CHUNK), 4, ()),
+        ("argmax pick", greedy._pick_kernel, {"max_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64"},
+         dict(C_P=64), 1, ()),
+        ("moe_sum bf16 7168", moe._moe_sum_kernel, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024), 4, ()),
+        ("w4a8 rows on their experts' FP8 grid, bf16", act_quant._fp8_grid_kernel,
+         {"x_ptr": "*bf16", "out_ptr": "*bf16", "s_ptr": "*fp32", "e_ptr": "*i64"}, dict(HAS_E=True, BLOCK=2048), 4,
+         ()),
     ]
     for name, fn, ptrs, const, warps, floats in small:
         r = inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats))

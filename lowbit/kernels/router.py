@@ -1,13 +1,19 @@
-"""The MoE router after its logits, one launch: scores (softmax or sigmoid), the correction bias (noaux_tc),
-group-limited selection, top-k, the weights normalized and scaled. The torch form (`route_ref`, the CPU path) takes
-about 18 launches per MoE layer for DeepSeek-V3/R1's grouped sigmoid routing, at batch-1 decode each costing more
-than its work.
+"""The MoE router in two launches. `router_logits`: the logits x @ gate.T in float32, one launch where torch takes a
+dtype copy of x (and of the weight, loaded in the model dtype) and a two-kernel fp32 GEMV. `route`: after the
+logits, scores (softmax or sigmoid), the correction bias (noaux_tc), group-limited selection, top-k, the weights
+normalized and scaled; the torch form (`route_ref`, the CPU path) takes about 18 launches per MoE layer for
+DeepSeek-V3/R1's grouped sigmoid routing, at batch-1 decode each costing more than its work.
 """
 from __future__ import annotations
 
 import torch
 
 from lowbit.kernels import triton_available
+
+
+def router_logits_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """float64 reference of router_logits: x [T, D] @ weight [E, D].T -> [T, E]."""
+    return x.double() @ weight.double().T
 
 
 def route_ref(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
@@ -98,6 +104,65 @@ if triton_available():
         for j in tl.static_range(SHARED):  # the shared experts' slots, weight 1
             tl.store(w_ptr + t * (K + SHARED) + K + j, 1.0)
             tl.store(ids_ptr + t * (K + SHARED) + K + j, (E + j).to(tl.int64))
+
+    @triton.jit
+    def _logits_kernel(x_ptr, w_ptr, out_ptr, T, E, D, stride_x, stride_w,
+                       BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
+        """out[t, e] = sum_d x[t, d] * w[e, d] in float32 for a [BT, BE] tile, D in chunks of BD. DOT (x and w of one
+        16-bit dtype, BT, BE >= 16): tl.dot on the 16-bit operands, whose products are exact, accumulated in fp32;
+        else the products in a [BT, BE, BD] float32 accumulator, summed over D at the end (few tokens: a GEMV)."""
+        t = tl.program_id(1) * BT + tl.arange(0, BT)
+        e = tl.program_id(0) * BE + tl.arange(0, BE)
+        if DOT:
+            acc = tl.zeros([BT, BE], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BT, BE, BD], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            d = d0 + tl.arange(0, BD)
+            x = tl.load(x_ptr + t[:, None] * stride_x + d[None, :], mask=(t[:, None] < T) & (d[None, :] < D),
+                        other=0.0)  # [BT, BD]
+            w = tl.load(w_ptr + e[:, None] * stride_w + d[None, :], mask=(e[:, None] < E) & (d[None, :] < D),
+                        other=0.0)  # [BE, BD]
+            if DOT:
+                acc = tl.dot(x, tl.trans(w), acc)
+            else:
+                acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        if not DOT:
+            acc = tl.sum(acc, axis=2)
+        tl.store(out_ptr + t[:, None] * E + e[None, :], acc, mask=(t[:, None] < T) & (e[None, :] < E))
+
+
+def _mma_tiles(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """More than 16 tokens with x and the weight of one 16-bit dtype: tensor-core tiles (exact products)."""
+    return x.shape[0] > 16 and x.dtype == weight.dtype and x.element_size() == 2
+
+
+def logits_kernel_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether router_logits beats torch's dtype copies + fp32 GEMV (H100): up to 16 tokens, or up to 256 on
+    tensor-core tiles; a prefill's logits are a GEMM for the matrix library."""
+    return x.shape[0] <= 16 or (x.shape[0] <= 256 and _mma_tiles(x, weight))
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, D] (any float dtype, unit stride in D) @ weight [E, D].T (the gate, any float dtype) -> logits [T, E]
+    float32, accumulated in float32, one launch, CUDA-graph capturable. More than 16 tokens with x and the weight of
+    one 16-bit dtype: 16 x 32 tiles through tl.dot; else a GEMV, each program a block of up to 16 tokens against 1-2
+    experts (E or E/2 programs stream the weight once)."""
+    T, D = x.shape
+    E = weight.shape[0]
+    assert weight.shape[1] == D and x.stride(1) == 1 and weight.stride(1) == 1, \
+        f"x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+    out = torch.empty(T, E, dtype=torch.float32, device=x.device)  # [T, E]
+    if not T:
+        return out
+    if _mma_tiles(x, weight):
+        BT, BE, BD, dot = 16, 32, 256, True
+    else:  # the accumulator [BT, BE, BD] at most 16K floats: 128 a thread
+        BT, BE = min(triton.next_power_of_2(T), 16), triton.next_power_of_2(max(1, E // 128))
+        BD, dot = min(triton.next_power_of_2(D), 16384 // (BT * BE), 2048), False
+    _logits_kernel[(triton.cdiv(E, BE), triton.cdiv(T, BT))](x, weight, out, T, E, D, x.stride(0), weight.stride(0),
+                                                           BT=BT, BE=BE, BD=BD, DOT=dot, num_warps=4)
+    return out
 
 
 def route(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,

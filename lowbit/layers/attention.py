@@ -170,6 +170,25 @@ class MLAAttention(nn.Module):
         (self.kv_cache,) = caches
         self.decode_kernel = kernels_enabled(self.kv_cache.device)  # the Triton paged MLA decode
 
+    def decodes_fused(self) -> bool:
+        """A decode step on the kernel path: the caller stores with `store_fused` and attends with `decode`, its
+        query and output prepared by the kernels of mla_prep.py, in place of `forward`."""
+        return getattr(self, "decode_kernel", False) and not get_context().is_prefill
+
+    def store_fused(self, kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                    sin: torch.Tensor, interleaved: bool) -> None:
+        """kv_a [T, r + dr] (kv_a_proj_with_mqa's output) into the cache in one launch: the latent RMS-normed, the
+        rope key rotated by cos / sin [T, dr/2]."""
+        from lowbit.kernels.mla_prep import mla_store_kv
+        mla_store_kv(kv_a, norm_weight, eps, cos, sin, interleaved, self.kv_cache, get_context().slot_mapping)
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, H, r + dr] (the absorbed latent query | the rotated rope query), one per sequence, whose new row is
+        stored -> the attention-weighted latent [B, H, r], by the paged MLA decode kernel."""
+        from lowbit.kernels.mla_decode import mla_decode
+        ctx = get_context()
+        return mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
+
     def forward(self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_latent: torch.Tensor,
                 k_pe: torch.Tensor) -> torch.Tensor:
         """q_latent [T, H, r] (q_nope absorbed through W_UK), q_pe [T, H, dr], kv_latent [T, r], k_pe [T, dr]
@@ -177,7 +196,6 @@ class MLAAttention(nn.Module):
         ctx = get_context()
         store_kv(self.kv_cache, torch.cat([kv_latent, k_pe], dim=-1)[:, None, :], ctx.slot_mapping)
         q = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, r + dr]
-        if not ctx.is_prefill and getattr(self, "decode_kernel", False):
-            from lowbit.kernels.mla_decode import mla_decode
-            return mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
+        if self.decodes_fused():
+            return self.decode(q)
         return paged_attention(q, self.kv_cache, self.kv_cache[..., :self.kv_lora_rank], ctx, self.scale)
