@@ -29,6 +29,10 @@ ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN, ACT_FP8_TOKEN = 0, 1, 2, 3
 # instead of a quantization in each), the 16-bit path's exact products, the input scale applied at the end
 ACT_FP8_GRID = 4
 FP8_GRID_MAX_ROWS = 64  # rows up to which w4a8 takes ACT_FP8_GRID (beyond: FP8 tensor cores)
+# and, in dense layers, only from this many weights: quantizing in every N tile cost about 15% of the GEMM (H100,
+# 2026-11-23, R1 36864 x 7168 at M = 1: 97.9 vs 85.0 us, benchmarks/moe_configs.py), the grid's own launch about
+# 2 us inside a CUDA graph, which a GEMM under about 60M int4 weights (under about 15 us) does not earn back
+FP8_GRID_MIN_WEIGHTS = 60_000_000
 
 
 @dataclass
@@ -432,7 +436,8 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_
     if act == ACT_FP8_STATIC:
         xs = input_scale.float().reshape(1)
         if x.shape[0] <= FP8_GRID_MAX_ROWS:
-            xq, act = act_quant.fp8_grid_rows(x, xs), ACT_FP8_GRID
+            if pw.n * pw.k >= FP8_GRID_MIN_WEIGHTS:
+                xq, act = act_quant.fp8_grid_rows(x, xs), ACT_FP8_GRID
         else:
             # quantized once here rather than in every N tile of the GEMM: the per-token path with one scale
             xq = act_quant.fp8_static_ref(x, xs)

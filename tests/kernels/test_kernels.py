@@ -312,6 +312,25 @@ def test_fp8_grid_rows_quantize_each_row_with_its_experts_scale(row_div):
 
 
 @gpu_only
+@pytest.mark.parametrize("M", [1, 7])
+def test_w4a8_dense_grid_path_equals_quantizing_in_the_gemm(M, monkeypatch):
+    """Large dense w4a8 layers at small M quantize x onto the FP8 grid once (ACT_FP8_GRID); small ones in each N tile
+    of the GEMM: the same products, but for the odd code the GEMM's x * (1 / scale) rounds to differently from the
+    grid's x / scale."""
+    N, K = 160, 1152
+    values, scale, zp = random_packed(1, N, K, 4, 128, False, seed=M)
+    pw = to_dev(mp.repack(values, scale, zp, 4, 128))
+    x = torch.randn(M, K, generator=gen(M)).to(DTYPE).to(DEV)
+    xs = (x.float().abs().max() / 448).reshape(1)
+    in_gemm = mp.packed_matmul(x, pw, mp.ACT_FP8_STATIC, xs)
+    monkeypatch.setattr(mp, "FP8_GRID_MIN_WEIGHTS", 0)
+    calls = []
+    monkeypatch.setattr(aq, "fp8_grid_rows", lambda *a, f=aq.fp8_grid_rows: calls.append(1) or f(*a))
+    grid = mp.packed_matmul(x, pw, mp.ACT_FP8_STATIC, xs)
+    assert calls and rel(grid, in_gemm.double().cpu()) < BOUND
+
+
+@gpu_only
 @pytest.mark.parametrize("T", [1, 9])
 def test_w4a8_moe_small_m_path_equals_the_fp8_tensor_core_path(T):
     """The slots' rows quantized once on their experts' grids and the 16-bit product (BM < 64) against the FP8
