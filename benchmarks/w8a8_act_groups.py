@@ -49,6 +49,24 @@ def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * d).view(T, -1)[:, :n].to(x.dtype)
 
 
+def w8a8_checkpoint(workdir: str, smoothquant: bool = False) -> tuple[str, list[str]]:
+    """The w8a8 checkpoint these experiments share (quantized once into workdir) and its quantize arguments."""
+    recipe = ["--scheme", "w8a8", "--algo", "gptq", "--rotate"] + (["--smoothquant", "auto"] if smoothquant else [])
+    ckpt = os.path.join(workdir, "w8a8-gptq-rotate" + ("-sq" if smoothquant else ""))
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        subprocess.run([sys.executable, "-m", "lowbit", "quantize", *recipe, "--output", ckpt, "--quiet"], check=True)
+    return ckpt, recipe
+
+
+def write_report(out_dir: str, name: str, lines: list[str]) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default="/tmp/w8a8-groups")
@@ -57,10 +75,7 @@ def main() -> None:
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    recipe = ["--scheme", "w8a8", "--algo", "gptq", "--rotate"] + (["--smoothquant", "auto"] if args.smoothquant else [])
-    ckpt = os.path.join(args.workdir, "w8a8-gptq-rotate" + ("-sq" if args.smoothquant else ""))
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
-        subprocess.run([sys.executable, "-m", "lowbit", "quantize", *recipe, "--output", ckpt, "--quiet"], check=True)
+    ckpt, recipe = w8a8_checkpoint(args.workdir, args.smoothquant)
     q8 = os.path.join(args.workdir, "q8_0.gguf")
     if not os.path.exists(q8):
         requantize_gguf(default_model_path(), q8, "Q8_0")
@@ -110,11 +125,7 @@ def main() -> None:
     for label, r in rows.items():
         lines.append(f"| {label} | {r['kld_mean']:.5f} | {r['kld_mean'] / q8k:.2f}x | "
                      f"{100 * r['top1_agreement']:.1f}% |")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"w8a8-act-groups-cpu-{date}{'-sq' if args.smoothquant else ''}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(path)
+    write_report(args.out, f"w8a8-act-groups-cpu-{date}{'-sq' if args.smoothquant else ''}.md", lines)
 
 
 if __name__ == "__main__":

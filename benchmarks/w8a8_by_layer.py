@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
-import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from w8a8_act_groups import int8_per_token_group, w8a8_checkpoint, write_report  # noqa: E402
 
 from lowbit.eval.runner import evaluate  # noqa: E402
 from lowbit.layers.linear import LinearBase  # noqa: E402
@@ -27,25 +29,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PER_TOKEN = methods.fake_quant_int8_per_token
 
 
+@functools.cache
 def orthogonal(n: int) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))).float()
 
 
-def rotated_per_token(x: torch.Tensor, q: dict = {}) -> torch.Tensor:  # noqa: B006 - a cache of one matrix per width
-    n = x.shape[-1]
-    if n not in q:
-        q[n] = orthogonal(n)
-    return (PER_TOKEN(x.float() @ q[n]) @ q[n].t()).to(x.dtype)
-
-
-def per_token_group(g: int):
-    def fake_quant(x: torch.Tensor) -> torch.Tensor:
-        T, n = x.shape
-        xf = F.pad(x.float(), (0, -n % g)).view(T, -1, g)
-        s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
-        return (torch.round(xf / s).clamp(-128, 127) * s).view(T, -1)[:, :n].to(x.dtype)
-    return fake_quant
+def rotated_per_token(x: torch.Tensor) -> torch.Tensor:
+    q = orthogonal(x.shape[-1])
+    return (PER_TOKEN(x.float() @ q) @ q.t()).to(x.dtype)
 
 
 VARIANTS = [  # label, layer-name suffix, what its inputs go through (None: float)
@@ -55,7 +47,7 @@ VARIANTS = [  # label, layer-name suffix, what its inputs go through (None: floa
     ("qkv_proj inputs in float", "qkv_proj", None),
     ("gate_up_proj inputs in float", "gate_up_proj", None),
     ("down_proj inputs rotated online, then per token", "down_proj", rotated_per_token),
-    ("down_proj inputs per token and 128 features", "down_proj", per_token_group(128)),
+    ("down_proj inputs per token and 128 features", "down_proj", int8_per_token_group(128)),
 ]
 
 
@@ -65,10 +57,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
-    ckpt = os.path.join(args.workdir, "w8a8-gptq-rotate")
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
-        subprocess.run([sys.executable, "-m", "lowbit", "quantize", "--scheme", "w8a8", "--algo", "gptq", "--rotate",
-                        "--output", ckpt, "--quiet"], check=True)
+    ckpt, recipe = w8a8_checkpoint(args.workdir)
     forward, current = LinearBase.forward, {"name": ""}
 
     def named_forward(self, x):  # the quant method's activation fake-quantizer sees which layer it serves
@@ -92,17 +81,13 @@ def main() -> None:
         methods.fake_quant_int8_per_token, LinearBase.forward = PER_TOKEN, forward
     date = datetime.date.today().isoformat()
     lines = [f"# w8a8's activation error by layer: the default model, CPU, {date}", "",
-             "`python benchmarks/w8a8_by_layer.py`: the checkpoint of `lowbit quantize --scheme w8a8 --algo gptq "
-             f"--rotate`, {report['tokens']} tokens of the GPL-3 text, reference the default GGUF in float32. Q8_0 of "
+             f"`python benchmarks/w8a8_by_layer.py`: the checkpoint of `lowbit quantize {' '.join(recipe)}`, "
+             f"{report['tokens']} tokens of the GPL-3 text, reference the default GGUF in float32. Q8_0 of "
              "the same weights measured 0.00153 on 4,096 tokens (weights only) and 0.00396 with its activations in "
              "Q8_0 too (`w8a8-act-groups-cpu-2026-11-23.md`).", "",
              "| activations | mean KLD | top-1 |", "| --- | ---: | ---: |"]
     lines += [f"| {label} | {kld:.5f} | {100 * top1:.1f}% |" for label, kld, top1 in rows]
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"w8a8-by-layer-cpu-{date}.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(path)
+    write_report(args.out, f"w8a8-by-layer-cpu-{date}.md", lines)
 
 
 if __name__ == "__main__":
