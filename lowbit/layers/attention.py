@@ -171,23 +171,24 @@ class MLAAttention(nn.Module):
         self.decode_kernel = kernels_enabled(self.kv_cache.device)  # the Triton paged MLA decode
 
     def decodes_fused(self) -> bool:
-        """A decode step on the kernel path: the caller stores with `store_fused` and attends with `decode`, its
-        query and output prepared by the kernels of mla_prep.py, in place of `forward`."""
+        """A decode step on the kernel path: the caller attends through `decode_absorbed`, not `forward`."""
         return getattr(self, "decode_kernel", False) and not get_context().is_prefill
 
-    def store_fused(self, kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                    sin: torch.Tensor, interleaved: bool) -> None:
-        """kv_a [T, r + dr] (kv_a_proj_with_mqa's output) into the cache in one launch: the latent RMS-normed, the
-        rope key rotated by cos / sin [T, dr/2]."""
-        from lowbit.kernels.mla_prep import mla_store_kv
-        mla_store_kv(kv_a, norm_weight, eps, cos, sin, interleaved, self.kv_cache, get_context().slot_mapping)
-
-    def decode(self, q: torch.Tensor) -> torch.Tensor:
-        """q [B, H, r + dr] (the absorbed latent query | the rotated rope query), one per sequence, whose new row is
-        stored -> the attention-weighted latent [B, H, r], by the paged MLA decode kernel."""
+    def decode_absorbed(self, positions: torch.Tensor, q: torch.Tensor, kv_a: torch.Tensor, kv_norm: nn.Module,
+                        rotary: nn.Module, w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+        """A decode step in five launches: q [T, H, nope + dr] and kv_a_proj_with_mqa's output kv_a [T, r + dr] ->
+        o_proj's input [T, H * v]. The latent's RMSNorm (kv_norm), the rope key's rotation and the cache store are
+        one kernel, the absorbed query (q_nope W_UK | rotated q_pe) another, then the paged MLA decode, its splits'
+        merge and the W_UV product (kernels/mla_prep.py, mla_decode.py)."""
         from lowbit.kernels.mla_decode import mla_decode
+        from lowbit.kernels.mla_prep import mla_out, mla_q_prep, mla_store_kv
         ctx = get_context()
-        return mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
+        cos, sin = rotary.cached_cos_sin(positions, q.dtype)  # [T, dr/2]
+        mla_store_kv(kv_a, kv_norm.weight, kv_norm.eps, cos, sin, rotary.interleaved, self.kv_cache,
+                     ctx.slot_mapping)
+        q = mla_q_prep(q, w_uk, cos, sin, rotary.interleaved)  # [T, H, r + dr]
+        o_latent = mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
+        return mla_out(o_latent, w_uv)  # [T, H * v]
 
     def forward(self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_latent: torch.Tensor,
                 k_pe: torch.Tensor) -> torch.Tensor:
@@ -196,6 +197,4 @@ class MLAAttention(nn.Module):
         ctx = get_context()
         store_kv(self.kv_cache, torch.cat([kv_latent, k_pe], dim=-1)[:, None, :], ctx.slot_mapping)
         q = torch.cat([q_latent, q_pe], dim=-1)  # [T, H, r + dr]
-        if self.decodes_fused():
-            return self.decode(q)
         return paged_attention(q, self.kv_cache, self.kv_cache[..., :self.kv_lora_rank], ctx, self.scale)

@@ -12,8 +12,16 @@ from torch import nn
 
 from lowbit.engine import parallel
 from lowbit.kernels.linear import kernels_enabled
-from lowbit.kernels.router import route, route_ref
+from lowbit.kernels.router import logits_kernel_fits, route, route_ref, router_logits
 from lowbit.layers.mlp import GatedMLP
+
+
+def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's logits x [T, D] @ weight [E, D].T in float32: one launch at decode sizes on the kernel path
+    (kernels/router.py), the matrix library in float32 otherwise."""
+    if kernels_enabled(x.device) and logits_kernel_fits(x, weight):
+        return router_logits(x, weight)
+    return torch.nn.functional.linear(x.float(), weight.float())
 
 
 def select_experts(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,

@@ -3,20 +3,16 @@ multi-token-prediction (MTP) layer. Blocks are named after the papers: MLA, Gate
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import ModelConfig
 from lowbit.engine import parallel
-from lowbit.kernels.linear import kernels_enabled
-from lowbit.kernels.mla_prep import mla_out, mla_q_prep
-from lowbit.kernels.router import logits_kernel_fits, router_logits
 from lowbit.layers.attention import MLAAttention
 from lowbit.layers.block import PreNormBlock
 from lowbit.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from lowbit.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from lowbit.layers.mlp import GatedMLP
-from lowbit.layers.moe import Experts, select_experts
+from lowbit.layers.moe import Experts, gate_logits, select_experts
 from lowbit.layers.norm import RMSNorm
 from lowbit.layers.rotary import RotaryEmbedding, yarn_get_mscale
 
@@ -85,12 +81,9 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, self.num_heads, self.nope_dim + self.rope_dim)
         kv_a = self.kv_a_proj_with_mqa(x)  # [T, r + rope]
-        if self.attn.decodes_fused():  # three launches around the MLA decode kernel (kernels/mla_prep.py)
-            cos, sin = self.rotary.cached_cos_sin(positions, q.dtype)  # [T, rope/2]
-            norm, interleaved = self.kv_a_layernorm, self.rotary.interleaved
-            self.attn.store_fused(kv_a, norm.weight, norm.eps, cos, sin, interleaved)
-            o_latent = self.attn.decode(mla_q_prep(q, self.w_uk, cos, sin, interleaved))  # [T, H, r]
-            return self.o_proj(mla_out(o_latent, self.w_uv))  # [T, H * v] -> [T, D]
+        if self.attn.decodes_fused():  # the same math in the decode kernels' launches
+            return self.o_proj(self.attn.decode_absorbed(positions, q, kv_a, self.kv_a_layernorm, self.rotary,
+                                                         self.w_uk, self.w_uv))  # [T, H * v] -> [T, D]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, nope], [T, H, rope]
         kv_latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_latent = self.kv_a_layernorm(kv_latent)  # [T, r]
@@ -119,10 +112,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K] float32, expert ids [T, K]); shared > 0 appends that many slots of weight 1
         for the shared experts, numbered after the routed ones."""
-        if kernels_enabled(x.device) and logits_kernel_fits(x, self.weight):
-            logits = router_logits(x, self.weight)  # [T, E] float32, one launch
-        else:
-            logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        logits = gate_logits(x, self.weight)  # [T, E] float32
         grouped = self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc")
         return select_experts(logits, self.top_k, self.n_group if grouped else 1, self.topk_group,
                               self.scoring_func == "sigmoid", self.e_score_correction_bias,

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from lowbit.kernels.router import route, router_logits, router_logits_ref  # noqa: E402
-from lowbit.models import deepseek  # noqa: E402
+from lowbit.layers import moe as moe_layer  # noqa: E402
 from lowbit.models.deepseek import Gate  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,7 +83,7 @@ def test_gate_takes_the_logits_kernel_for_decode_batches(monkeypatch):
     gate.e_score_correction_bias.data = torch.rand(E, generator=g) * 0.1
     gate.to(DEV)
     calls = []
-    monkeypatch.setattr(deepseek, "router_logits", lambda x, w: calls.append(x.shape[0]) or router_logits(x, w))
+    monkeypatch.setattr(moe_layer, "router_logits", lambda x, w: calls.append(x.shape[0]) or router_logits(x, w))
     for T in (3, 17, 257):
         x = torch.randn(T, D, generator=g).half().to(DEV)
         monkeypatch.setenv("LOWBIT_KERNELS", "0")
