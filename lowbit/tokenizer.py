@@ -54,16 +54,35 @@ def eos_token_ids(tokenizer, config_eos: list[int], path: str) -> set[int]:
 
 
 class IncrementalDetokenizer:
-    """Text of a growing list of token ids, emitted as deltas; holds back an incomplete UTF-8 character."""
+    """Text of a growing list of token ids, emitted as deltas; holds back an incomplete UTF-8 character.
+
+    Each update decodes only a window: the ids after the last emitted character boundary (`read`), with the few ids
+    before it (from `prefix`) as context, as vLLM and TGI do. Decoding the whole output every step cost O(n) per
+    token, O(n^2) over a generation; the context ids make tokenizers that drop a leading space at the start of a
+    decode (SentencePiece) give the same text as a full decode.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.text = ""
+        self.prefix = self.read = 0  # ids[prefix:read] decode to the end of self.text
 
     def update(self, output_ids: list[int]) -> str:
-        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if len(output_ids) <= self.read:
             return ""
-        delta = text[len(self.text):] if text.startswith(self.text) else text
-        self.text = text
+        decode = self.tokenizer.decode
+        before = decode(output_ids[self.prefix:self.read], skip_special_tokens=True) if self.read > self.prefix \
+            else ""
+        text = decode(output_ids[self.prefix:], skip_special_tokens=True)
+        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
+            if text.startswith(before) or text.endswith("\ufffd"):
+                return ""  # nothing new yet, or half a character: wait for the next id
+            # the context decodes differently once followed by more ids: fall back to decoding the output whole
+            full = decode(output_ids, skip_special_tokens=True)
+            delta = full[len(self.text):] if full.startswith(self.text) else full
+            self.text, self.prefix, self.read = full, max(0, len(output_ids) - 4), len(output_ids)
+            return delta
+        delta = text[len(before):]
+        self.text += delta
+        self.prefix, self.read = self.read, len(output_ids)
         return delta
