@@ -12,6 +12,11 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; set before any kernel module is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*non-writable.*")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist's workers (pyproject: one per core of the 2-core CI machine) share the cores: one torch thread
+    # each, their subprocesses too, since oversubscribed threads ran ~10x slower there
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY_DEEPSEEK = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,

@@ -43,9 +43,19 @@ def word_tokens(tokenizer) -> list[int]:
     encoded = tokenizer(texts, add_special_tokens=False).input_ids
     words = [i for i, e in zip(cands, encoded) if list(e) == [i]]
     if len(words) < 100:
-        raise ValueError("this tokenizer has too few whole-word tokens to build random prompts; use --dataset "
-                         "sharegpt FILE")
+        words = letter_tokens(tokenizer)
+    if len(words) < 26:
+        raise ValueError("this tokenizer has too few whole-word or single-letter tokens to build random prompts; "
+                         "use --dataset sharegpt FILE")
     return words
+
+
+def letter_tokens(tokenizer) -> list[int]:
+    """Ids of tokens that are one ASCII letter and encode back to exactly themselves: the prompt alphabet of
+    tokenizers with no whole words (a byte-level tokenizer without merges, as the random test checkpoints have)."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    encoded = tokenizer(letters, add_special_tokens=False).input_ids
+    return sorted({e[0] for e in encoded if len(e) == 1 and tokenizer.decode(e) in letters})
 
 
 def _exact_prompt(tokenizer, words: list[int], n: int, rng: np.random.Generator) -> tuple[str, int]:

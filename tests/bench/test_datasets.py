@@ -30,6 +30,18 @@ def test_random_prompts_have_exact_token_lengths(tokenizer):
     assert fixed == random_requests(tokenizer, 4, input_len=1000, output_len=1000, seed=0)  # seeded
 
 
+def test_random_prompts_from_a_tokenizer_without_words(tmp_path):
+    """A byte-level tokenizer with no merges (the random benchmark checkpoints'): prompts of single letters."""
+    from lowbit.tokenizer import load_tokenizer
+    from tests.quant.conftest import save_byte_tokenizer
+    save_byte_tokenizer(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    reqs = random_requests(tok, 6, input_len=300, output_len=4, input_stdev=50, seed=2)
+    assert len({r.prompt for r in reqs}) == 6
+    for r in reqs:
+        assert len(tok.encode(r.prompt, add_special_tokens=False)) == r.input_len
+
+
 def test_sample_lengths():
     rng = np.random.default_rng(0)
     assert sample_lengths(7, 0, 3, rng) == [7, 7, 7]
