@@ -149,6 +149,20 @@ def recipe_for(cfg: dict, scheme_name: str):
     raise ValueError(f"{scheme_name}: no group size fits input features {sorted(ins)}")
 
 
+def save_word_tokenizer(path: str, vocab_size: int) -> None:
+    """A word-level tokenizer over the whole vocabulary: <s>, </s>, the 52 ASCII letters, then t3 ... t<V-1>, decoded
+    joined by spaces. Every id the random model emits is text (a byte tokenizer left ids >= 256 without any, so a
+    server streamed nothing), and prompts of letters encode to exactly as many tokens (lowbit bench's fallback)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    words = ["<s>", "</s>"] + letters
+    words += [f"t{i}" for i in range(len(words), vocab_size)]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
 def write(cfg: dict, out: str, scheme_name: str = "bf16", seed: int = 0, device: str = "cpu",
           shard_bytes: int = 2 << 30, progress: bool = True) -> str:
     from lowbit.quant.compressed import build_config
@@ -182,8 +196,7 @@ def write(cfg: dict, out: str, scheme_name: str = "bf16", seed: int = 0, device:
     flush()
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    from tests.quant.conftest import save_byte_tokenizer  # ids are what the benchmarks use; any tokenizer loads
-    save_byte_tokenizer(out)
+    save_word_tokenizer(out, cfg["vocab_size"])
     config = dict(cfg)
     if recipe is not None:
         config["quantization_config"] = build_config([(g.targets, g.scheme) for g in recipe.groups],
