@@ -66,19 +66,25 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.text = ""
         self.prefix = self.read = 0  # ids[prefix:read] decode to the end of self.text
+        backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's own (Rust) tokenizer
+        if backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces",
+                                                                               True):
+            # the same text without transformers' per-call wrapping (2 us a call instead of 9, twice per token)
+            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
     def update(self, output_ids: list[int]) -> str:
         if len(output_ids) <= self.read:
             return ""
-        decode = self.tokenizer.decode
-        before = decode(output_ids[self.prefix:self.read], skip_special_tokens=True) if self.read > self.prefix \
-            else ""
-        text = decode(output_ids[self.prefix:], skip_special_tokens=True)
+        decode = self._decode
+        before = decode(output_ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        text = decode(output_ids[self.prefix:])
         if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
             if text.startswith(before) or text.endswith("\ufffd"):
                 return ""  # nothing new yet, or half a character: wait for the next id
             # the context decodes differently once followed by more ids: fall back to decoding the output whole
-            full = decode(output_ids, skip_special_tokens=True)
+            full = decode(output_ids)
             delta = full[len(self.text):] if full.startswith(self.text) else full
             self.text, self.prefix, self.read = full, max(0, len(output_ids) - 4), len(output_ids)
             return delta

@@ -14,10 +14,14 @@ TEXTS = ["The capital of France is Paris. It has 2,140,526 inhabitants (2019).",
 
 
 class Spy:
-    """A tokenizer whose decode records how many ids it was given."""
+    """A tokenizer (and its Rust backend, which the detokenizer calls where it can) whose decode records how many ids
+    it was given."""
 
-    def __init__(self, tok):
-        self.tok, self.lengths = tok, []
+    def __init__(self, tok, lengths=None):
+        self.tok, self.lengths = tok, [] if lengths is None else lengths
+        self.clean_up_tokenization_spaces = getattr(tok, "clean_up_tokenization_spaces", True)
+        if getattr(tok, "_tokenizer", None) is not None:
+            self._tokenizer = Spy(tok._tokenizer, self.lengths)
 
     def decode(self, ids, **kw):
         self.lengths.append(len(ids))
