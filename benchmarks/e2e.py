@@ -268,8 +268,19 @@ def report(results: dict, out_dir: str, geometry: str) -> str:
         L.append(f"- offline throughput >= 15x Hugging Face (bf16): {x:.1f}x ({'met' if x >= 15 else 'MISSED'})")
     if "serve" in results:
         b = results["serve"]["bench"]
-        L += ["", "## lowbit serve (w4a8) under lowbit bench, 64 concurrent streams, 512 in / 256 out", "",
-              "```", json.dumps({k: v for k, v in b.items() if not isinstance(v, list)}, indent=1)[:3000], "```"]
+        sm = b.get("summary", {})
+        L += ["", "## lowbit serve (w4a8) under lowbit bench, 64 concurrent streams, 512 in / 256 out", ""]
+        if sm:
+            L += [f"{sm['completed']} of {sm['num_requests']} requests completed, {sm['failed']} failed, in "
+                  f"{sm['duration_s']:.1f} s: {sm['output_throughput']:.0f} output tok/s, "
+                  f"{sm['total_token_throughput']:.0f} tok/s in and out.", "",
+                  "| ms | mean | median | p90 | p99 |", "| --- | --- | --- | --- | --- |"]
+            for key, name in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "E2E")):
+                m = sm.get(key) or {}
+                if m.get("count"):
+                    L.append(f"| {name} | {m['mean']:.1f} | {m['median']:.1f} | {m['p90']:.1f} | {m['p99']:.1f} |")
+        else:
+            L += ["```", json.dumps({k: v for k, v in b.items() if not isinstance(v, list)}, indent=1)[:3000], "```"]
     return write_results(out_dir, "e2e", device, L, results)
 
 
