@@ -9,17 +9,32 @@ shard at its offset.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.config import ConfigError
 from lowbit.engine import parallel
+from lowbit.quant.rotation import hadamard, is_power_of_two
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """An online Hadamard transform of a layer's input that the checkpoint asks for (compressed-tensors'
+    `transform_config`, location "input"): the scheme's name, which names the submodule holding its matrix
+    (`{name}_input.weight`), and the block size (None: the layer's whole input)."""
+    name: str
+    block: int | None
 
 
 class LinearMethod:
     """How one linear layer's weights are stored and multiplied. One subclass per scheme."""
+
+    input_transform: InputTransform | None = None  # set by the quant config for the layers it transforms
 
     def create_weights(self, layer: "LinearBase") -> None:
         raise NotImplementedError
@@ -46,6 +61,36 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def dequantized_weight(self, layer):
         return layer.weight.float()
+
+
+class HadamardInput(nn.Module):
+    """x [T, n] -> x blockdiag(H_B, ..., H_B) / sqrt(B): compressed-tensors' online "hadamard" input transform.
+
+    `weight` is what the checkpoint stores, Sylvester's unnormalized +-1 matrix of order B (vLLM applies it with
+    its hadacore kernel, which computes that matrix and no other); loading checks it is exactly that. The block
+    must divide this rank's input features, so that each tensor-parallel shard of the input is whole blocks."""
+
+    def __init__(self, block: int, features: int, prefix: str):
+        super().__init__()
+        if not is_power_of_two(block) or features % block:
+            raise ConfigError(f"quantization_config.transform_config: {prefix}: the Hadamard block {block} of its "
+                              f"input transform must be a power of two dividing its {features} input features "
+                              f"(per tensor-parallel rank)")
+        self.block = block
+        self.weight = nn.Parameter(torch.empty(block, block, dtype=torch.float32), requires_grad=False)
+        self.weight.weight_loader = self._load
+        self.register_buffer("matrix", (hadamard(block) / math.sqrt(block)).to(torch.float32), persistent=False)
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if tuple(loaded.shape) != (self.block, self.block) or not torch.equal(
+                loaded.to(torch.float64).cpu(), hadamard(self.block)):
+            raise ValueError(f"is not Sylvester's Hadamard matrix of order {self.block} (lowbit runs deterministic "
+                             f"Hadamard transforms only)")
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float().unflatten(-1, (-1, self.block)) @ self.matrix  # [T, n/B, B]
+        return y.flatten(-2).to(x.dtype)
 
 
 def _divide(a: int, b: int, what: str) -> int:
@@ -87,6 +132,12 @@ class LinearBase(nn.Module):
         self.params_dtype = params_dtype or torch.get_default_dtype()
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self)
+        self.input_transform = None
+        t = self.quant_method.input_transform
+        if t is not None:
+            transform = HadamardInput(t.block or input_size, self.in_per_partition, prefix)
+            self.add_module(f"{t.name}_input", transform)  # under the checkpoint's name: {prefix}.R4_input.weight
+            self.__dict__["input_transform"] = transform  # the same module, not registered a second time
         if bias:
             # a row-parallel bias is added once, after the all-reduce, so it is not sharded
             assert reduce_results or tp_dim != 1, "a row-parallel bias needs the reduced output"
@@ -135,6 +186,8 @@ class LinearBase(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)  # before apply: its activation quantization reads the turned input
         y = self.quant_method.apply(self, x)
         if self.tp_dim == 1 and self.tp_size > 1 and self.reduce_results:
             y = parallel.all_reduce(y)

@@ -81,6 +81,8 @@ class Experts(nn.ModuleDict):
             return
 
         def part(layer):
+            if layer.input_transform is not None:  # the fused MoE would skip it: such a layer stays on its own
+                return None
             if getattr(layer, "_kernel", None) is not None:
                 return layer._kernel
             return layer.weight if isinstance(layer.quant_method, UnquantizedLinearMethod) else None

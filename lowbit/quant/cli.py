@@ -35,6 +35,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="turn the residual stream (and each head's values) by Hadamard rotations folded into the "
                         "weights, as QuaRot does offline: fewer activation outliers, the same float model; unties "
                         "a tied lm_head (llama, qwen2, qwen3)")
+    p.add_argument("--online-hadamard", type=int, nargs="?", const=128, default=None, metavar="B",
+                   help="turn each dense (and shared-expert) down_proj's input by a B x B block Hadamard at run time, "
+                        "its weight by the inverse offline (compressed-tensors' R4 transform, which vLLM runs): the "
+                        "int8 activations lose their outliers; meant for w8a8 (B: a power of two, default 128)")
     p.add_argument("--calib", metavar="FILE", default=None, help="calibration text (default: a built-in set)")
     p.add_argument("--num-calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.quant.pipeline import Job, quantize
     job = Job(source=resolve_model_path(args.model), output=args.output, recipe=_recipe(args),
               opts=QuantOptions(algo=args.algo, damp=args.damp, actorder=args.actorder,
-                                smoothquant=args.smoothquant, rotate=args.rotate),
+                                smoothquant=args.smoothquant, rotate=args.rotate,
+                                online_hadamard=args.online_hadamard),
               calib_file=args.calib, num_calib_tokens=args.num_calib_tokens, seq_len=args.seq_len,
               parts=args.parts, rank=args.rank, merge=args.merge)
     if args.smoothquant is not None and not any(

@@ -16,10 +16,11 @@ from torch import nn
 
 from lowbit.config import ModelConfig
 from lowbit.layers.linear import LinearBase
-from lowbit.quant import smoothquant
+from lowbit.quant import rotation, smoothquant
 from lowbit.quant.calibrate import CalibState, capture_inputs, load_module, mtp_inputs, run_layer, \
     static_input_scale
-from lowbit.quant.compressed import MERGED_PARTS, split_merged
+from lowbit.quant.compressed import MERGED_PARTS, ONLINE_HADAMARD_TARGET, online_hadamard_tensor, split_merged, \
+    target_matches
 from lowbit.quant.config import QuantConfig
 from lowbit.quant.formats import compress, dequantize
 from lowbit.quant.gptq import gptq_quantize, hessian
@@ -40,6 +41,7 @@ class QuantOptions:
     block_size: int = 128
     smoothquant: float | str | None = None  # alpha, or "auto": searched per layer
     rotate: bool = False  # turn the residual stream by a Hadamard rotation folded into the weights (rotation.py)
+    online_hadamard: int | None = None  # block of the Hadamard turning down_proj's input online (R4), or None
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -49,6 +51,9 @@ class QuantOptions:
         sq = self.smoothquant
         if sq is not None and sq != "auto" and not (isinstance(sq, (int, float)) and 0 <= sq <= 1):
             raise ValueError(f"--smoothquant: alpha must be in [0, 1] or auto, got {sq}")
+        b = self.online_hadamard
+        if b is not None and not (isinstance(b, int) and b >= 2 and rotation.is_power_of_two(b)):
+            raise ValueError(f"--online-hadamard: the block must be a power of two (64, 128, ...), got {b}")
 
 
 @dataclass
@@ -110,6 +115,11 @@ def linear_specs(layer: nn.Module, prefix: str, recipe) -> list[LinearSpec]:
     return specs
 
 
+def online_hadamard_specs(specs: list[LinearSpec]) -> list[LinearSpec]:
+    """The linears `--online-hadamard` turns: dense and shared-expert MLPs' down_proj (not routed experts')."""
+    return [s for s in specs if target_matches(s.name, ONLINE_HADAMARD_TARGET)]
+
+
 def load_layer(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
     rel = {n[len(prefix) + 1:]: t for n, t in tensors.items() if n.startswith(prefix + ".")}
     load_module(layer, rel, PACKED)
@@ -148,24 +158,33 @@ SEARCH_ROWS = 4096  # inputs a smoothing search judges its candidates on (evenly
 SEARCH_LINEARS = 8  # linears of one group it judges (the first by name: MoE experts share a norm), at most
 
 
-def _smoothing(alpha, x: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, constrain=None):
+def _smoothing(alpha, x: torch.Tensor, weights: list[torch.Tensor], scheme: Scheme, constrain=None,
+               hadamard: int | None = None):
     """One group's factors: SmoothQuant's at a fixed alpha, or the searched ones ("auto"; None when smoothing does
-    not lower the group's output error)."""
+    not lower the group's output error). `hadamard`: the block of an online Hadamard H between the smoothing and
+    the quantization (down_proj's R4), which candidates are judged through: the runtime quantizes (x / s) H and
+    W s H, and H is its own inverse."""
     if alpha != "auto":
         s = smoothquant.smoothing_factors(x.abs().amax(dim=0).float(), weights, alpha)
         return constrain(s) if constrain is not None else s
     x = x[torch.linspace(0, x.shape[0] - 1, min(x.shape[0], SEARCH_ROWS)).long()]
     quantize_weight = lambda w: dequantize(rtn_quantize(w, scheme.weights, torch.float32))  # noqa: E731
-    s, _, _ = smoothquant.search_factors(x, weights[:SEARCH_LINEARS], _act_fake_quant(scheme.input_activations),
-                                         quantize_weight, constrain=constrain)
+    quantize_act = _act_fake_quant(scheme.input_activations)
+    if hadamard is not None:
+        def turned(quant):
+            return lambda t: rotation.hadamard_blocks(quant(rotation.hadamard_blocks(t, hadamard)), hadamard)
+        quantize_act, quantize_weight = turned(quantize_act), turned(quantize_weight)
+    s, _, _ = smoothquant.search_factors(x, weights[:SEARCH_LINEARS], quantize_act, quantize_weight,
+                                         constrain=constrain)
     return s
 
 
 def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: dict[str, torch.Tensor],
-            prefix: str, alpha, head_dim: int | None = None) -> None:
+            prefix: str, alpha, head_dim: int | None = None, hadamard: dict[str, int] | None = None) -> None:
     """SmoothQuant every norm -> linears mapping of this layer whose linears quantize activations, each down_proj
     through its up_proj and (given the head size) each o_proj through its v_proj (in place). `alpha`: a float in
-    [0, 1], or "auto" to search the factors of each group."""
+    [0, 1], or "auto" to search the factors of each group. `hadamard`: the linears (checkpoint names) whose input
+    the runtime turns by an online Hadamard after the smoothing, and its block."""
     def quantizing(fed):
         return next((s.scheme for s in fed if s.scheme and s.scheme.input_activations), None)
 
@@ -206,7 +225,7 @@ def _smooth(tensors: dict[str, torch.Tensor], specs: list[LinearSpec], inputs: d
                 kv = tensors[f"{src}.weight"].shape[0] // head_dim
                 constrain = lambda f, kv=kv: smoothquant.share_across_heads(f, kv, head_dim)  # noqa: E731
                 rows = lambda f, kv=kv: smoothquant.kv_rows(f, kv, head_dim)  # noqa: E731
-            s = _smoothing(alpha, x, [w], sp.scheme, constrain)
+            s = _smoothing(alpha, x, [w], sp.scheme, constrain, (hadamard or {}).get(sp.name))
             if s is None:
                 continue
             s_rows = rows(s) if rows is not None else s
@@ -235,8 +254,9 @@ def quantize_layer(layer: nn.Module | None, prefix: str, tensors: dict[str, torc
                    state: CalibState, cfg: ModelConfig, opts: QuantOptions, prev_norm: torch.Tensor | None = None,
                    progress=None) -> tuple[dict[str, torch.Tensor], LayerReport, CalibState]:
     """Calibrate and quantize one layer (already loaded from `tensors`). Returns the tensors to write (quantized
-    linears in compressed-tensors form, everything else as read, smoothed norms included), what to report, and
-    the calibration state after this layer (computed by the unquantized layer). With no state (nothing needs
+    linears in compressed-tensors form, everything else as read, smoothed norms included; with
+    `opts.online_hadamard`, down_proj as W H and the matrix of its online transform), what to report, and the
+    calibration state after this layer (computed by the unquantized layer). With no state (nothing needs
     calibration: round-to-nearest, dynamic activations) the layer is not run at all, and may be None."""
     quantized = [s for s in specs if s.scheme is not None]
     calibrated = state is not None
@@ -249,8 +269,16 @@ def quantize_layer(layer: nn.Module | None, prefix: str, tensors: dict[str, torc
         inputs = {p: torch.cat(v) if v else torch.zeros(0, dim_of[p]) for p, v in seen.items()}
         del seen
     tensors = dict(tensors)
+    turned = {s.name: opts.online_hadamard for s in online_hadamard_specs(specs)} if opts.online_hadamard else {}
     if opts.smoothquant is not None:
-        _smooth(tensors, specs, inputs, prefix, opts.smoothquant, None if cfg.is_deepseek else cfg.head_dim)
+        _smooth(tensors, specs, inputs, prefix, opts.smoothquant, None if cfg.is_deepseek else cfg.head_dim, turned)
+    for sp in specs:  # the online Hadamard: W H in the checkpoint, x H what GPTQ and the input scales see
+        if sp.name in turned:
+            b = turned[sp.name]
+            tensors[f"{sp.name}.weight"] = rotation.hadamard_blocks(tensors[f"{sp.name}.weight"], b)
+            if sp.path in inputs:
+                inputs[sp.path] = rotation.hadamard_blocks(inputs[sp.path], b)
+            tensors[online_hadamard_tensor(sp.name)] = rotation.hadamard(b).to(torch.float32)
 
     out = dict(tensors)
     report = LayerReport()

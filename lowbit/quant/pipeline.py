@@ -118,7 +118,7 @@ def quantization_config(recipe: Recipe, units: list[Unit], opts: QuantOptions) -
     """The checkpoint's compressed-tensors config, checked to give every linear layer the recipe's scheme when
     read as compressed-tensors and vLLM read it."""
     config = build_config([(g.targets, g.scheme) for g in recipe.groups], recipe.default, recipe.ignore,
-                          actorder=opts.actorder and opts.algo == "gptq")
+                          actorder=opts.actorder and opts.algo == "gptq", online_hadamard=opts.online_hadamard)
     specs = [s for u in units for s in u.specs]
     if not any(s.scheme is not None for s in specs):
         raise ValueError("the recipe quantizes no linear layer of this model")
@@ -170,6 +170,7 @@ class Quantization:
         bad = job.recipe.unmatched_targets([s.name for u in self.units for s in u.specs])
         if bad:
             raise ValueError(f"recipe target {bad[0]!r} matches no linear layer of {job.source}")
+        self._check_online_hadamard()
         self.qconfig = quantization_config(job.recipe, self.units, job.opts)
         self._check_runtime_layout()
         self.rotation = None
@@ -192,6 +193,17 @@ class Quantization:
         self.calib_dtype = torch.float32
         self.out = OutputDir(job.output, self._identity())
 
+    def _check_online_hadamard(self) -> None:
+        """--online-hadamard: there is a down_proj to turn (whether its block divides the input, the runtime layout
+        check finds); routed experts are left as they are."""
+        if self.job.opts.online_hadamard is None:
+            return
+        if not any(layerwise.online_hadamard_specs(u.specs) for u in self.units):
+            raise ValueError(f"--online-hadamard: {self.job.source} has no dense or shared-expert down_proj to turn")
+        if any(".mlp.experts." in s.name for u in self.units for s in u.specs):
+            self.log("--online-hadamard: the routed experts' down_proj stay unturned (the fused MoE applies no "
+                     "input transform, in lowbit as in vLLM); dense and shared-expert down_proj are turned")
+
     def _check_runtime_layout(self) -> None:
         """Build every layer as the runtime will load the output (on the meta device): a layer the scheme cannot
         lay out (a group size that does not divide its input, FP8 blocks across merged parts) fails now."""
@@ -203,11 +215,15 @@ class Quantization:
                 layerwise.build_layer(self.cfg, u.layer, torch.float32, device="meta", quant_config=qc)
             except ValueError as e:
                 hint = ""
+                plain = layerwise.build_layer(self.cfg, u.layer, torch.float32, "meta")
                 if "group size" in str(e):
-                    sizes = [m.input_size for m in layerwise.build_layer(self.cfg, u.layer, torch.float32, "meta")
-                             .modules() if hasattr(m, "input_size")]
+                    sizes = [m.input_size for m in plain.modules() if hasattr(m, "input_size")]
                     g = math.gcd(*sizes)
                     hint = f"; choose a --group-size that divides every layer's input, e.g. {min(g & -g, 128)}"
+                elif "Hadamard block" in str(e):
+                    g = math.gcd(*[plain.get_submodule(s.path).input_size
+                                   for s in layerwise.online_hadamard_specs(u.specs)])
+                    hint = f"; choose an --online-hadamard block that divides it, e.g. {g & -g}"
                 raise ValueError(f"{e}{hint}") from None
 
     def _identity(self) -> dict:
@@ -219,6 +235,7 @@ class Quantization:
         return {"source_fingerprint": self.reader.fingerprint(),
                 "quantization_config": self.qconfig, "algo": o.algo, "damp": o.damp, "actorder": o.actorder,
                 "block_size": o.block_size, "smoothquant": o.smoothquant, "rotate": o.rotate,
+                "online_hadamard": o.online_hadamard,
                 "calibration_tokens": calib,
                 "num_units": len(self.units)}
 

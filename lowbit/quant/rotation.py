@@ -13,6 +13,10 @@ that did not run before. Q is a Hadamard matrix with random signs (a Hadamard ma
 channel evenly over all channels), Sylvester's 2^k times Paley's q+1 for a prime q = 3 mod 4 (576 = 12 * 48); a
 seeded random orthogonal matrix where no such Hadamard matrix exists. Pure functions on tensors (llama, qwen2,
 qwen3 layers: MLA and MoE layers are not rotated here).
+
+down_proj's input, silu(gate) * up, is out of reach of any folded rotation; `hadamard_blocks` is the online one
+(QuaRot's, SpinQuant's R4): the runtime turns the input by a block-diagonal Sylvester Hadamard matrix and the weight
+holds W H, so the int8 activation quantization sees inputs without outlier channels.
 """
 from __future__ import annotations
 
@@ -75,6 +79,25 @@ def rotation_matrix(n: int, seed: int = SEED) -> torch.Tensor:
         return q * torch.sign(torch.diagonal(r))[None, :]
     signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
     return signs[:, None] * h / math.sqrt(n)
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def hadamard_blocks(t: torch.Tensor, block: int) -> torch.Tensor:
+    """t [..., n] times blockdiag(H_B, ..., H_B) / sqrt(B), H_B Sylvester's Hadamard matrix of order B (a power of two
+    dividing n), in float64; back in t's dtype. The matrix is symmetric and orthogonal, so it is its own inverse:
+    a linear's input x becomes x H and its weight [out, in] W H (QuaRot's online rotation of down_proj's input)."""
+    if not is_power_of_two(block) or t.shape[-1] % block:
+        raise ValueError(f"a Hadamard block of {block} needs a power of two dividing {t.shape[-1]}")
+    h = hadamard(block).to(t.device) / math.sqrt(block)  # [B, B]
+    rows = t.reshape(-1, t.shape[-1])
+    out = torch.empty_like(rows)
+    for i in range(0, rows.shape[0], 4096):  # float64 a few thousand rows at a time: a large weight stays small
+        part = rows[i:i + 4096]
+        out[i:i + 4096] = (_f64(part).unflatten(-1, (-1, block)) @ h).flatten(-2).to(t.dtype)
+    return out.reshape(t.shape)
 
 
 # ---------------------------------------------------------------------------------------------- single tensors
