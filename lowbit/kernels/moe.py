@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import act_quant
+from lowbit.kernels import act_quant, cdiv
 from lowbit.kernels import matmul_packed as mp
 from lowbit.kernels import matmul_unpacked as mu
 from lowbit.kernels import tuning
@@ -180,6 +180,7 @@ def gate_up_config(cfg: dict, packed: bool) -> dict:
     """The gate_up projection's program reads gate and up rows together, 2 * BN weight rows for BN outputs: half the
     heuristic's BN keeps its tile what the heuristic sized, where a whole one spills registers (the packed kernel,
     and the unpacked one from BM = 64: benchmarks/kernel_sass.py --check)."""
+    cfg = {key: v for key, v in cfg.items() if key != "SPLIT_K"}  # SiLU needs each output's whole sum
     return dict(cfg, BN=max(16, cfg["BN"] // 2)) if packed or cfg["BM"] >= 64 else cfg
 
 
@@ -210,15 +211,25 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     bm = cfg1["BM"]
     if cfg2["BM"] != bm:
         cfg2 = dict(cfg2, BM=bm)
+    split = cfg2.get("SPLIT_K", 1)
+    if config is None and T == 1:
+        split = min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2.get("BK", inter_size)))
+    if not isinstance(w2, UnpackedExperts):
+        split = 1  # the packed kernel's K loop takes no splits here
+    if split != cfg2.get("SPLIT_K", 1):
+        cfg2 = dict(cfg2, SPLIT_K=split)
     sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
     moe = (sorted_ids, block_expert, num_padded, n)
     slot_experts = topk_ids.flatten()
     inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
     w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
-    out = (torch.zeros if may_skip else torch.empty)(n, H, dtype=x.dtype, device=x.device)
+    if split > 1:  # the down projection's K splits add into float32 (one-token decode: more programs in flight)
+        out = torch.zeros(n, H, dtype=torch.float32, device=x.device)
+    else:
+        out = (torch.zeros if may_skip else torch.empty)(n, H, dtype=x.dtype, device=x.device)
     w2.run(inter, out, moe, cfg2, routed_weights=topk_weights.flatten().float().contiguous(),
            slot_experts=slot_experts)
-    return moe_sum(out.view(T, k, H))
+    return moe_sum(out.view(T, k, H), x.dtype)
 
 
 if triton is not None:
@@ -234,12 +245,13 @@ if triton is not None:
         tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def moe_sum(parts: torch.Tensor) -> torch.Tensor:
-    """parts [T, k, H] (each slot's weighted expert output) -> [T, H]: what parts.sum(1) computes, in one launch
-    (torch's reduction took 5.5 us a layer at batch-1 decode on an H100, 2026-11-23)."""
+def moe_sum(parts: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """parts [T, k, H] (each slot's weighted expert output) -> [T, H] in `dtype` (parts' by default): what
+    parts.sum(1) computes, in one launch (torch's reduction took 5.5 us a layer at batch-1 decode on an H100,
+    2026-11-23)."""
     T, k, H = parts.shape
     assert parts.stride(2) == 1
-    out = torch.empty(T, H, dtype=parts.dtype, device=parts.device)
+    out = torch.empty(T, H, dtype=dtype or parts.dtype, device=parts.device)
     if T:
         block = min(1024, triton.next_power_of_2(H))
         _moe_sum_kernel[(T, triton.cdiv(H, block))](parts, out, k, H, parts.stride(0), parts.stride(1),

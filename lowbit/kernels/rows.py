@@ -58,5 +58,5 @@ def grid_and_rows(moe: tuple | None, m: int, n: int, bm: int, bn: int, split_k: 
     num_padded, num_ids)) sizes its grid by the padded upper bound; a dense one by m rows and its K splits."""
     if moe is not None:
         sorted_ids, block_expert, num_padded, num_ids = moe
-        return (sorted_ids.numel() // bm, cdiv(n, bn), 1), sorted_ids, block_expert, num_padded, num_ids
+        return (sorted_ids.numel() // bm, cdiv(n, bn), split_k), sorted_ids, block_expert, num_padded, num_ids
     return (cdiv(m, bm), cdiv(n, bn), split_k), dummy, dummy, dummy, m

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 
+import os
+
 import torch
 
 from lowbit.kernels import cdiv
@@ -31,6 +33,12 @@ def num_sms() -> int:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).multi_processor_count
     return 8
+
+
+# K splits of the fused MoE's down projection for one token (unpacked experts: bf16, w8a8, fp8-block): each of its
+# few experts' programs runs one long K loop, latency-bound (V2-Lite's down projection at 65% of copy bandwidth,
+# moe-configs-h100-80gb-hbm3-2026-11-23.md); splits put more programs in flight
+MOE_SPLIT_K = int(os.environ.get("LOWBIT_MOE_SPLIT_K", "1"))
 
 
 def _split_k(programs: int, k_tiles: int) -> int:

@@ -241,6 +241,27 @@ def test_fused_moe(scheme, T):
         assert rel(out, ref) < bound
 
 
+@pytest.mark.parametrize("scheme", ["bf16", "w8a8", pytest.param("fp8-block", marks=gpu_only)])
+@pytest.mark.parametrize("split", [2, 3])
+def test_fused_moe_splits_the_down_projections_k_for_one_token(scheme, split, monkeypatch):
+    """One token: the down projection's K tiles split over `split` programs per output tile (3 does not divide the
+    5 tiles: the last split is short), added into float32, summed per token into x's dtype."""
+    from lowbit.kernels import tuning
+    monkeypatch.setattr(tuning, "MOE_SPLIT_K", split)
+    E, H, inter, k = 6, 128, 5 * 128, 3
+    w13, d13, fq = make_experts(scheme, E, 2 * inter, H, seed=11)
+    w2, d2, _ = make_experts(scheme, E, H, inter, seed=12)
+    x = torch.randn(1, H, generator=gen(13)).to(DTYPE)
+    topk = torch.randperm(E, generator=gen(14))[:k][None]
+    weights = torch.rand(1, k, generator=gen(15))
+    ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
+    launches = []
+    monkeypatch.setattr(moe.mu, "launch", lambda *a, f=moe.mu.launch, **kw: launches.append(a[6]) or f(*a, **kw))
+    out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
+    assert [c.get("SPLIT_K", 1) for c in launches] == [1, split]  # gate_up whole, down split
+    assert out.dtype == DTYPE and rel(out, ref) < BOUND * (3 if fq is not None else 1)
+
+
 @pytest.mark.parametrize("bits,group,asym", [(4, 128, False), (4, 64, True), (8, 0, False), (8, 128, True)])
 def test_dequantize_kernel_matches_unpack(bits, group, asym):
     """The packed words back to 16-bit weights (what large-M weight-only layers hand to the matrix library)."""
