@@ -51,11 +51,12 @@ def main() -> None:
             times = {}
             for split in (1, 2, 3, 4):
                 tuning.MOE_SPLIT_K = split
-                times[split] = bench_graph(lambda: moe.fused_moe(x, w13, w2, tw, topk))
+                times[split] = bench_graph(lambda x=x, w13=w13, w2=w2, tw=tw, topk=topk:
+                                           moe.fused_moe(x, w13, w2, tw, topk))
             nbytes = k * (b13 + b2)
             rows.append((gname, scheme, times, nbytes))
             print(gname, scheme, {s: f"{t * 1e6:.1f} us" for s, t in times.items()}, flush=True)
-            del w13, w2
+            w13 = w2 = None
             torch.cuda.empty_cache()
     copy = ceil["copy_GBps"]
     import datetime
