@@ -52,6 +52,13 @@ def _deliver(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
         pass  # the event loop has closed: nobody is listening
 
 
+def _put_all(items: list) -> None:
+    """A step's outputs into their requests' queues, in one callback on the event loop (a callback each, and so a
+    wake-up of the loop each, cost 64 wake-ups a step at 64 streams)."""
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
 def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
     if future.done():
         return  # the handler gave up (client gone)
@@ -189,6 +196,7 @@ class EngineLoop:
             return
         now = time.monotonic()
         batch = 0
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}  # one wake-up of each event loop per step
         for out in outputs:
             batch += bool(out.new_token_ids)
             with self._lock:
@@ -204,7 +212,9 @@ class EngineLoop:
                 if out.finished:
                     ttft = None if t.first_token is None else t.first_token - t.arrival
                     self.metrics.observe_finished(out.finish_reason, ttft, now - t.arrival, out.num_output_tokens)
-            _deliver(t.loop, t.queue.put_nowait, out)
+            deliveries.setdefault(t.loop, []).append((t.queue, out))
+        for loop, items in deliveries.items():
+            _deliver(loop, _put_all, items)
         if self.metrics:
             self.metrics.observe_step(self.engine.num_running, self.num_waiting, self.engine.kv_cache_usage, batch)
 
