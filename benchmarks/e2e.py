@@ -219,7 +219,9 @@ def run_serve(path: str, work: str) -> dict:
                                capture_output=True, text=True, timeout=480)
         print(bench.stdout[-3000:], bench.stderr[-2000:], flush=True)
         with open(result) as f:
-            return {"bench": json.load(f), "returncode": bench.returncode}
+            # the summary and config; bench's per-request records (every inter-token latency) stay in bench.json
+            return {"bench": {k: v for k, v in json.load(f).items() if k != "requests"},
+                    "returncode": bench.returncode}
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -63,7 +63,6 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
         self.text = ""
         self.prefix = self.read = 0  # ids[prefix:read] decode to the end of self.text
         backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's own (Rust) tokenizer
@@ -80,14 +79,16 @@ class IncrementalDetokenizer:
         decode = self._decode
         before = decode(output_ids[self.prefix:self.read]) if self.read > self.prefix else ""
         text = decode(output_ids[self.prefix:])
-        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
-            if text.startswith(before) or text.endswith("\ufffd"):
-                return ""  # nothing new yet, or half a character: wait for the next id
+        if text.endswith("\ufffd"):
+            return ""  # half a character: wait for the next id
+        if not text.startswith(before):
             # the context decodes differently once followed by more ids: fall back to decoding the output whole
             full = decode(output_ids)
             delta = full[len(self.text):] if full.startswith(self.text) else full
             self.text, self.prefix, self.read = full, max(0, len(output_ids) - 4), len(output_ids)
             return delta
+        if len(text) == len(before):
+            return ""  # nothing new yet (a special token, skipped)
         delta = text[len(before):]
         self.text += delta
         self.prefix, self.read = self.read, len(output_ids)

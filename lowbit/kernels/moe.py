@@ -211,13 +211,11 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     bm = cfg1["BM"]
     if cfg2["BM"] != bm:
         cfg2 = dict(cfg2, BM=bm)
-    split = cfg2.get("SPLIT_K", 1)
-    if config is None and T == 1:
-        split = min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2.get("BK", inter_size)))
-    if not isinstance(w2, UnpackedExperts):
-        split = 1  # the packed kernel's K loop takes no splits here
-    if split != cfg2.get("SPLIT_K", 1):
-        cfg2 = dict(cfg2, SPLIT_K=split)
+    split = 1  # the packed kernel's K loop takes no splits in a grouped launch
+    if isinstance(w2, UnpackedExperts):
+        split = min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2["BK"])) if config is None and T == 1 \
+            else cfg2.get("SPLIT_K", 1)
+    cfg2 = dict(cfg2, SPLIT_K=split)
     sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
     moe = (sorted_ids, block_expert, num_padded, n)
     slot_experts = topk_ids.flatten()
