@@ -24,7 +24,7 @@ def kernels_enabled(device: torch.device) -> bool:
     return env == "1" or device.type == "cuda"
 
 
-DEQUANT_ABOVE_ROWS = 256  # weight-only packed layers with more rows than this run dequantize + the matrix library
+DEQUANT_ABOVE_ROWS = 256  # packed layers with more rows than this run dequantize + the matrix library
 
 
 @dataclass
@@ -34,11 +34,15 @@ class PackedLinear:
     input_scale: torch.Tensor | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act == mp.ACT_NONE and x.shape[0] > DEQUANT_ABOVE_ROWS:
+        if x.shape[0] > DEQUANT_ABOVE_ROWS:
             # many rows (prefill): the weights dequantized into a transient bf16/fp16 buffer and the matrix library,
             # whose large-M rate the packed kernel does not reach (H100, 2026-11-23: 0.23x cuBLAS at M = 4096,
-            # while dequantizing costs about one read of the packed and one write of the 16-bit weights)
-            return torch.nn.functional.linear(x, mp.dequantize(self.weight, x.dtype))
+            # while dequantizing costs about one read of the packed and one write of the 16-bit weights); w4a8's
+            # activations on the FP8 grid (exact in 16 bits) with its input scale in the weights, the per-token
+            # schemes' as their quantized values times the token's scale
+            rows, _ = mp.activations_16bit(x.contiguous(), self.act, self.input_scale)
+            return torch.nn.functional.linear(rows, mp.dequantize(self.weight, x.dtype, input_scale=(
+                self.input_scale if self.act == mp.ACT_FP8_STATIC else None)))
         return mp.packed_matmul(x.contiguous(), self.weight, self.act, self.input_scale)
 
     def dequantized(self) -> torch.Tensor:

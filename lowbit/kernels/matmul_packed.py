@@ -368,13 +368,21 @@ if triton is not None:
                      mask=n_mask[:, None] & (cols[None, :] < K))
 
 
-def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0) -> torch.Tensor:
+def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
+               input_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One expert's weights [N, K] (expert=None: all of them, [E, N, K]) in `dtype`, for the matrix libraries and
-    the 16-bit MoE kernel at large M (see PackedLinear, moe.fused_moe)."""
+    the 16-bit MoE kernel at large M (see PackedLinear, moe.fused_moe). input_scale (one, or one per expert): w4a8's
+    static input scales multiplied into the weights, whose activations then stay on the FP8 grid unscaled (see
+    activations_16bit)."""
     words, scales = pw.words, pw.scales
     zeros = pw.zeros if pw.zeros is not None else pw.scales
     if expert is not None:
         words, scales, zeros = words[expert:expert + 1], scales[expert:expert + 1], zeros[expert:expert + 1]
+    if input_scale is not None:
+        s = input_scale.float().reshape(-1)
+        if expert is not None and s.numel() > 1:
+            s = s[expert:expert + 1]
+        scales = (scales * s.reshape(-1, 1, 1)).contiguous()
     E = words.shape[0]
     out = torch.empty(E, pw.n, pw.k, dtype=dtype, device=words.device)
     bn = 64
@@ -412,6 +420,24 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         EVEN_K=pw.k % pw.tile_k == 0,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
+
+
+def activations_16bit(x: torch.Tensor, act: int, input_scale: torch.Tensor | None = None,
+                      row_experts: torch.Tensor | None = None, row_div: int = 1) -> tuple[torch.Tensor, int]:
+    """x as the scheme's GEMM sees it, in x's 16-bit dtype, for a 16-bit matrix product on dequantized weights (the
+    large-M path of every packed scheme): weight-only x itself; static FP8 (w4a8) the rows on the FP8 grid, exact
+    and unscaled (the scales go into the weights: dequantize's input_scale), one row per slot of row_experts where
+    the experts have scales of their own; per-token int8 / FP8 the quantized values times their token's scale,
+    rounded once to x's dtype. Returns (rows, the row divisor that maps the product's rows to x's)."""
+    if act == ACT_NONE:
+        return x, row_div
+    if act == ACT_FP8_STATIC:
+        scales = input_scale.float().reshape(-1)
+        if row_experts is None or scales.numel() == 1:
+            return act_quant.fp8_grid_rows(x, scales[:1]), row_div
+        return act_quant.fp8_grid_rows(x, scales, row_experts, row_div), 1
+    q, s = quantize_input(x, act)
+    return (q.float() * s.reshape(-1, 1)).to(x.dtype), row_div
 
 
 def quantize_input(x: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -123,6 +123,9 @@ def align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int
     return sorted_ids, block_expert.to(torch.int32), ends[num_experts - 1:num_experts].to(torch.int32)
 
 
+FP8_TENSOR_CORES_FROM_BM = 64  # w4a8 experts: smaller blocks take their rows on the FP8 grid in 16 bits
+
+
 @dataclass
 class PackedExperts:
     weight: mp.PackedWeight  # [E, N, K/...]
@@ -144,7 +147,7 @@ class PackedExperts:
             xs = self.input_scale.float().reshape(-1)
             if xs.numel() == 1:
                 xs = xs.expand(self.weight.num_experts).contiguous()
-            if config["BM"] < 64 and slot_experts is not None:
+            if config["BM"] < FP8_TENSOR_CORES_FROM_BM and slot_experts is not None:
                 # each slot's row on its expert's FP8 grid once, in 16 bits, then the 16-bit product (the FP8 tensor
                 # cores only pay from BM = 64; quantizing in the GEMM repeats it in every N tile)
                 xq = act_quant.fp8_grid_rows(x, xs, slot_experts, x_row_div)
@@ -172,6 +175,33 @@ class UnpackedExperts:
                          routed_weights=routed_weights, x_row_div=x_row_div)
 
 
+@dataclass
+class DequantizedExperts:
+    """Packed experts dequantized to 16 bits for one call (prefill), run by the 16-bit kernel on their scheme's
+    activations (matmul_packed.activations_16bit): w4a8's static input scales are in the weights."""
+    weight: torch.Tensor  # [E, N, K] in the activations' dtype
+    act: int
+    input_scale: torch.Tensor | None  # w4a8: static input scales [E] (or one for all)
+
+    @classmethod
+    def of(cls, experts: PackedExperts, dtype: torch.dtype) -> DequantizedExperts:
+        static = experts.act == mp.ACT_FP8_STATIC
+        w = mp.dequantize(experts.weight, dtype, expert=None, input_scale=experts.input_scale if static else None)
+        return cls(w, experts.act, experts.input_scale)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.weight.shape)
+
+    def config(self, m: int, n: int, k: int) -> dict:
+        return tuning.unpacked_config(m, n, k, mu.KIND_BF16, moe=True)
+
+    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None):
+        rows, x_row_div = mp.activations_16bit(x, self.act, self.input_scale, slot_experts, x_row_div)
+        return mu.launch(rows, None, self.weight, None, out, mu.KIND_BF16, config, moe=moe, fuse_silu=fuse_silu,
+                         routed_weights=routed_weights, x_row_div=x_row_div)
+
+
 DEQUANT_ROWS_PER_EXPERT = 128  # token slots per expert from which weight-only experts run dequantized, 16-bit
 DEQUANT_MAX_BYTES = 2 << 30  # and only where all of a layer's experts fit in this much 16-bit memory (V2-Lite: 1.1 GB)
 
@@ -184,8 +214,6 @@ def gate_up_config(cfg: dict, packed: bool) -> dict:
     return dict(cfg, BN=max(16, cfg["BN"] // 2)) if packed or cfg["BM"] >= 64 else cfg
 
 
-def _weight_only(w) -> bool:
-    return isinstance(w, PackedExperts) and w.act == mp.ACT_NONE
 
 
 def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -199,12 +227,12 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     _, h2, inter_size = w2.shape
     assert h13 == H and h2 == H and two_i == 2 * inter_size, f"w13 {w13.shape} / w2 {w2.shape} vs hidden {H}"
     n = T * k
-    if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and _weight_only(w13) and _weight_only(w2)
+    if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and isinstance(w13, PackedExperts)
+            and isinstance(w2, PackedExperts)
             and E * (two_i * h13 + h2 * inter_size) * x.element_size() <= DEQUANT_MAX_BYTES):
         # prefill: every expert sees many rows; the 16-bit kernel on weights dequantized for this call outruns the
         # packed one there (dense layers: kernels/linear.py PackedLinear)
-        w13 = UnpackedExperts(mp.dequantize(w13.weight, x.dtype, expert=None))
-        w2 = UnpackedExperts(mp.dequantize(w2.weight, x.dtype, expert=None))
+        w13, w2 = DequantizedExperts.of(w13, x.dtype), DequantizedExperts.of(w2, x.dtype)
     per_expert = -(-n // min(n, E))  # rows an expert sees when routing spreads: what the block size should fit
     cfg1 = config or gate_up_config(w13.config(per_expert, inter_size, H), isinstance(w13, PackedExperts))
     cfg2 = config or w2.config(per_expert, H, inter_size)
@@ -212,7 +240,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     if cfg2["BM"] != bm:
         cfg2 = dict(cfg2, BM=bm)
     split = 1  # the packed kernel's K loop takes no splits in a grouped launch
-    if isinstance(w2, UnpackedExperts):
+    if isinstance(w2, (UnpackedExperts, DequantizedExperts)):
         split = min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2["BK"])) if config is None and T == 1 \
             else cfg2.get("SPLIT_K", 1)
     cfg2 = dict(cfg2, SPLIT_K=split)

@@ -139,7 +139,10 @@ def test_unpacked_matmul(kind, M, N, K):
     w, ws = random_unpacked(kind, N, K, seed=M * N)
     x = torch.randn(M, K, generator=gen(M + K)).to(DTYPE)
     ref = mu.unpacked_matmul_ref(x.float(), w, kind, ws)
-    for config in (None, dict(BM=16, BN=32, BK=128), dict(BM=16, BN=64, BK=128, SPLIT_K=-(-K // 128))):
+    configs = [None, dict(BM=16, BN=32, BK=128), dict(BM=16, BN=64, BK=128, SPLIT_K=-(-K // 128))]
+    if kind == mu.KIND_FP8_BLOCK:  # each 128-feature block's product scaled while the next one's runs
+        configs += [dict(BM=64, BN=64, BK=128, DELAY=True), dict(BM=16, BN=32, BK=128, DELAY=True, SPLIT_K=2)]
+    for config in configs:
         out = mu.unpacked_matmul(x.to(DEV), w.to(DEV), kind, None if ws is None else ws.to(DEV), config=config)
         assert out.shape == (M, N) and out.dtype == DTYPE
         assert rel(out, ref) < BOUND, config
@@ -274,33 +277,61 @@ def test_dequantize_kernel_matches_unpack(bits, group, asym):
     assert rel(out, ref) < BOUND
 
 
-def test_large_m_weight_only_layer_takes_the_dequantized_path(monkeypatch):
+LARGE_M_ACTS = [mp.ACT_NONE, mp.ACT_INT8_TOKEN, pytest.param(mp.ACT_FP8_STATIC, marks=gpu_only),
+                pytest.param(mp.ACT_FP8_TOKEN, marks=gpu_only)]
+
+
+@pytest.mark.parametrize("act", LARGE_M_ACTS)
+def test_large_m_packed_layer_takes_the_dequantized_path(act, monkeypatch):
+    """Above DEQUANT_ABOVE_ROWS rows a packed layer of any scheme runs the matrix library on its dequantized
+    weights (w4a8's input scale folded in) and its activations as the scheme quantizes them."""
     from lowbit.kernels import linear
     values, scale, zp = random_packed(1, 48, 256, 4, 128, False, seed=3)
-    layer = linear.PackedLinear(to_dev(mp.repack(values, scale, zp, 4, 128)), mp.ACT_NONE, None)
+    in_scale = torch.tensor([0.02])
+    layer = linear.PackedLinear(to_dev(mp.repack(values, scale, zp, 4, 128)), act, in_scale.to(DEV))
     monkeypatch.setattr(linear, "DEQUANT_ABOVE_ROWS", 8)
     x = torch.randn(20, 256, generator=gen(20)).to(DTYPE)
-    ref = mp.packed_matmul_ref(x.float(), mp.repack(values, scale, zp, 4, 128))
+    ref = mp.packed_matmul_ref(x.float(), mp.repack(values, scale, zp, 4, 128), act, in_scale)
     calls = []
-    monkeypatch.setattr(mp, "dequantize", lambda *a, f=mp.dequantize: calls.append(1) or f(*a))
+    monkeypatch.setattr(mp, "dequantize", lambda *a, f=mp.dequantize, **kw: calls.append(1) or f(*a, **kw))
     assert rel(layer(x.to(DEV)), ref) < BOUND and calls
 
 
-def test_fused_moe_with_many_rows_runs_weight_only_experts_dequantized(monkeypatch):
-    """From DEQUANT_ROWS_PER_EXPERT slots per expert on, weight-only packed experts run in the 16-bit kernel on
-    weights dequantized for the call: the same result as the packed kernel's."""
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8-int8", pytest.param("w4a8", marks=gpu_only)])
+@pytest.mark.parametrize("expert_scales", [False, True])
+def test_fused_moe_with_many_rows_runs_packed_experts_dequantized(scheme, expert_scales, monkeypatch):
+    """From DEQUANT_ROWS_PER_EXPERT slots per expert on, packed experts run in the 16-bit kernel on weights
+    dequantized for the call: the same result as the packed kernel's (w4a8: each expert's static input scale in its
+    weights, each slot's row on its expert's grid)."""
     E, H, inter, k, T = 4, 256, 128, 2, 12
-    w13, d13, _ = make_experts("w4a16", E, 2 * inter, H, seed=5)
-    w2, d2, _ = make_experts("w4a16", E, H, inter, seed=6)
+    w13, d13, fq = make_experts(scheme, E, 2 * inter, H, seed=5)
+    w2, d2, _ = make_experts(scheme, E, H, inter, seed=6)
+    fq1 = fq2 = fq
+    if expert_scales:
+        if scheme != "w4a8":
+            pytest.skip("only w4a8 has static input scales")
+        s13, s2 = torch.tensor([0.01, 0.02, 0.03, 0.015]), torch.tensor([0.004, 0.002, 0.003, 0.001])
+        w13.input_scale, w2.input_scale = s13.to(DEV), s2.to(DEV)
+        fq1, fq2 = None, None  # each slot's row through its expert's scale: the reference below does it per slot
     x = torch.randn(T, H, generator=gen(7)).to(DTYPE)
     topk = torch.stack([torch.randperm(E, generator=gen(t))[:k] for t in range(T)])
     weights = torch.rand(T, k, generator=gen(8))
-    ref = moe.fused_moe_ref(x, d13, d2, weights, topk)
+    if expert_scales:
+        ref = torch.zeros(T, H, dtype=torch.float64)
+        for t in range(T):
+            for slot, e in enumerate(topk[t].tolist()):
+                xin = (aq.fp8_static_ref(x[t:t + 1].float(), s13[e]).double() * s13[e].double())
+                gu = xin[0] @ d13[e].double().t()
+                h = (torch.nn.functional.silu(gu[:inter]) * gu[inter:]).to(DTYPE)
+                hin = aq.fp8_static_ref(h[None].float(), s2[e]).double() * s2[e].double()
+                ref[t] += weights[t, slot].double() * (hin[0] @ d2[e].double().t())
+    else:
+        ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq1, fq2)
     calls = []
     monkeypatch.setattr(moe, "DEQUANT_ROWS_PER_EXPERT", 2)
     monkeypatch.setattr(mp, "dequantize", lambda *a, f=mp.dequantize, **kw: calls.append(1) or f(*a, **kw))
     out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
-    assert len(calls) == 2 and rel(out, ref) < BOUND
+    assert len(calls) == 2 and rel(out, ref) < BOUND * (3 if fq is not None else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
