@@ -113,14 +113,12 @@ def variants():
     yield "packed w4a16 fused-MoE gate_up BM=16 BN=64", mp._packed_matmul_kernel, PACKED_PTRS, const, 4, 3
     uptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*bf16", "ws_ptr": "*fp32", "out_ptr": "*bf16",
              "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
-    ubase = dict(MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1, DELAY=False)
+    ubase = dict(MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1)
     for name, kind, t in (("bf16", mu.KIND_BF16, "*bf16"), ("w8a8", mu.KIND_INT8_CHANNEL, "*i8"),
                           ("fp8-block", mu.KIND_FP8_BLOCK, "*fp8e4nv")):
         for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 4), (128, 128, 128, 8, 4)):
             yield (f"unpacked {name} BM={bm} BN={bn}", mu._unpacked_matmul_kernel, dict(uptrs, x_ptr=t, w_ptr=t),
                    dict(ubase, KIND=kind, BM=bm, BN=bn, BK=bk), warps, stages)
-    yield ("unpacked fp8-block BM=128 BN=128 DELAY", mu._unpacked_matmul_kernel, dict(uptrs, x_ptr="*fp8e4nv",
-           w_ptr="*fp8e4nv"), dict(ubase, KIND=mu.KIND_FP8_BLOCK, BM=128, BN=128, BK=128, DELAY=True), 8, 4)
     yield ("mla_decode bf16 R=512 DR=64", md._mla_decode_kernel,
            {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i64", "out_ptr": "*fp32",
             "lse_ptr": "*fp32"},
@@ -186,7 +184,7 @@ def check_engine_configs() -> list[str]:
             ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
                     "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
             const = dict(KIND=kind, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
-                         BK=cfg["BK"], SPLIT_K=cfg.get("SPLIT_K", 1), DELAY=cfg.get("DELAY", False))
+                         BK=cfg["BK"], SPLIT_K=cfg.get("SPLIT_K", 1))
             r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
                                         cfg.get("num_stages", 3)))
             name = f"unpacked kind={kind} M={m} {cfg}"
@@ -213,7 +211,7 @@ def check_engine_configs() -> list[str]:
             ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
                     "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
             const = dict(KIND=kind, MOE=True, FUSE_SILU=True, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
-                         BK=cfg["BK"], SPLIT_K=1, DELAY=cfg.get("DELAY", False))
+                         BK=cfg["BK"], SPLIT_K=1)
             r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
                                         cfg.get("num_stages", 3)))
             name = f"MoE gate_up unpacked kind={kind} M={m} {cfg}"

@@ -6,8 +6,7 @@ fp8-block launch configurations at M = 4096.
    (dequantize + cuBLAS on the scheme's activations, kernels/linear.py).
 2. moe: the fused MoE at prefill token counts (V2-Lite's experts; R1's for the packed kernels), the packed experts
    against the same experts dequantized for the call (moe.DequantizedExperts), bf16 experts beside them.
-3. sweep: w8a8 and fp8-block at M = 4096, a handful of tile shapes (fp8-block also with each block's scaling one
-   step behind its product, DELAY) against the heuristic's.
+3. sweep: w8a8 and fp8-block at M = 4096, a handful of tile shapes against the heuristic's.
 
     python benchmarks/large_m.py [--parts dense,moe,sweep] [--out benchmarks/results]
 Writes large-m-<device>-<date>.md (and .json) there.
@@ -143,9 +142,7 @@ def sweep_part() -> list[dict]:
         for s in ("w8a8", "fp8-block"):
             w, kind, ws, _ = make_weight(s, N, K)
             cands = [None] + SWEEP
-            if s == "fp8-block":
-                cands += [dict(c, DELAY=True) for c in SWEEP if c["BK"] == 128]
-            else:
+            if s == "w8a8":
                 cands = [c for c in cands if c is None or c["BK"] == 128] + [dict(SWEEP[2], BK=256, num_stages=3)]
             for cfg in cands:
                 try:

@@ -24,7 +24,10 @@ def kernels_enabled(device: torch.device) -> bool:
     return env == "1" or device.type == "cuda"
 
 
-DEQUANT_ABOVE_ROWS = 256  # packed layers with more rows than this run dequantize + the matrix library
+# packed layers with more rows than this run dequantize + the matrix library: from 128 rows on it was faster for
+# every packed scheme on R1's three dense shapes (H100, 2026-11-24, benchmarks/large_m.py: 36864x7168 at M = 128
+# w4a16 469 vs 570 us, w4a8 488 vs 531; at 64 the packed kernel: 252 vs 467)
+DEQUANT_ABOVE_ROWS = 64
 
 
 @dataclass

@@ -44,14 +44,10 @@ if triton is not None:
     @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                       n_rows, n_mask, K, k_groups, t_start, t_end,
-                      KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      DELAY: tl.constexpr = False):
+                      KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         offs_k = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         acc_i = tl.zeros([BM, BN], dtype=tl.int32)
-        prev = tl.zeros([BM, BN], dtype=tl.float32)
-        prev_xs = tl.zeros([BM], dtype=tl.float32)
-        prev_ws = tl.zeros([BN], dtype=tl.float32)
         for t in range(t_start, t_end):
             cols = t * BK + offs_k
             a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
@@ -68,14 +64,11 @@ if triton is not None:
             else:
                 xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
                 ws = tl.load(ws_base + (n_rows // 128) * stride_wsn + t, mask=n_mask, other=0.0)
-                if DELAY:  # scale the previous block's product while this block's runs (an asynchronous MMA)
-                    p = tl.dot(a, tl.trans(b))
-                    acc += prev * prev_xs[:, None] * prev_ws[None, :]
-                    prev, prev_xs, prev_ws = p, xs, ws
-                else:
-                    acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
-        if KIND == 2 and DELAY:
-            acc += prev * prev_xs[:, None] * prev_ws[None, :]
+                # each block's product scaled as it lands: Triton waits for the MMA here (wgmma.wait_group 0 after
+                # every K step, so the tensor cores idle while it scales; 641-667 TFLOP/s at M = 4096 on an H100).
+                # Scaling the previous block's product while this one's runs (tried 2026-11-24) compiled to the same
+                # wait and a second accumulator: 386 TFLOP/s
+                acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
         if KIND == 1:
             xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
             ws = tl.load(ws_base + n_rows, mask=n_mask, other=0.0)
@@ -89,7 +82,7 @@ if triton is not None:
                                 stride_xm, stride_om, stride_we, stride_wn, stride_wse, stride_wsn,
                                 KIND: tl.constexpr, MOE: tl.constexpr, FUSE_SILU: tl.constexpr,
                                 ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr, SPLIT_K: tl.constexpr, DELAY: tl.constexpr):
+                                BK: tl.constexpr, SPLIT_K: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -107,11 +100,11 @@ if triton is not None:
         if FUSE_SILU:  # gate row j and up row j (N + j) side by side: one loop, one pipeline for both
             w_rows, w_mask = gate_up_rows(pid_n, N, BN)
             acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
-                                w_rows, w_mask, K, k_groups, t_start, t_end, KIND, BM, 2 * BN, BK, DELAY)
+                                w_rows, w_mask, K, k_groups, t_start, t_end, KIND, BM, 2 * BN, BK)
             acc = silu_mul_pairs(acc, BM, BN)
         else:
             acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
-                                offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK, DELAY)
+                                offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
         store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
 
@@ -148,7 +141,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         m, n, K, k_tiles, cdiv(K, FP8_BLOCK), x_row_div,
         x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
         KIND=kind, MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
-        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, DELAY=config.get("DELAY", False),
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 

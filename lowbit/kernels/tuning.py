@@ -85,7 +85,10 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
     elif b <= 64:
         cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
     else:
-        cfg = dict(BM=128, BN=128, BK=128 if kind else 64, num_warps=8, num_stages=4)
+        # int8 (w8a8): three stages, whose 96 KB of shared memory let two blocks share a multiprocessor (H100,
+        # 2026-11-24, benchmarks/large_m.py, M = 4096: 1.30 -> 1.55x cuBLAS on 36864x7168, 0.92 -> 1.37x on
+        # 7168x18432); bf16 and fp8-block measured no better with three
+        cfg = dict(BM=128, BN=128, BK=128 if kind else 64, num_warps=8, num_stages=3 if kind == 1 else 4)
     if not moe and b <= 64:
         cfg["SPLIT_K"] = _split_k(cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]), cdiv(k, cfg["BK"]))
     return cfg
