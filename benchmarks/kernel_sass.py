@@ -97,11 +97,13 @@ def inspect(k) -> dict:
 
 
 PACKED_PTRS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "out_ptr": "*bf16",
+               "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                "xs_ptr": "*fp32", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
 
 
 def variants():
-    base = dict(GROUP=128, HAS_ZP=False, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1, SWAP=False, EVEN_K=True)
+    base = dict(GROUP=128, HAS_ZP=False, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1, SWAP=False, EVEN_K=True,
+                FIXUP=False)
     for name, bits, act, x_t in (("w4a16", 4, mp.ACT_NONE, "*bf16"), ("w8a16", 8, mp.ACT_NONE, "*bf16"),
                                  ("w4a8", 4, mp.ACT_FP8_STATIC, "*bf16"), ("w4a8-int8", 4, mp.ACT_INT8_TOKEN, "*i8")):
         for bm, bn, warps, stages, swap in ((16, 64, 4, 3, False), (64, 128, 8, 3, False), (128, 64, 8, 3, False),
@@ -112,8 +114,9 @@ def variants():
     const = dict(base, BITS=4, ACT=mp.ACT_NONE, BM=16, BN=64, TK=256, MOE=True, FUSE_SILU=True)
     yield "packed w4a16 fused-MoE gate_up BM=16 BN=64", mp._packed_matmul_kernel, PACKED_PTRS, const, 4, 3
     uptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*bf16", "ws_ptr": "*fp32", "out_ptr": "*bf16",
-             "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
-    ubase = dict(MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1)
+             "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32", "part_ptr": "*fp32",
+             "cnt_ptr": "*i32"}
+    ubase = dict(MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1, FIXUP=False)
     for name, kind, t in (("bf16", mu.KIND_BF16, "*bf16"), ("w8a8", mu.KIND_INT8_CHANNEL, "*i8"),
                           ("fp8-block", mu.KIND_FP8_BLOCK, "*fp8e4nv")):
         for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 4), (128, 128, 128, 8, 4)):
@@ -137,7 +140,7 @@ def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False, moe: bo
     the fused MoE's gate_up projection instead (grouped rows, SiLU fused)."""
     const = dict(BITS=bits, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=moe, FUSE_SILU=moe, ROUTED_WEIGHT=False,
                  BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits), SPLIT_K=cfg.get("SPLIT_K", 1),
-                 SWAP=cfg.get("SWAP", False), EVEN_K=True)
+                 SWAP=cfg.get("SWAP", False), EVEN_K=True, FIXUP=not moe and cfg.get("SPLIT_K", 1) > 1)
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
     return inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
                                    cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
@@ -182,9 +185,10 @@ def check_engine_configs() -> list[str]:
         for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
             cfg = tuning.unpacked_config(m, N, K, kind)
             ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
-                    "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
+                    "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32",
+                    "part_ptr": "*fp32", "cnt_ptr": "*i32"}
             const = dict(KIND=kind, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
-                         BK=cfg["BK"], SPLIT_K=cfg.get("SPLIT_K", 1))
+                         BK=cfg["BK"], SPLIT_K=cfg.get("SPLIT_K", 1), FIXUP=cfg.get("SPLIT_K", 1) > 1)
             r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
                                         cfg.get("num_stages", 3)))
             name = f"unpacked kind={kind} M={m} {cfg}"
@@ -209,9 +213,10 @@ def check_engine_configs() -> list[str]:
         for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
             cfg = moe.gate_up_config(tuning.unpacked_config(m, 2048, 7168, kind, moe=True), packed=False)
             ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
-                    "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
+                    "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32",
+                    "part_ptr": "*fp32", "cnt_ptr": "*i32"}
             const = dict(KIND=kind, MOE=True, FUSE_SILU=True, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
-                         BK=cfg["BK"], SPLIT_K=1)
+                         BK=cfg["BK"], SPLIT_K=1, FIXUP=False)
             r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
                                         cfg.get("num_stages", 3)))
             name = f"MoE gate_up unpacked kind={kind} M={m} {cfg}"

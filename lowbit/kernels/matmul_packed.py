@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import act_quant, cdiv
-from lowbit.kernels.rows import grid_and_rows
+from lowbit.kernels.rows import grid_and_rows, split_buffers
 
 ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN, ACT_FP8_TOKEN = 0, 1, 2, 3
 # w4a8 at small M: x already on the static FP8 grid in 16 bits (act_quant.fp8_grid_rows, one launch for all N tiles
@@ -154,7 +154,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from lowbit.kernels.rows import gate_up_rows, program_rows, silu_mul_pairs, store_rows
+    from lowbit.kernels.rows import gate_up_rows, program_rows, silu_mul_pairs, store_rows, store_split
 
     @triton.jit
     def _int4_to_16bit(u, z, dtype: tl.constexpr, HAS_ZP: tl.constexpr):
@@ -287,13 +287,13 @@ if triton is not None:
 
     @triton.jit
     def _packed_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, xs_ptr,
-                              sorted_ptr, expert_ptr, npad_ptr, rw_ptr,
+                              sorted_ptr, expert_ptr, npad_ptr, rw_ptr, ws_ptr, cnt_ptr,
                               M, N, K, num_groups, k_tiles, x_row_div,
                               stride_xm, stride_om, stride_we, stride_wn, stride_se,
                               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                               MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
-                              SWAP: tl.constexpr, EVEN_K: tl.constexpr):
+                              SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -332,7 +332,11 @@ if triton is not None:
             acc = acc * xs[:, None]
         if FUSE_SILU:
             acc = silu_mul_pairs(acc, BM, BN)
-        store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
+        if FIXUP:  # a dense product's K splits, added by the last of them (no zeroed float32 output)
+            store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, ws_ptr, cnt_ptr, M, N,
+                        pid_m, pid_n, pid_k, SPLIT_K)
+        else:
+            store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
 
 if triton is not None:
@@ -404,20 +408,22 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
     split_k = config.get("SPLIT_K", 1) if moe is None else 1
     n = pw.n // 2 if fuse_silu else pw.n
     k_tiles = pw.words.shape[2] * (32 // pw.bits) // pw.tile_k
-    assert k_tiles % split_k == 0 and (split_k == 1 or out.dtype == torch.float32), \
-        f"SPLIT_K={split_k} must divide the {k_tiles} K tiles and write a float32 output"
+    assert k_tiles % split_k == 0, f"SPLIT_K={split_k} must divide the {k_tiles} K tiles"
     dummy = pw.scales
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
+    fixup = split_k > 1 and out.dtype != torch.float32  # (a zeroed float32 output takes atomic adds instead)
+    assert not fixup or moe is None, "a grouped launch's K splits add into a zeroed float32 output"
+    ws, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
     _packed_matmul_kernel[grid](
         x, pw.words, pw.scales, pw.zeros if pw.zeros is not None else dummy, out,
         act_scale if act_scale is not None else dummy,
-        sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy,
+        sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, ws, counters,
         m, n, pw.k, pw.scales.shape[1], k_tiles, x_row_div,
         x.stride(0), out.stride(0), pw.words.stride(0), pw.words.stride(1), pw.scales.stride(0),
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
-        EVEN_K=pw.k % pw.tile_k == 0,
+        EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 
@@ -469,8 +475,5 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_
             xq = act_quant.fp8_static_ref(x, xs)
             xs = xs.expand(x.shape[0]).contiguous()
             act = ACT_FP8_TOKEN
-    split = config.get("SPLIT_K", 1) > 1
-    out = (torch.zeros if split else torch.empty)(x.shape[0], pw.n, dtype=torch.float32 if split else x.dtype,
-                                                  device=x.device)
-    launch(xq, pw, out, act, xs, config)
-    return out.to(x.dtype) if split else out
+    out = torch.empty(x.shape[0], pw.n, dtype=x.dtype, device=x.device)
+    return launch(xq, pw, out, act, xs, config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import act_quant, cdiv
-from lowbit.kernels.rows import grid_and_rows
+from lowbit.kernels.rows import grid_and_rows, split_buffers
 
 KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK = 0, 1, 2
 FP8_BLOCK = 128
@@ -39,7 +39,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from lowbit.kernels.rows import gate_up_rows, program_rows, silu_mul_pairs, store_rows
+    from lowbit.kernels.rows import gate_up_rows, program_rows, silu_mul_pairs, store_rows, store_split
 
     @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
@@ -77,12 +77,12 @@ if triton is not None:
 
     @triton.jit
     def _unpacked_matmul_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr,
-                                sorted_ptr, expert_ptr, npad_ptr, rw_ptr,
+                                sorted_ptr, expert_ptr, npad_ptr, rw_ptr, part_ptr, cnt_ptr,
                                 M, N, K, k_tiles, k_groups, x_row_div,
                                 stride_xm, stride_om, stride_we, stride_wn, stride_wse, stride_wsn,
                                 KIND: tl.constexpr, MOE: tl.constexpr, FUSE_SILU: tl.constexpr,
                                 ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr, SPLIT_K: tl.constexpr):
+                                BK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -105,7 +105,11 @@ if triton is not None:
         else:
             acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                                 offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
-        store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
+        if FIXUP:  # a dense product's K splits, added by the last of them (no zeroed float32 output)
+            store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, part_ptr, cnt_ptr, M, N,
+                        pid_m, pid_n, pid_k, SPLIT_K)
+        else:
+            store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
 
 def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,20 +132,22 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         assert bk == FP8_BLOCK, "fp8-block takes one K tile per 128-feature block"
     split_k = config.get("SPLIT_K", 1) if not fuse_silu else 1  # SiLU needs the whole sum
     k_tiles = cdiv(K, bk)
-    assert split_k <= k_tiles and (split_k == 1 or out.dtype == torch.float32), \
-        f"SPLIT_K={split_k}: at most the {k_tiles} K tiles, into a zeroed float32 output"
+    assert split_k <= k_tiles, f"SPLIT_K={split_k}: at most the {k_tiles} K tiles"
     dummy = out
     if w_scale is None:
         w_scale = torch.empty(E, 1, 1, device=w.device)
     ws3 = w_scale.view(E, w_scale.shape[1], -1)
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
+    fixup = split_k > 1 and out.dtype != torch.float32  # (a zeroed float32 output takes atomic adds instead)
+    assert not fixup or moe is None, "a grouped launch's K splits add into a zeroed float32 output"
+    part, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
     _unpacked_matmul_kernel[grid](
         x, xs if xs is not None else dummy, w, ws3, out,
-        sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy,
+        sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, part, counters,
         m, n, K, k_tiles, cdiv(K, FP8_BLOCK), x_row_div,
         x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
         KIND=kind, MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
-        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 
@@ -155,8 +161,5 @@ def unpacked_matmul(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: torch.
     out_dtype = out_dtype or x.dtype
     config = config or tuning.unpacked_config(x.shape[0], w.shape[0], w.shape[1], kind)
     xq, xs = quantize_input(x, kind)
-    split = config.get("SPLIT_K", 1) > 1
-    out = (torch.zeros if split else torch.empty)(x.shape[0], w.shape[0],
-                                                  dtype=torch.float32 if split else out_dtype, device=x.device)
-    launch(xq, xs, w.unsqueeze(0), None if w_scale is None else w_scale.unsqueeze(0), out, kind, config)
-    return out.to(out_dtype) if split else out
+    out = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
+    return launch(xq, xs, w.unsqueeze(0), None if w_scale is None else w_scale.unsqueeze(0), out, kind, config)

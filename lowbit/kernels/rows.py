@@ -52,6 +52,41 @@ if triton is not None:
         else:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def store_split(out_ptr, acc, rows, row_mask, offs_n, n_mask, stride_om, ws_ptr, cnt_ptr, M, N,
+                    pid_m, pid_n, pid_k, SPLIT_K: tl.constexpr):
+        """A dense product's K split without a zeroed float32 output and a conversion after it (two launches each
+        a few microseconds, as long as a small decode GEMM): each split stores its partial sums in the workspace
+        ws [SPLIT_K, M, N]; the last of a tile's splits to finish (a counter per tile) adds them in split order (the
+        same sum whichever finishes last), writes the output in its dtype, and sets the counter back to zero for
+        the next launch (a CUDA graph replays the same counters)."""
+        mask = row_mask[:, None] & n_mask[None, :]
+        idx = rows[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + idx, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partials are written before the counter releases them
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+_COUNTERS: dict = {}
+MAX_SPLIT_TILES = 1 << 20
+
+
+def split_buffers(m: int, n: int, split_k: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace [split_k, m, n] float32, the device's tile counters) for store_split. The counters are zeroed
+    once per device and left at zero by every launch."""
+    assert tiles <= MAX_SPLIT_TILES, f"{tiles} output tiles: more than the {MAX_SPLIT_TILES} split-K counters"
+    key = str(device)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+    return torch.empty(split_k, m, n, dtype=torch.float32, device=device), _COUNTERS[key]
+
 
 def grid_and_rows(moe: tuple | None, m: int, n: int, bm: int, bn: int, split_k: int, dummy: torch.Tensor):
     """-> (grid, sorted_ids, block_expert, num_padded, rows): a grouped launch (moe = (sorted_ids, block_expert,

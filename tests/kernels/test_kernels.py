@@ -145,6 +145,22 @@ def test_unpacked_matmul(kind, M, N, K):
         assert rel(out, ref) < BOUND, config
 
 
+def test_split_k_sums_in_a_fixed_order_and_leaves_its_counters_at_zero():
+    """A dense product's K splits are added by the last split of each tile to finish, in split order: two runs give
+    the same bits, in the output's dtype, and the tile counters are back at zero for the next launch (what a replayed
+    CUDA graph relies on)."""
+    from lowbit.kernels import rows
+    values, scale, _ = random_packed(1, 96, 1024, 4, 128, False, seed=9)
+    pw = to_dev(mp.repack(values, scale, None, 4, 128))
+    x = torch.randn(3, 1024, generator=gen(9)).to(DTYPE)
+    ref = mp.packed_matmul_ref(x.float(), mp.repack(values, scale, None, 4, 128))
+    cfg = dict(BM=16, BN=32, SPLIT_K=4)
+    a = mp.packed_matmul(x.to(DEV), pw, config=cfg)
+    b = mp.packed_matmul(x.to(DEV), pw, config=cfg)
+    assert a.dtype == DTYPE and torch.equal(a, b) and rel(a, ref) < BOUND
+    assert not rows._COUNTERS[str(a.device)].any()
+
+
 # ---------------------------------------------------------------------------------------------- fused MoE
 def test_align_sorts_by_expert_and_pads():
     ids = torch.tensor([[2, 0], [2, 1], [-1, 2]])
