@@ -159,10 +159,11 @@ def gemm_table(ceil: dict, quick: bool) -> list[dict]:
                 nbytes = weights[s][3] + M * K * 2 + M * N * 2
                 row[s] = {"us": t * 1e6, "speedup": t_ref / t, "tflops": flops / t / 1e12,
                           "GBps": nbytes / t / 1e9, "config": cfg}
-                if fam[0] == "packed" and fam[2] == mp.ACT_NONE and M > linear.DEQUANT_ABOVE_ROWS:
-                    # what the engine runs at this M: dequantize, then the matrix library (kernels/linear.py)
-                    pw = weights[s][0]
-                    t_eng = bench(lambda x=x, pw=pw: torch.nn.functional.linear(x, mp.dequantize(pw, x.dtype)))
+                if fam[0] == "packed" and M > linear.DEQUANT_ABOVE_ROWS:
+                    # what the engine runs at this M: dequantize, then the matrix library on the scheme's
+                    # activations (kernels/linear.py)
+                    layer = linear.PackedLinear(*weights[s][:3])
+                    t_eng = bench(lambda x=x, layer=layer: layer(x))
                     row[s]["engine_us"], row[s]["engine_speedup"] = t_eng * 1e6, t_ref / t_eng
             rows.append(row)
             print(f"{name} M={M}: cublas {t_ref * 1e6:.1f} us | " + " | ".join(
