@@ -32,15 +32,22 @@ def warm_up_prefill(model: torch.nn.Module, max_tokens: int, num_blocks: int, bl
         tuned = tune_model(model, limit, dtype)
         log.info("autotuned %d kernel shape/size buckets", len(tuned))
     counts = sorted({n for b in M_BUCKETS for n in (b, b - 1, b + 1) if 1 <= n <= limit} | {1, 2})
-    for n in counts:
-        ctx, _ = prefill_context([n], block_size, device)
+    batches = [[n] for n in counts]
+    if limit > counts[-1]:
+        # and the largest batch, as sequences of the length above: the paths only many tokens take (packed MoE
+        # experts dequantized from 128 slots an expert, kernels/moe.py) compile now too
+        chunk = counts[-1] - 1
+        batches.append([chunk] * (limit // chunk) + ([limit % chunk] if limit % chunk else []))
+    for lens in batches:
+        ctx, _ = prefill_context(lens, block_size, device)
         set_context(ctx)
         try:
             with torch.inference_mode():
-                model(torch.zeros(n, dtype=torch.long, device=device), torch.arange(n, device=device))
+                positions = torch.cat([torch.arange(n, device=device) for n in lens])
+                model(torch.zeros(len(positions), dtype=torch.long, device=device), positions)
         finally:
             reset_context()
-    return counts
+    return counts + ([limit] if len(batches) > len(counts) else [])
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
