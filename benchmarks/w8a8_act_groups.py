@@ -49,10 +49,14 @@ def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * d).view(T, -1)[:, :n].to(x.dtype)
 
 
-def w8a8_checkpoint(workdir: str, smoothquant: bool = False) -> tuple[str, list[str]]:
+def w8a8_checkpoint(workdir: str, smoothquant: bool = False, online_hadamard: int | None = None
+                    ) -> tuple[str, list[str]]:
     """The w8a8 checkpoint these experiments share (quantized once into workdir) and its quantize arguments."""
-    recipe = ["--scheme", "w8a8", "--algo", "gptq", "--rotate"] + (["--smoothquant", "auto"] if smoothquant else [])
-    ckpt = os.path.join(workdir, "w8a8-gptq-rotate" + ("-sq" if smoothquant else ""))
+    recipe = ["--scheme", "w8a8", "--algo", "gptq", "--rotate"]
+    recipe += ["--online-hadamard", str(online_hadamard)] if online_hadamard else []
+    recipe += ["--smoothquant", "auto"] if smoothquant else []
+    ckpt = os.path.join(workdir, "w8a8-gptq-rotate" + (f"-oh{online_hadamard}" if online_hadamard else "")
+                        + ("-sq" if smoothquant else ""))
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         subprocess.run([sys.executable, "-m", "lowbit", "quantize", *recipe, "--output", ckpt, "--quiet"], check=True)
     return ckpt, recipe

@@ -88,3 +88,29 @@ def test_a_deepseek_layer_is_refused():
     with pytest.raises(ValueError, match="llama, qwen2 and qwen3"):
         rotation.rotate_layer({"model.layers.0.self_attn.kv_a_proj_with_mqa.weight": torch.zeros(4, 8)},
                               "model.layers.0", q, qh, 2, 2)
+
+
+def test_value_rotation_alone_is_exact_under_gqa():
+    """QuaRot's R2 by itself (the residual stream left as it is): each kv head's v_proj rows turned by Qh^T and the
+    o_proj columns of every query head turned by Qh; with 4 query heads sharing 2 kv heads the logits are unchanged,
+    and o_proj's input (the attention output) is really turned: its columns changed."""
+    import transformers
+    from tests.quant.conftest import LLAMA
+    cfg = transformers.LlamaConfig(**dict(LLAMA, num_hidden_layers=2))
+    assert cfg.num_attention_heads == 2 * cfg.num_key_value_heads
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ref.load_state_dict(model.state_dict())
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    qh = rotation.rotation_matrix(head_dim, rotation.SEED + 1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            v, o = layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight
+            v.copy_(rotation.rotate_head_outputs(v, qh, cfg.num_key_value_heads))
+            o_before = o.clone()
+            o.copy_(rotation.rotate_head_inputs(o, qh, cfg.num_attention_heads))
+            assert (o - o_before).abs().max() > 0.1 * o_before.abs().max()
+        ids = torch.tensor([list(b"Each head's values turn.")])
+        a, b = ref(ids).logits, model(ids).logits
+    assert (a - b).abs().max().item() < 1e-4 * a.abs().max().item()
