@@ -45,6 +45,8 @@ CONFIGS = {
     "w8a8 GPTQ + rotate + online-hadamard 256": ("w8a8", "gptq", ["--rotate", "--online-hadamard", "256"]),
     "w8a8 GPTQ + rotate + online-hadamard + SmoothQuant auto": ("w8a8", "gptq", ["--rotate", "--online-hadamard",
                                                                                 "128", "--smoothquant", "auto"]),
+    "w8a8 GPTQ + rotate + online-hadamard 256 + SmoothQuant auto": ("w8a8", "gptq", ["--rotate", "--online-hadamard",
+                                                                                    "256", "--smoothquant", "auto"]),
     "w4a16 g64 RTN sym": ("w4a16", "rtn", ["--group-size", "64"]),
     "w4a16 g64 RTN asym": ("w4a16", "rtn", ["--group-size", "64", "--asym"]),
     "w4a16 g64 GPTQ sym": ("w4a16", "gptq", ["--group-size", "64"]),
