@@ -4,7 +4,7 @@ inputs left in float, and with down_proj's inputs quantized after an online rota
 QuaRot's online Hadamard: y = (W Q)(Q^T x), only Q^T x quantized) or in groups of 128 features.
 
     python benchmarks/w8a8_by_layer.py [--workdir /tmp/w8a8-groups] [--max-tokens 2048] [--online-hadamard B]
-                                       [--per-layer]
+                                       [--per-layer [I ...]]
 Writes benchmarks/results/w8a8-by-layer-cpu-<date>[-oh<B>].md; --online-hadamard B measures the checkpoint made with
 it (the down_proj rows measure its turned inputs), --per-layer adds each decoder layer's inputs in float. An
 experiment on the reference path: no kernel takes these variants.
@@ -64,15 +64,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--online-hadamard", type=int, metavar="B",
                     help="the checkpoint takes --online-hadamard B (down_proj's inputs turned at run time)")
-    ap.add_argument("--per-layer", action="store_true", help="also each decoder layer's inputs in float, one at a time")
+    ap.add_argument("--per-layer", type=int, nargs="*", default=None, metavar="I",
+                    help="also each decoder layer's inputs in float, one at a time (only layers I ... if given)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     ckpt, recipe = w8a8_checkpoint(args.workdir, online_hadamard=args.online_hadamard)
     variants = VARIANTS + ([] if args.online_hadamard else DOWN_PROJ_VARIANTS)
-    if args.per_layer:
+    if args.per_layer is not None:
         with open(os.path.join(ckpt, "config.json")) as f:
-            layers = json.load(f)["num_hidden_layers"]
-        variants += [(f"layer {i}'s inputs in float", f"model.layers.{i}.", None) for i in range(layers)]
+            layers = args.per_layer or range(json.load(f)["num_hidden_layers"])
+        variants += [(f"layer {i}'s inputs in float", f"model.layers.{i}.", None) for i in layers]
     forward, current = LinearBase.forward, {"name": ""}
 
     def named_forward(self, x):  # the quant method's activation fake-quantizer sees which layer it serves
