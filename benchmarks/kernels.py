@@ -7,7 +7,8 @@ at decode sizes, M <= 64, replayed from a CUDA graph as decode runs it, cuBLAS t
 ~80 us that takes two launches (w4a8: its rows on the FP8 grid, then the GEMM) measured 85-215 us on a busy host),
 TFLOP/s, the bytes it must read (weights + scales + activations + output) over its time, and its speed-up over
 cuBLAS bf16 on the same shape. Launch configurations are measured per M bucket first (tuning.autotune), as the
-engine does at load time. Last, the fused MoE at R1 shapes (256 experts of 7168 x 2048, top-8) and V2-Lite shapes
+engine does at load time with LOWBIT_AUTOTUNE=1 (without it, the heuristics of kernels/tuning.py). Last, the
+fused MoE at R1 shapes (256 experts of 7168 x 2048, top-8) and V2-Lite shapes
 (64 experts of 2048 x 1408, top-6) for 1 to 32 tokens, replayed from a CUDA graph as decode runs it: the bytes of
 the experts the tokens reach over the time, against the copy bandwidth.
 
@@ -160,11 +161,7 @@ def gemm_table(ceil: dict, quick: bool) -> list[dict]:
             flops = 2 * M * N * K
             for s in SCHEMES:
                 fn, fam = runner(s, weights[s], x)
-                tuning._time, time_before = timer, tuning._time  # the candidates timed as the result is
-                try:
-                    cfg = tuning.autotune((name, s, tuning.bucket(M)), candidates(fam, M, N, K), fn)
-                finally:
-                    tuning._time = time_before
+                cfg = tuning.autotune((name, s, tuning.bucket(M)), candidates(fam, M, N, K), fn, timer=timer)
                 t = timer(lambda fn=fn, cfg=cfg: fn(cfg))
                 nbytes = weights[s][3] + M * K * 2 + M * N * 2
                 row[s] = {"us": t * 1e6, "speedup": t_ref / t, "tflops": flops / t / 1e12,

@@ -14,9 +14,11 @@ Writes large-m-<device>-<date>.md (and .json) there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -34,28 +36,15 @@ DENSE_MS = (64, 128, 256, 512, 1024, 4096)
 MOE_TOKENS = (64, 256, 1024, 2048, 4096)
 
 
-class patched:
-    """Module attributes set for a with-block, restored after."""
-
-    def __init__(self, **attrs):
-        self.attrs = attrs  # "module.NAME" -> value
-
-    def __enter__(self):
-        self.old = {}
-        for key, v in self.attrs.items():
-            mod, name = key.split(".")
-            m = {"mp": mp, "moe": moe, "linear": linear}[mod]
-            self.old[key] = getattr(m, name)
-            setattr(m, name, v)
-
-    def __exit__(self, *exc):
-        for key, v in self.old.items():
-            mod, name = key.split(".")
-            setattr({"mp": mp, "moe": moe, "linear": linear}[mod], name, v)
+MODULES = {"mp": mp, "moe": moe, "linear": linear}
 
 
 def timed(fn, **attrs) -> float:
-    with patched(**attrs):
+    """bench(fn) with module attributes ("module.NAME": value) set for the measurement."""
+    with contextlib.ExitStack() as stack:
+        for key, value in attrs.items():
+            mod, name = key.split(".")
+            stack.enter_context(mock.patch.object(MODULES[mod], name, value))
         return bench(fn)
 
 

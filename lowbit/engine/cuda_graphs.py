@@ -47,7 +47,7 @@ def warm_up_prefill(model: torch.nn.Module, max_tokens: int, num_blocks: int, bl
                 model(torch.zeros(len(positions), dtype=torch.long, device=device), positions)
         finally:
             reset_context()
-    return counts + ([limit] if len(batches) > len(counts) else [])
+    return [sum(lens) for lens in batches]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

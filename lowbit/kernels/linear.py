@@ -44,8 +44,8 @@ class PackedLinear:
             # activations on the FP8 grid (exact in 16 bits) with its input scale in the weights, the per-token
             # schemes' as their quantized values times the token's scale
             rows, _ = mp.activations_16bit(x.contiguous(), self.act, self.input_scale)
-            return torch.nn.functional.linear(rows, mp.dequantize(self.weight, x.dtype, input_scale=(
-                self.input_scale if self.act == mp.ACT_FP8_STATIC else None)))
+            return torch.nn.functional.linear(rows, mp.dequantize_16bit(self.weight, x.dtype, self.act,
+                                                                        self.input_scale))
         return mp.packed_matmul(x.contiguous(), self.weight, self.act, self.input_scale)
 
     def dequantized(self) -> torch.Tensor:

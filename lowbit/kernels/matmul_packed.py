@@ -428,13 +428,20 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
     return out
 
 
+def dequantize_16bit(pw: PackedWeight, dtype: torch.dtype, act: int, input_scale: torch.Tensor | None,
+                     expert: int | None = 0) -> torch.Tensor:
+    """The weights a 16-bit product on activations_16bit's rows takes: dequantized, w4a8's static input scales in."""
+    return dequantize(pw, dtype, expert, input_scale if act == ACT_FP8_STATIC else None)
+
+
 def activations_16bit(x: torch.Tensor, act: int, input_scale: torch.Tensor | None = None,
                       row_experts: torch.Tensor | None = None, row_div: int = 1) -> tuple[torch.Tensor, int]:
     """x as the scheme's GEMM sees it, in x's 16-bit dtype, for a 16-bit matrix product on dequantized weights (the
     large-M path of every packed scheme): weight-only x itself; static FP8 (w4a8) the rows on the FP8 grid, exact
     and unscaled (the scales go into the weights: dequantize's input_scale), one row per slot of row_experts where
     the experts have scales of their own; per-token int8 / FP8 the quantized values times their token's scale,
-    rounded once to x's dtype. Returns (rows, the row divisor that maps the product's rows to x's)."""
+    rounded once to x's dtype. Returns (rows, the row divisor that maps the product's rows to x's); the
+    weights to go with them: dequantize_16bit."""
     if act == ACT_NONE:
         return x, row_div
     if act == ACT_FP8_STATIC:

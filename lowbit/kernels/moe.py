@@ -176,30 +176,20 @@ class UnpackedExperts:
 
 
 @dataclass
-class DequantizedExperts:
+class DequantizedExperts(UnpackedExperts):
     """Packed experts dequantized to 16 bits for one call (prefill), run by the 16-bit kernel on their scheme's
     activations (matmul_packed.activations_16bit): w4a8's static input scales are in the weights."""
-    weight: torch.Tensor  # [E, N, K] in the activations' dtype
-    act: int
-    input_scale: torch.Tensor | None  # w4a8: static input scales [E] (or one for all)
+    act: int = mp.ACT_NONE
+    input_scale: torch.Tensor | None = None  # w4a8: static input scales [E] (or one for all)
 
     @classmethod
     def of(cls, experts: PackedExperts, dtype: torch.dtype) -> DequantizedExperts:
-        static = experts.act == mp.ACT_FP8_STATIC
-        w = mp.dequantize(experts.weight, dtype, expert=None, input_scale=experts.input_scale if static else None)
-        return cls(w, experts.act, experts.input_scale)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.weight.shape)
-
-    def config(self, m: int, n: int, k: int) -> dict:
-        return tuning.unpacked_config(m, n, k, mu.KIND_BF16, moe=True)
+        w = mp.dequantize_16bit(experts.weight, dtype, experts.act, experts.input_scale, expert=None)
+        return cls(w, act=experts.act, input_scale=experts.input_scale)
 
     def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None):
         rows, x_row_div = mp.activations_16bit(x, self.act, self.input_scale, slot_experts, x_row_div)
-        return mu.launch(rows, None, self.weight, None, out, mu.KIND_BF16, config, moe=moe, fuse_silu=fuse_silu,
-                         routed_weights=routed_weights, x_row_div=x_row_div)
+        return super().run(rows, out, moe, config, fuse_silu, routed_weights, x_row_div, slot_experts)
 
 
 # token slots per expert from which packed experts (every packed scheme) run dequantized, 16-bit (H100, 2026-11-24,
@@ -214,8 +204,6 @@ def gate_up_config(cfg: dict, packed: bool) -> dict:
     and the unpacked one from BM = 64: benchmarks/kernel_sass.py --check)."""
     cfg = {key: v for key, v in cfg.items() if key != "SPLIT_K"}  # SiLU needs each output's whole sum
     return dict(cfg, BN=max(16, cfg["BN"] // 2)) if packed or cfg["BM"] >= 64 else cfg
-
-
 
 
 def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -242,7 +230,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     if cfg2["BM"] != bm:
         cfg2 = dict(cfg2, BM=bm)
     split = 1  # the packed kernel's K loop takes no splits in a grouped launch
-    if isinstance(w2, (UnpackedExperts, DequantizedExperts)):
+    if isinstance(w2, UnpackedExperts):
         split = min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2["BK"])) if config is None and T == 1 \
             else cfg2.get("SPLIT_K", 1)
     cfg2 = dict(cfg2, SPLIT_K=split)

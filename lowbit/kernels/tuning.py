@@ -108,12 +108,13 @@ def _time(fn) -> float:
     return sorted(times)[1]
 
 
-def autotune(key: tuple, candidates: list[dict], run) -> dict:
-    """Time `run(config)` for each candidate and record the fastest under key (what the *_config functions read)."""
+def autotune(key: tuple, candidates: list[dict], run, timer=None) -> dict:
+    """Time `run(config)` for each candidate (with `timer(fn) -> seconds`, _time by default) and record the fastest
+    under key (what the *_config functions read)."""
     best, best_t = None, float("inf")
     for cfg in candidates:
         try:
-            t = _time(lambda cfg=cfg: run(cfg))
+            t = (timer or _time)(lambda cfg=cfg: run(cfg))
         except Exception as e:  # noqa: BLE001 - a configuration this chip cannot run (shared memory, say)
             log.debug("config %s skipped for %s: %s", cfg, key, e)
             continue
