@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -337,10 +338,13 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     device = torch.cuda.get_device_name(0)
+    t0 = time.perf_counter()
     ceil = ceilings()
     print(json.dumps(ceil), flush=True)
     rows = [] if args.no_gemm else gemm_table(ceil, args.quick)
+    t1 = time.perf_counter()
     moe_rows = [] if args.no_moe else moe_table(ceil, args.quick)
+    print(f"ceilings and GEMMs {t1 - t0:.0f} s, MoE {time.perf_counter() - t1:.0f} s", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = write(args.out, device, ceil, rows, moe_rows)
     with open(path) as f:

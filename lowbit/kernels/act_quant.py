@@ -1,7 +1,7 @@
 """Activation quantization: int8 per token, FP8 e4m3 per token and group of features, FP8 static per tensor.
 
-Each returns (values, scales) with values * scales == x up to rounding; the GEMMs take both. One program per row:
-the row is read once for its absmax and once to quantize (the second read comes from L2).
+Each returns (values, scales) with values * scales == x up to rounding; the GEMMs take both. One program per row (per
+token) or per group: read once for its absmax and quantized from registers (ONE_PASS_MAX).
 """
 from __future__ import annotations
 
@@ -11,6 +11,11 @@ from lowbit.kernels import cdiv
 
 FP8_MAX = 448.0
 FP8 = torch.float8_e4m3fn
+# A group (a whole row, per token) of up to this many features is read once and quantized from registers (R1's
+# widest input, 18432, takes 32768 lanes: 64 values a thread in 16 warps); a longer one is read twice in 1024 steps.
+# Decode quantizes one row at a time: a loop of dependent loads in one program cost about a microsecond a step.
+ONE_PASS_MAX = 32768
+GRID_BLOCK = 1024  # features per program of fp8_grid_rows
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -57,52 +62,68 @@ except ImportError:  # the references above still serve the CPU
 
 if triton is not None:
     @triton.jit
+    def _quant_group(v, mask, q_ptr, TO_FP8: tl.constexpr, scale):
+        """v / scale -> int8 (round half to even) or e4m3, stored where mask."""
+        v = tl.div_rn(v, scale)
+        if TO_FP8:
+            q = tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv)
+        else:
+            # round half to even, as torch.round and vLLM's int8 kernels: a scale that is a power of two puts
+            # many 16-bit inputs exactly on a half (H100, 2026-11-23: 47 of 640 codes differed rounding up)
+            r = tl.floor(v + 0.5)
+            r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
+            q = tl.clamp(r, -128.0, 127.0).to(tl.int8)
+        tl.store(q_ptr, q, mask=mask)
+
+    @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, num_groups,
                            GROUP: tl.constexpr, BLOCK: tl.constexpr, TO_FP8: tl.constexpr):
-        """One program per (row, group): GROUP features (a whole row for per-token) -> values and one scale."""
+        """One program per (row, group): GROUP features (a whole row for per-token) -> values and one scale. A group
+        that fits one BLOCK is read once and quantized from registers; a longer one in BLOCK steps, read twice."""
         row = tl.program_id(0)
         g = tl.program_id(1)
         start = g * GROUP
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for off in range(0, GROUP, BLOCK):
-            cols = start + off + tl.arange(0, BLOCK)
+        qmax = 448.0 if TO_FP8 else 127.0
+        if BLOCK >= GROUP:
+            cols = start + tl.arange(0, BLOCK)
             mask = (cols < K) & (cols < start + GROUP)
             v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        qmax = 448.0 if TO_FP8 else 127.0
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / qmax
-        tl.store(s_ptr + row * num_groups + g, scale)
-        for off in range(0, GROUP, BLOCK):
-            cols = start + off + tl.arange(0, BLOCK)
-            mask = (cols < K) & (cols < start + GROUP)
-            v = tl.div_rn(tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32), scale)
-            if TO_FP8:
-                q = tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv)
-            else:
-                # round half to even, as torch.round and vLLM's int8 kernels: a scale that is a power of two puts
-                # many 16-bit inputs exactly on a half (H100, 2026-11-23: 47 of 640 codes differed rounding up)
-                r = tl.floor(v + 0.5)
-                r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
-                q = tl.clamp(r, -128.0, 127.0).to(tl.int8)
-            tl.store(q_ptr + row * stride_q + cols, q, mask=mask)
+            scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-10) / qmax
+            tl.store(s_ptr + row * num_groups + g, scale)
+            _quant_group(v, mask, q_ptr + row * stride_q + cols, TO_FP8, scale)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for off in range(0, GROUP, BLOCK):
+                cols = start + off + tl.arange(0, BLOCK)
+                mask = (cols < K) & (cols < start + GROUP)
+                v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / qmax
+            tl.store(s_ptr + row * num_groups + g, scale)
+            for off in range(0, GROUP, BLOCK):
+                cols = start + off + tl.arange(0, BLOCK)
+                mask = (cols < K) & (cols < start + GROUP)
+                v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+                _quant_group(v, mask, q_ptr + row * stride_q + cols, TO_FP8, scale)
 
 
     @triton.jit
     def _fp8_grid_kernel(x_ptr, out_ptr, s_ptr, e_ptr, K, stride_x, stride_o, row_div,
                          HAS_E: tl.constexpr, BLOCK: tl.constexpr):
-        """One output row: x's row (row // row_div) divided by its expert's scale, rounded to e4m3 and stored in
-        the output's 16-bit dtype (the w4a8 GEMM at small M then runs the 16-bit path: the same exact products)."""
+        """BLOCK features of one output row: x's row (row // row_div) divided by its expert's scale, rounded to e4m3
+        and stored in the output's 16-bit dtype (the w4a8 GEMM at small M then runs the 16-bit path: the same exact
+        products). One load per program: a decode-sized input is a few rows, and a loop over a row's blocks in one
+        program waited for each block's load in turn (H100, 2026-11-24: about 8 us for one 16384-wide row)."""
         row = tl.program_id(0)
         e = 0
         if HAS_E:
             e = tl.maximum(tl.load(e_ptr + row), 0)
         s = tl.load(s_ptr + e)
         src = (row // row_div).to(tl.int64)
-        for off in range(0, K, BLOCK):
-            cols = off + tl.arange(0, BLOCK)
-            v = tl.load(x_ptr + src * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-            q = tl.clamp(tl.div_rn(v, s), -448.0, 448.0).to(tl.float8e4nv)
-            tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=cols < K)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + src * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = tl.clamp(tl.div_rn(v, s), -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=cols < K)
 
 
 def fp8_grid_rows(x: torch.Tensor, scales: torch.Tensor, row_experts: torch.Tensor | None = None,
@@ -113,8 +134,8 @@ def fp8_grid_rows(x: torch.Tensor, scales: torch.Tensor, row_experts: torch.Tens
     out = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
     scales = scales.float().reshape(-1).contiguous()
     if n:
-        block = min(triton.next_power_of_2(x.shape[1]), 2048)
-        _fp8_grid_kernel[(n,)](x, out, scales, row_experts if row_experts is not None else scales, x.shape[1],
+        block = min(triton.next_power_of_2(x.shape[1]), GRID_BLOCK)
+        _fp8_grid_kernel[(n, cdiv(x.shape[1], block))](x, out, scales, row_experts if row_experts is not None else scales, x.shape[1],
                                x.stride(0), out.stride(0), row_div, HAS_E=row_experts is not None, BLOCK=block,
                                num_warps=4)
     return out
@@ -127,9 +148,11 @@ def _quant_rows(x: torch.Tensor, group: int, to_fp8: bool) -> tuple[torch.Tensor
     q = torch.empty(M, K, dtype=FP8 if to_fp8 else torch.int8, device=x.device)
     s = torch.empty(M, groups, dtype=torch.float32, device=x.device)
     if M:
-        block = min(triton.next_power_of_2(group), 1024)
+        block = triton.next_power_of_2(group)
+        if block > ONE_PASS_MAX:
+            block = 1024
         _quant_rows_kernel[(M, groups)](x, q, s, K, x.stride(0), q.stride(0), groups, GROUP=group, BLOCK=block,
-                                        TO_FP8=to_fp8)
+                                        TO_FP8=to_fp8, num_warps=max(4, min(16, block // 1024)))
     return q, s
 
 

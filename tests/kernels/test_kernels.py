@@ -58,8 +58,12 @@ def to_dev(pw):
 
 
 # ---------------------------------------------------------------------------------------------- activations
-@pytest.mark.parametrize("M,K", [(1, 64), (7, 300), (33, 1024)])
-def test_int8_per_token(M, K):
+@pytest.mark.parametrize("M,K,one_pass_max", [(1, 64, None), (7, 300, None), (33, 1024, None), (2, 5000, None),
+                                              (3, 2500, 512)])
+def test_int8_per_token(M, K, one_pass_max, monkeypatch):
+    """A row read once (up to ONE_PASS_MAX features) and a row read in 1024-wide steps give the reference's codes."""
+    if one_pass_max:
+        monkeypatch.setattr(aq, "ONE_PASS_MAX", one_pass_max)
     x = torch.randn(M, K, generator=gen(M)) * 3
     q, s = aq.int8_per_token(x.to(DEV))
     qr, sr = aq.int8_per_token_ref(x)
@@ -77,7 +81,7 @@ def test_int8_per_token_rounds_half_to_even():
 
 
 @gpu_only
-@pytest.mark.parametrize("M,K,group", [(1, 128, 128), (5, 300, 128), (9, 512, 64)])
+@pytest.mark.parametrize("M,K,group", [(1, 128, 128), (5, 300, 128), (9, 512, 64), (2, 5000, 5000)])
 def test_fp8_per_token_group(M, K, group):
     x = torch.randn(M, K, generator=gen(K))
     q, s = aq.fp8_per_token_group(x.to(DEV), group)
@@ -360,11 +364,11 @@ def test_moe_sum_adds_each_tokens_slots(dtype, T, k, H):
 
 
 @gpu_only
-@pytest.mark.parametrize("row_div", [1, 3])
-def test_fp8_grid_rows_quantize_each_row_with_its_experts_scale(row_div):
+@pytest.mark.parametrize("row_div,K", [(1, 300), (3, 300), (1, 2500)])
+def test_fp8_grid_rows_quantize_each_row_with_its_experts_scale(row_div, K):
     """w4a8 at small M: each slot's row on its own expert's static FP8 grid, kept in 16 bits; a slot of no local
-    expert (-1) takes expert 0's scale."""
-    T, K = 4, 300
+    expert (-1) takes expert 0's scale. 2500 features: three programs a row."""
+    T = 4
     x = (torch.randn(T, K, generator=gen(row_div)) * 3).to(DTYPE)
     scales = torch.tensor([0.01, 0.02, 0.005, 0.04])
     experts = torch.randint(-1, 4, (T * row_div,), generator=gen(9))
