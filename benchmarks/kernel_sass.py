@@ -40,7 +40,8 @@ def compile_variant(fn, ptr_types: dict, const: dict, num_warps: int, num_stages
             sig[name] = "constexpr"
         elif name in ptr_types:
             sig[name] = ptr_types[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if not ptr_types[name].startswith("tensordesc"):  # (a descriptor carries its own alignment)
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in floats:
             sig[name] = "fp32"
         else:
@@ -187,14 +188,22 @@ def check_engine_configs() -> list[str]:
             ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
                     "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32",
                     "part_ptr": "*fp32", "cnt_ptr": "*i32"}
-            const = dict(KIND=kind, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
-                         BK=cfg["BK"], SPLIT_K=cfg.get("SPLIT_K", 1), FIXUP=cfg.get("SPLIT_K", 1) > 1)
-            r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
-                                        cfg.get("num_stages", 3)))
+            if cfg.get("PERSISTENT"):  # many rows, int8 / fp8-block: the persistent kernel with descriptor loads
+                e = t[1:]
+                ptrs = {"a_desc": f"tensordesc<{e}[{cfg['BM']}, {cfg['BK']}]>",
+                        "b_desc": f"tensordesc<{e}[{cfg['BN']}, {cfg['BK']}]>", "xs_ptr": "*fp32", "ws_ptr": "*fp32",
+                        "out_ptr": "*bf16"}
+                const = dict(KIND=kind, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=8, PROGRAMS=132)
+                kernel = mu._persistent_matmul_kernel
+            else:
+                const = dict(KIND=kind, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
+                             BK=cfg["BK"], SPLIT_K=cfg.get("SPLIT_K", 1), FIXUP=cfg.get("SPLIT_K", 1) > 1)
+                kernel = mu._unpacked_matmul_kernel
+            r = inspect(compile_variant(kernel, ptrs, const, cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
             name = f"unpacked kind={kind} M={m} {cfg}"
             if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
                 problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
-            if not r["global loads by width"].get("128"):
+            if not r["global loads by width"].get("128") and not cfg.get("PERSISTENT"):
                 problems.append(f"{name}: no 16-byte loads")
             if m >= 4096 and r["HGMMA"] + r["QGMMA"] + r["IMMA"] == 0:
                 problems.append(f"{name}: no warpgroup MMA at large M")

@@ -144,7 +144,9 @@ def runner(scheme: str, weight, x: torch.Tensor):
 
 
 def candidates(family: tuple, M: int, N: int, K: int) -> list[dict]:
-    return tuning.candidates(family[0] == "packed", M, K, family[1] if family[0] == "packed" else 8)
+    if family[0] == "packed":
+        return tuning.candidates(True, M, K, family[1])
+    return tuning.candidates(False, M, K, persistent=mu.persistent_ok(K, family[1]))
 
 
 def gemm_table(ceil: dict, quick: bool) -> list[dict]:

@@ -75,6 +75,11 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
     return cfg
 
 
+def mu_persistent_ok(k: int, kind: int) -> bool:
+    from lowbit.kernels.matmul_unpacked import persistent_ok
+    return persistent_ok(k, kind)
+
+
 def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dict:
     b = bucket(m)
     key = ("unpacked", b, n, k, kind, moe)
@@ -84,6 +89,10 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         cfg = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
     elif b <= 64:
         cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
+    elif not moe and b > 256 and mu_persistent_ok(k, kind):
+        # dense int8 / fp8-block prefill: the persistent kernel with the tensor memory accelerator's loads (H100,
+        # 2026-11-24: fp8-block 36864 x 7168 at M = 4096, 661 -> 891 TFLOP/s)
+        cfg = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=4, PERSISTENT=True)
     else:
         # int8 (w8a8): three stages, whose 96 KB of shared memory let two blocks share a multiprocessor (H100,
         # 2026-11-24, benchmarks/large_m.py, M = 4096: 1.30 -> 1.55x cuBLAS on 36864x7168, 0.92 -> 1.37x on
@@ -126,9 +135,10 @@ def autotune(key: tuple, candidates: list[dict], run, timer=None) -> dict:
     return best
 
 
-def candidates(packed: bool, m: int, k: int, bits: int = 8) -> list[dict]:
+def candidates(packed: bool, m: int, k: int, bits: int = 8, persistent: bool = False) -> list[dict]:
     """A few launch configurations for one M bucket (each is a compilation: a handful keeps start-up short); all
-    within Hopper's shared memory and unspilled (benchmarks/kernel_sass.py)."""
+    within Hopper's shared memory and unspilled (benchmarks/kernel_sass.py). persistent: a dense int8 / fp8-block
+    layer that matmul_unpacked's persistent kernel takes (persistent_ok)."""
     k_tiles = cdiv(k, (256 if bits == 4 else 128) if packed else 128)
     extra = {} if packed else {"BK": 128}
     # packed: also the swapped product (W @ x^T: the dequantized weights stay in registers as the first operand of
@@ -145,7 +155,9 @@ def candidates(packed: bool, m: int, k: int, bits: int = 8) -> list[dict]:
     if packed:
         return [dict(BM=bm, BN=bn, num_warps=8, num_stages=3) for bm, bn in ((128, 64), (64, 128))] + \
             [dict(BM=64, BN=128, num_warps=8, num_stages=3, SWAP=True)]
-    return [dict(BM=128, BN=128, num_warps=8, num_stages=st, **extra) for st in (3, 4)]
+    return [dict(BM=128, BN=128, num_warps=8, num_stages=st, **extra) for st in (3, 4)] + \
+        ([dict(BM=128, BN=128, num_warps=8, num_stages=st, PERSISTENT=True, **extra) for st in (3, 4)]
+         if persistent else [])
 
 
 def tune_model(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype) -> dict:
@@ -177,7 +189,7 @@ def tune_model(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype) -> d
 
                 def run(cfg, x=x, kern=kern):
                     return mu.unpacked_matmul(x, kern.weight, kern.kind, kern.scale, config=cfg)
-                cands = candidates(False, m, k)
+                cands = candidates(False, m, k, persistent=mu.persistent_ok(k, kern.kind))
             if key not in TUNED:
                 chosen[key] = autotune(key, cands, run)
     return chosen

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::Depre
 from lowbit.kernels import act_quant as aq
 from lowbit.kernels import matmul_packed as mp
 from lowbit.kernels import matmul_unpacked as mu
-from lowbit.kernels import moe
+from lowbit.kernels import moe, tuning
 
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
@@ -145,6 +145,23 @@ def test_unpacked_matmul(kind, M, N, K):
     ref = mu.unpacked_matmul_ref(x.float(), w, kind, ws)
     for config in (None, dict(BM=16, BN=32, BK=128), dict(BM=16, BN=64, BK=128, SPLIT_K=-(-K // 128))):
         out = mu.unpacked_matmul(x.to(DEV), w.to(DEV), kind, None if ws is None else ws.to(DEV), config=config)
+        assert out.shape == (M, N) and out.dtype == DTYPE
+        assert rel(out, ref) < BOUND, config
+
+
+@pytest.mark.parametrize("kind", [mu.KIND_INT8_CHANNEL, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)])
+@pytest.mark.parametrize("M,N,K", [(70, 200, 384), (300, 136, 400)])
+def test_persistent_kernel_for_many_rows(kind, M, N, K):
+    """The prefill kernel (one program per multiprocessor over the output tiles, descriptor loads): odd row and
+    column tiles, a last K tile past the edge (zeros), more tiles than programs; the heuristic takes it above 256
+    rows."""
+    w, ws = random_unpacked(kind, N, K, seed=M + N)
+    x = torch.randn(M, K, generator=gen(M * K)).to(DTYPE)
+    ref = mu.unpacked_matmul_ref(x.float(), w, kind, ws)
+    default = tuning.unpacked_config(M, N, K, kind)
+    assert bool(default.get("PERSISTENT")) == (M > 256)
+    for config in (dict(BM=32, BN=64, BK=128, PERSISTENT=True, GROUP_M=2, num_stages=2), default):
+        out = mu.unpacked_matmul(x.to(DEV), w.to(DEV), kind, ws.to(DEV), config=config)
         assert out.shape == (M, N) and out.dtype == DTYPE
         assert rel(out, ref) < BOUND, config
 
