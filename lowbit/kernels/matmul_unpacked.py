@@ -138,7 +138,8 @@ if triton is not None:
             if KIND == 1:
                 acc_i = tl.zeros([BM, BN], dtype=tl.int32)
                 for t in range(k_tiles):
-                    acc_i = tl.dot(a_desc.load([pid_m * BM, t * BK]), b_desc.load([pid_n * BN, t * BK]).T, acc_i)
+                    acc_i = tl.dot(a_desc.load([pid_m * BM, t * BK]), b_desc.load([pid_n * BN, t * BK]).T, acc_i,
+                                   out_dtype=tl.int32)
                 xs = tl.load(xs_ptr + rows, mask=row_mask, other=0.0)
                 ws = tl.load(ws_ptr + cols, mask=col_mask, other=0.0)
                 acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
