@@ -141,14 +141,17 @@ def candidates(packed: bool, m: int, k: int, bits: int = 8, persistent: bool = F
     layer that matmul_unpacked's persistent kernel takes (persistent_ok)."""
     k_tiles = cdiv(k, (256 if bits == 4 else 128) if packed else 128)
     extra = {} if packed else {"BK": 128}
-    # packed: also the swapped product (W @ x^T: the dequantized weights stay in registers as the first operand of
-    # Hopper's warpgroup MMA instead of going through shared memory; not yet measured against the plain one)
-    swapped = [dict(BM=16, BN=64, SPLIT_K=s, num_warps=4, num_stages=3, SWAP=True) for s in (1, 4)
-               if k_tiles % s == 0] + [dict(BM=16, BN=128, num_warps=8, num_stages=3, SWAP=True)]
     if m <= 16:
-        return [dict(BM=16, BN=bn, SPLIT_K=split, num_warps=4, num_stages=3 if packed else 4, **extra)
-                for bn, split in ((32, 1), (64, 1), (128, 1), (64, 4), (128, 4)) if k_tiles % split == 0] + \
-            (swapped if packed else [])
+        if packed:
+            # the plain and the swapped product (W @ x^T: the dequantized weights stay in registers as the first
+            # operand of Hopper's warpgroup MMA). Over two full kernels.py runs (H100, 2026-11-24, R1's three shapes,
+            # M = 1..16, four packed schemes) 64 columns in four K splits won every time, swapped 53 of 72; 128
+            # columns, one split with 64, and eight swapped warps never: dropped (fewer compilations at start-up)
+            tiles = ((32, 1), (64, 1)) if k_tiles % 4 else ((64, 4),)
+            return [dict(BM=16, BN=bn, SPLIT_K=split, num_warps=4, num_stages=3, **swap)
+                    for bn, split in tiles for swap in ({}, {"SWAP": True})]
+        return [dict(BM=16, BN=bn, SPLIT_K=split, num_warps=4, num_stages=4, **extra)
+                for bn, split in ((32, 1), (64, 1), (128, 1), (64, 4), (128, 4)) if k_tiles % split == 0]
     if m <= 256:
         return [dict(BM=bm, BN=bn, num_warps=w, num_stages=3, **extra) for bm, bn, w in ((32, 64, 4), (64, 128, 8))] + \
             ([dict(BM=64, BN=128, num_warps=8, num_stages=3, SWAP=True)] if packed else [])
