@@ -89,9 +89,10 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         cfg = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
     elif b <= 64:
         cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
-    elif not moe and b > 256 and mu_persistent_ok(k, kind):
-        # dense int8 / fp8-block prefill: the persistent kernel with the tensor memory accelerator's loads (H100,
-        # 2026-11-24: fp8-block 36864 x 7168 at M = 4096, 661 -> 891 TFLOP/s)
+    elif not moe and b > 256 and kind == 2 and mu_persistent_ok(k, kind):
+        # dense fp8-block prefill: the persistent kernel with the tensor memory accelerator's loads (H100,
+        # 2026-11-24, kernels-h100-80gb-hbm3-2026-11-24.md, M = 4096: 536-585 -> 701-824 TFLOP/s on R1's shapes);
+        # int8 measured faster tiled (autotuning picked the tiled kernel on all three shapes), so it stays below
         cfg = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=4, PERSISTENT=True)
     else:
         # int8 (w8a8): three stages, whose 96 KB of shared memory let two blocks share a multiprocessor (H100,

@@ -153,13 +153,13 @@ def test_unpacked_matmul(kind, M, N, K):
 @pytest.mark.parametrize("M,N,K", [(70, 200, 384), (300, 136, 400)])
 def test_persistent_kernel_for_many_rows(kind, M, N, K):
     """The prefill kernel (one program per multiprocessor over the output tiles, descriptor loads): odd row and
-    column tiles, a last K tile past the edge (zeros), more tiles than programs; the heuristic takes it above 256
-    rows."""
+    column tiles, a last K tile past the edge (zeros), more tiles than programs; the heuristic takes it for fp8-block
+    above 256 rows."""
     w, ws = random_unpacked(kind, N, K, seed=M + N)
     x = torch.randn(M, K, generator=gen(M * K)).to(DTYPE)
     ref = mu.unpacked_matmul_ref(x.float(), w, kind, ws)
     default = tuning.unpacked_config(M, N, K, kind)
-    assert bool(default.get("PERSISTENT")) == (M > 256)
+    assert bool(default.get("PERSISTENT")) == (M > 256 and kind == mu.KIND_FP8_BLOCK)  # int8 measured faster tiled
     for config in (dict(BM=32, BN=64, BK=128, PERSISTENT=True, GROUP_M=2, num_stages=2), default):
         out = mu.unpacked_matmul(x.to(DEV), w.to(DEV), kind, ws.to(DEV), config=config)
         assert out.shape == (M, N) and out.dtype == DTYPE
