@@ -6,8 +6,9 @@ M = 1, 4, 16, 64, 256, 4096: each scheme's kernel time (median of CUDA-event tim
 at decode sizes, M <= 64, replayed from a CUDA graph as decode runs it, cuBLAS too: launched eagerly, a product of
 ~80 us that takes two launches (w4a8: its rows on the FP8 grid, then the GEMM) measured 85-215 us on a busy host),
 TFLOP/s, the bytes it must read (weights + scales + activations + output) over its time, and its speed-up over
-cuBLAS bf16 on the same shape. Launch configurations are measured per M bucket first (tuning.autotune), as the
-engine does at load time with LOWBIT_AUTOTUNE=1 (without it, the heuristics of kernels/tuning.py). Last, the
+cuBLAS bf16 on the same shape. Launch configurations are measured per M bucket first (tuning.autotune over
+tuning.candidates, each screened with a short timing, the winner then timed in full), as the engine does at load time
+with LOWBIT_AUTOTUNE=1 (without it, the heuristics of kernels/tuning.py). Last, the
 fused MoE at R1 shapes (256 experts of 7168 x 2048, top-8) and V2-Lite shapes
 (64 experts of 2048 x 1408, top-6) for 1 to 32 tokens, replayed from a CUDA graph as decode runs it: the bytes of
 the experts the tokens reach over the time, against the copy bandwidth.
