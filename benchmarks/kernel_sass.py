@@ -193,7 +193,8 @@ def check_engine_configs() -> list[str]:
                 ptrs = {"a_desc": f"tensordesc<{e}[{cfg['BM']}, {cfg['BK']}]>",
                         "b_desc": f"tensordesc<{e}[{cfg['BN']}, {cfg['BK']}]>", "xs_ptr": "*fp32", "ws_ptr": "*fp32",
                         "out_ptr": "*bf16"}
-                const = dict(KIND=kind, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=8, PROGRAMS=132)
+                const = dict(KIND=kind, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=mu.GROUP_M,
+                             PROGRAMS=132)  # (an H100's multiprocessors)
                 kernel = mu._persistent_matmul_kernel
             else:
                 const = dict(KIND=kind, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],

@@ -135,9 +135,9 @@ def fp8_grid_rows(x: torch.Tensor, scales: torch.Tensor, row_experts: torch.Tens
     scales = scales.float().reshape(-1).contiguous()
     if n:
         block = min(triton.next_power_of_2(x.shape[1]), GRID_BLOCK)
-        _fp8_grid_kernel[(n, cdiv(x.shape[1], block))](x, out, scales, row_experts if row_experts is not None else scales, x.shape[1],
-                               x.stride(0), out.stride(0), row_div, HAS_E=row_experts is not None, BLOCK=block,
-                               num_warps=4)
+        _fp8_grid_kernel[(n, cdiv(x.shape[1], block))](
+            x, out, scales, row_experts if row_experts is not None else scales, x.shape[1], x.stride(0),
+            out.stride(0), row_div, HAS_E=row_experts is not None, BLOCK=block, num_warps=4)
     return out
 
 

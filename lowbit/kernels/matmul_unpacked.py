@@ -15,6 +15,7 @@ from lowbit.kernels.rows import grid_and_rows, split_buffers
 
 KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK = 0, 1, 2
 FP8_BLOCK = 128
+GROUP_M = 8  # row tiles the persistent kernel walks together (their weight tiles shared in L2)
 
 
 def unpacked_matmul_ref(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: torch.Tensor | None = None
@@ -111,8 +112,6 @@ if triton is not None:
         else:
             store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
-
-if triton is not None:
     @triton.jit
     def _persistent_matmul_kernel(a_desc, b_desc, xs_ptr, ws_ptr, out_ptr, M, N, K, k_groups, stride_om, stride_wsn,
                                   KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -120,8 +119,8 @@ if triton is not None:
         """A dense product of many rows (prefill), int8 (KIND 1) or fp8-block (KIND 2): one program per
         multiprocessor walking the output tiles GROUP_M row tiles at a time (their weight tiles shared in L2), the
         operands brought in by the tensor memory accelerator (descriptors: no address arithmetic in the loop, zeros
-        past the edges). H100, 2026-11-24, R1 36864 x 7168 at M = 4096, fp8-block: 891 TFLOP/s against 661 for
-        _unpacked_matmul_kernel's 128 x 128 tiles."""
+        past the edges). H100, 2026-11-24, fp8-block on R1's shapes at M = 4096: 701-824 TFLOP/s against 536-585 for
+        _unpacked_matmul_kernel's 128 x 128 tiles (benchmarks/results/kernels-h100-80gb-hbm3-2026-11-24*.md)."""
         num_pid_m = tl.cdiv(M, BM)
         num_pid_n = tl.cdiv(N, BN)
         k_tiles = tl.cdiv(K, BK)
@@ -211,12 +210,12 @@ def launch_persistent(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w_scal
     bm, bn, bk = config["BM"], config["BN"], config["BK"]
     assert persistent_ok(K, kind) and x.stride(1) == 1 and w.stride(1) == 1 and bk == FP8_BLOCK
     assert kind != KIND_FP8_BLOCK or FP8_BLOCK % bn == 0, "fp8-block: one weight scale per column tile"
-    programs = max(1, min(cdiv(M, bm) * cdiv(N, bn), tuning.num_sms() * config.get("PER_SM", 1)))
+    programs = max(1, min(cdiv(M, bm) * cdiv(N, bn), tuning.num_sms()))
     if M:
         _persistent_matmul_kernel[(programs,)](
             TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), xs,
             w_scale.reshape(-1) if kind == KIND_INT8_CHANNEL else w_scale, out, M, N, K, cdiv(K, FP8_BLOCK),
-            out.stride(0), w_scale.stride(0), KIND=kind, BM=bm, BN=bn, BK=bk, GROUP_M=config.get("GROUP_M", 8),
+            out.stride(0), w_scale.stride(0), KIND=kind, BM=bm, BN=bn, BK=bk, GROUP_M=config.get("GROUP_M", GROUP_M),
             PROGRAMS=programs, num_warps=config.get("num_warps", 8), num_stages=config.get("num_stages", 4))
     return out
 

@@ -14,6 +14,7 @@ import os
 import torch
 
 from lowbit.kernels import cdiv
+from lowbit.kernels import matmul_unpacked as mu
 
 M_BUCKETS = (1, 4, 16, 64, 256, 1 << 30)
 TUNED: dict[tuple, dict] = {}  # (kernel, m bucket, n, k, variant) -> config
@@ -75,11 +76,6 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
     return cfg
 
 
-def mu_persistent_ok(k: int, kind: int) -> bool:
-    from lowbit.kernels.matmul_unpacked import persistent_ok
-    return persistent_ok(k, kind)
-
-
 def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dict:
     b = bucket(m)
     key = ("unpacked", b, n, k, kind, moe)
@@ -89,7 +85,7 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         cfg = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
     elif b <= 64:
         cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
-    elif not moe and b > 256 and kind == 2 and mu_persistent_ok(k, kind):
+    elif not moe and b > 256 and kind == mu.KIND_FP8_BLOCK and mu.persistent_ok(k, kind):
         # dense fp8-block prefill: the persistent kernel with the tensor memory accelerator's loads (H100,
         # 2026-11-24, kernels-h100-80gb-hbm3-2026-11-24.md, M = 4096: 536-585 -> 701-824 TFLOP/s on R1's shapes);
         # int8 measured faster tiled (autotuning picked the tiled kernel on all three shapes), so it stays below
@@ -167,7 +163,7 @@ def candidates(packed: bool, m: int, k: int, bits: int = 8, persistent: bool = F
 def tune_model(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype) -> dict:
     """Measure the candidates of every M bucket up to max_tokens for each distinct kernel layer shape of a loaded
     model (the routed experts keep the heuristics) and record the winners; returns {key: config}."""
-    from lowbit.kernels import matmul_packed as mp, matmul_unpacked as mu
+    from lowbit.kernels import matmul_packed as mp
     from lowbit.kernels.linear import PackedLinear, UnpackedLinear
     chosen = {}
     for module in model.modules():
