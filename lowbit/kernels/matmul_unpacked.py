@@ -208,7 +208,9 @@ def launch_persistent(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w_scal
     from lowbit.kernels import tuning
     (M, K), N = x.shape, w.shape[0]
     bm, bn, bk = config["BM"], config["BN"], config["BK"]
-    assert persistent_ok(K, kind) and x.stride(1) == 1 and w.stride(1) == 1 and bk == FP8_BLOCK
+    assert persistent_ok(K, kind), f"the persistent kernel takes int8 or fp8-block with K a multiple of 16 (kind " \
+        f"{kind}, K={K})"
+    assert x.stride(1) == 1 and w.stride(1) == 1 and bk == FP8_BLOCK, "contiguous rows and BK=128"
     assert kind != KIND_FP8_BLOCK or FP8_BLOCK % bn == 0, "fp8-block: one weight scale per column tile"
     programs = max(1, min(cdiv(M, bm) * cdiv(N, bn), tuning.num_sms()))
     if M:
