@@ -191,6 +191,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory_gb
     kv_cache_memory_gb: float = 1.0
     enforce_eager: bool = False
+    # a greedy CUDA-graph decode step is launched before the host has read the step before it (engine/cuda_graphs.py)
+    async_decode: bool = True
     tensor_parallel_size: int = 1
     expert_parallel: bool = False  # routed experts partitioned across the torchrun world
 

@@ -47,3 +47,14 @@ class BlockManager:
         """Reserve that slot, taking a new block when the last token starts one."""
         if len(seq.block_table) * self.block_size < len(seq):
             seq.block_table.append(self.free_blocks.popleft())
+
+    def reserve_next(self, seqs: list[Sequence]) -> bool:
+        """Reserve, for every sequence, the slot of the token after its next one (index len(seq)), where blocks for
+        all of them are free: what a decode step launched ahead of the host writes (engine/cuda_graphs.py). The
+        next step's may_append then finds its slot taken already. Returns whether it reserved."""
+        short = [s for s in seqs if len(s.block_table) * self.block_size <= len(s)]
+        if len(short) > len(self.free_blocks):
+            return False
+        for s in short:
+            s.block_table.append(self.free_blocks.popleft())
+        return True

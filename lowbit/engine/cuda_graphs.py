@@ -85,6 +85,11 @@ class DecodeGraphs:
         self._host_tables = self.tables.cpu().pin_memory()
         self._np_small, self._np_tables = self._host_small.numpy(), self._host_tables.numpy()
         self._copied = torch.cuda.Event()  # the last copy out of the pinned buffers has run
+        self._tokens = [(torch.zeros(n, dtype=torch.long, device=device),
+                         torch.zeros(n, dtype=torch.long).pin_memory(), torch.cuda.Event()) for _ in range(2)]
+        self._turn = 0
+        self._ahead: tuple | None = None  # (the batch key it was launched for, its _launch result)
+        self.ahead_launched = self.ahead_taken = 0  # steps launched ahead; of them, those a later call took
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -114,16 +119,39 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def run(self, seqs: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step of the sequences (each adds its last token) -> (logits [B, V] in the model's dtype, argmax
-        ids [B]), views of the graph's buffers valid until the next replay."""
+    def run(self, seqs: list, ahead: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step of the sequences (each adds its last token) -> (logits [B, V] in the model's dtype, a view
+        of the graph's buffer valid until the next replay; greedy argmax ids [B] on the host).
+
+        ahead: then also launch the step after this one (each sequence one token longer, its input this step's
+        argmax, taken on the device) before returning, so the GPU runs it while the host reads and handles this
+        step's tokens. The caller has reserved its cache slots (BlockManager.reserve_next) and reads no logits (the
+        step ahead overwrites them). A later call whose sequences are those of the step ahead, at its lengths and
+        block tables, takes its result instead of launching; any other call drops it (its cache writes are those the
+        step that replaces it writes again, or in blocks the sequence has given up)."""
+        launched, self._ahead = self._ahead, None
+        if launched is not None and launched[0] == _batch_key(seqs):
+            step = launched[1]
+            self.ahead_taken += 1
+        else:
+            step = self._launch(seqs, 0)
+        if ahead:
+            self._ahead = (_batch_key(seqs, 1), self._launch(seqs, 1, step[1]))
+            self.ahead_launched += 1
+        logits, _, host, done = step
+        done.synchronize()
+        return logits, host.clone()
+
+    def _launch(self, seqs: list, extra: int, ids: torch.Tensor | None = None) -> tuple:
+        """Replay the graph for the sequences grown by `extra` tokens (their inputs then `ids` [B] on the device)
+        -> (logits [B, V], argmax [B] on the device and on the host, the event after its copy to the host)."""
         B = len(seqs)
         b = next(s for s in self.sizes if s >= B)
         bs = self.block_size
         self._copied.synchronize()  # the pinned buffers are free again (a follower rank never reads a token back)
         hs, ht = self._np_small, self._np_tables
         for i, seq in enumerate(seqs):
-            n = len(seq)
+            n = len(seq) + extra
             table = seq.block_table
             hs[0, i], hs[1, i], hs[3, i] = seq.last_token, n - 1, n
             hs[2, i] = table[(n - 1) // bs] * bs + (n - 1) % bs
@@ -134,6 +162,20 @@ class DecodeGraphs:
         self.small.copy_(self._host_small, non_blocking=True)
         self.tables[:b].copy_(self._host_tables[:b], non_blocking=True)
         self._copied.record()
+        if ids is not None:
+            self.ids[:B].copy_(ids)
         self.graphs[b].replay()
         logits, greedy = self.outputs[b]
-        return logits[:B], greedy[:B]
+        # the argmax leaves the graph's buffer (a step ahead replays over it) for one of two that steps alternate
+        self._turn ^= 1
+        dev, host, done = self._tokens[self._turn]
+        dev[:B].copy_(greedy[:B])
+        host[:B].copy_(dev[:B], non_blocking=True)
+        done.record()
+        return logits[:B], dev[:B], host[:B], done
+
+
+def _batch_key(seqs: list, extra: int = 0) -> list[tuple]:
+    """What a decode step's inputs are made of, for each sequence grown by `extra` tokens: its id, length, and block
+    table's size and last block."""
+    return [(s.seq_id, len(s) + extra, len(s.block_table), s.block_table[-1]) for s in seqs]

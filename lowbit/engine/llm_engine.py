@@ -154,12 +154,29 @@ class LLMEngine:
 
     def _run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
         if not self._leading:
-            return self.runner.run(seqs, is_prefill, all_logits)
+            return self.runner.run(seqs, is_prefill, all_logits, ahead=self._ahead_ok(seqs, is_prefill))
         with self._run_lock:
             if self._released:
                 raise RuntimeError("the other ranks have been released: no batch can run")
             parallel.broadcast_message(encode_batch(seqs, is_prefill, all_logits))
             return self.runner.run(seqs, is_prefill, all_logits)
+
+    def _ahead_ok(self, seqs: list[Sequence], is_prefill: bool) -> bool:
+        """Whether this decode step may launch the next one before its tokens are read (EngineConfig.async_decode):
+        where the next step is this batch again, each sequence one token on, as far as the host can tell before
+        sampling. That is: one process, a CUDA graph for the batch, greedy requests without logprobs (the token
+        is the graph's argmax), none waiting to start, none at its length limit, and cache blocks reserved for
+        the step ahead. A request that stops on EOS or a stop string instead wastes the step ahead."""
+        runner = self.runner
+        if (is_prefill or not self.engine_config.async_decode or parallel.is_parallel() or runner.graphs is None
+                or not runner.graphs.fits(len(seqs)) or self._pending or self.scheduler.waiting):
+            return False
+        for s in seqs:
+            p = s.params
+            if (not p.greedy or p.logprobs is not None or s.num_output_tokens + 1 >= p.max_tokens
+                    or len(s) + 1 >= self.max_model_len):
+                return False
+        return self.block_manager.reserve_next(seqs)
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | list[int]) -> list[int]:

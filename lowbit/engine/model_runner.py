@@ -55,7 +55,7 @@ class ModelRunner:
         self.num_blocks = engine_cfg.num_kv_blocks or self._blocks_for_memory(engine_cfg.kv_cache_memory_gb)
         self._allocate_cache(self.num_blocks + 1)  # block num_blocks: scratch for the padding rows of CUDA graphs
         self.graphs = None
-        self.greedy_ids: torch.Tensor | None = None  # the last graph step's argmax ids
+        self.greedy_ids: torch.Tensor | None = None  # the last graph step's argmax ids, on the host
         if device.type == "cuda":
             from lowbit.engine.cuda_graphs import DecodeGraphs, capturable, graph_batch_sizes, warm_up_prefill
             # compile every prefill size bucket now, not in the first requests
@@ -123,12 +123,16 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
+    def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False, ahead: bool = False
+            ) -> torch.Tensor:
         """Next-token logits: [B, V] for each sequence's last token, or [T, V] for every new token; float32, except
-        from a CUDA graph (the model's dtype, with `greedy_ids`, their argmax [B] on the device, set beside)."""
+        from a CUDA graph (the model's dtype, with `greedy_ids`, their argmax [B] on the host, set beside).
+
+        ahead: a decode from a CUDA graph also launches the step after this one (DecodeGraphs.run), and its logits
+        are not to be read."""
         self.greedy_ids = None
         if not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs)):
-            logits, self.greedy_ids = self.graphs.run(seqs)
+            logits, self.greedy_ids = self.graphs.run(seqs, ahead)
             return logits
         ids, pos = self.prepare_prefill(seqs) if is_prefill else self.prepare_decode(seqs)
         try:

@@ -119,3 +119,20 @@ def test_prompt_longer_than_model_is_refused():
     sch = Scheduler(BlockManager(8, 4), 4, 64, max_model_len=16)
     with pytest.raises(ValueError, match="max_model_len"):
         sch.add(seq(17))
+
+
+def test_reserve_next_takes_the_block_the_token_after_next_needs():
+    bm = BlockManager(num_blocks=3, block_size=4)
+    a, b = seq(3), seq(4)
+    bm.allocate(a)
+    bm.allocate(b)
+    assert bm.reserve_next([a, b])  # a's index 3 is in its block; b's index 4 starts a new one
+    assert len(a.block_table) == 1 and len(b.block_table) == 2 and bm.num_free_blocks == 0
+    b.append_token(5)
+    bm.may_append(b)  # the next step's slot is the one reserved: nothing more is taken
+    assert len(b.block_table) == 2
+    for t in (6, 7, 8):
+        b.append_token(t)
+    # b's index 8 needs a third block of its own and none is free: nothing is reserved, for any sequence
+    assert not bm.reserve_next([a, b])
+    assert len(a.block_table) == 1 and len(b.block_table) == 2 and bm.num_free_blocks == 0

@@ -51,6 +51,50 @@ def test_cuda_graphs_decode_as_eager(tiny_checkpoints, variant):
         [o.token_ids for o in eager.generate(prompts, params)]
 
 
+@pytest.mark.parametrize("variant", ["deepseek_v3", "llama"])
+def test_async_decode_as_one_step_at_a_time(tiny_checkpoints, variant):
+    """Decode steps launched ahead of the host (EngineConfig.async_decode) give the tokens of steps launched one at a
+    time, while requests stop early on a stop token (the step ahead is dropped), join mid-way, ask for logprobs, or
+    sample (no step ahead while they run)."""
+    path, _ = tiny_checkpoints[variant]
+    prompts = [torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (3, 17, 9, 30, 5)]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    probe = LLM(path, device="cuda", dtype="float32", max_num_seqs=8, async_decode=False)
+    stop_on = probe.generate([prompts[1]], greedy)[0].token_ids[9]  # request "stop" ends at step 10 or before
+    del probe
+    first = {"a": (prompts[0], greedy), "stop": (prompts[1], SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, stop_token_ids=[stop_on])),
+        "short": (prompts[2], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))}
+    later = {4: {"late": (prompts[3], greedy)},
+             14: {"lp": (prompts[4], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2)),
+                  "sampled": (prompts[0], SamplingParams(temperature=0.8, seed=3, max_tokens=6))}}
+
+    def run(async_decode: bool):
+        llm = LLM(path, device="cuda", dtype="float32", max_num_seqs=8, async_decode=async_decode)
+        engine, out, step = llm.engine, {}, 0
+        for rid, (p, sp) in first.items():
+            engine.add_request(p, sp, request_id=rid)
+        while engine.has_unfinished():
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+                if o.logprobs:
+                    out.setdefault(o.request_id + "/lp", []).extend(round(lp, 4) for lp, _ in o.logprobs)
+            step += 1
+            for rid, (p, sp) in later.get(step, {}).items():
+                engine.add_request(p, sp, request_id=rid)
+        graphs = engine.runner.graphs
+        return out, graphs.ahead_launched, graphs.ahead_taken, engine.block_manager.num_free_blocks
+
+    one_at_a_time, launched, taken, free_blocks = run(False)
+    assert launched == taken == 0
+    ahead, launched, taken, free = run(True)
+    assert ahead == one_at_a_time
+    assert len(ahead["stop"]) <= 10 and ahead["stop"][-1] == stop_on and len(ahead["short"]) == 7
+    assert taken > 10 and launched > taken  # steps ran ahead, and the stop token's step ahead was dropped
+    assert free == free_blocks  # every block reserved ahead came back
+
+
 def test_default_model_greedy_gpu_equals_cpu():
     """Issue #6: greedy generations of the default model agree on the GPU path and the CPU reference for 32 tokens."""
     # the GGUF (94 MB) is over what travels to a lent GPU machine (64 MiB); there the test has no model to run
