@@ -152,6 +152,48 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
     return None
 
 
+@dataclass
+class RowsProduct:
+    """Linear layers of one input in one product, their weights stacked along the output rows: x [T, K] -> each
+    layer's output, views of one [T, sum(sizes)] tensor."""
+    part: object  # PackedLinear | UnpackedLinear | a 16-bit weight tensor
+    sizes: list[int]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = torch.nn.functional.linear(x, self.part) if isinstance(self.part, torch.Tensor) else self.part(x)
+        return y.split(self.sizes, dim=-1)
+
+
+def cat_products(parts: list) -> RowsProduct | None:
+    """Kernel parts of layers that read the same input (LinearBase.kernel_part) -> one RowsProduct, where they are of
+    one kind and configuration: their products then cost one launch where they cost one each (DeepSeek's q and
+    kv_a projections: vLLM's and SGLang's fused_qkv_a_proj). None otherwise, as where static FP8 input scales
+    differ or a 128x128 scale block would straddle two layers."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        same = all(isinstance(p, torch.Tensor) and p.dtype == first.dtype and p.shape[1] == first.shape[1]
+                   for p in parts)
+        sizes = [p.shape[0] for p in parts] if same else []
+    elif isinstance(first, PackedLinear):
+        w = first.weight
+        same = all(isinstance(p, PackedLinear) and p.act == first.act and p.weight.bits == w.bits
+                   and p.weight.group_size == w.group_size and p.weight.k == w.k and p.weight.tile_k == w.tile_k
+                   and (p.weight.zeros is None) == (w.zeros is None)
+                   and (p.input_scale is None) == (first.input_scale is None)
+                   and (p.input_scale is None or torch.equal(p.input_scale, first.input_scale)) for p in parts)
+        sizes = [p.weight.n for p in parts] if same else []
+    elif isinstance(first, UnpackedLinear):
+        same = all(isinstance(p, UnpackedLinear) and p.kind == first.kind
+                   and p.weight.shape[1] == first.weight.shape[1] and p.weight.dtype == first.weight.dtype
+                   and (p.scale is None) == (first.scale is None) for p in parts)
+        if same and first.kind == mu.KIND_FP8_BLOCK:  # each block row of scales covers one layer's rows alone
+            same = all(p.weight.shape[0] % mu.FP8_BLOCK == 0 for p in parts[:-1])
+        sizes = [p.weight.shape[0] for p in parts] if same else []
+    else:
+        return None
+    return RowsProduct(_cat_rows(parts), sizes) if sizes else None
+
+
 def _rows_cols(part, rows: slice, cols: slice):
     """A bf16 weight / PackedLinear / UnpackedLinear restricted to rows x cols; None where the cut is off the
     weight's scale grid (groups, 128x128 blocks)."""

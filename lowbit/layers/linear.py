@@ -184,6 +184,25 @@ class LinearBase(nn.Module):
                              f"parameter of shape {tuple(dst.shape)}")
         dst.copy_(loaded)
 
+    # ------------------------------------------------------------------ kernels
+    def kernel_part(self):
+        """This layer's weights as the GPU kernels take them (lowbit/kernels/linear.py): its quantized kernel
+        weight, or its weight where it is unquantized; None where neither is (the torch path), or where an input
+        transform comes before the product."""
+        if self.input_transform is not None:
+            return None
+        kernel = getattr(self, "_kernel", None)
+        if kernel is not None:
+            return kernel
+        return self.weight if isinstance(self.quant_method, UnquantizedLinearMethod) else None
+
+    def release_weights(self) -> None:
+        """A fused copy (stacked experts, a product of several layers) holds this layer's weights from now on: drop
+        the layer's own."""
+        self._kernel = None
+        for p in self.parameters(recurse=False):
+            p.data = p.data.new_empty(0)
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_transform is not None:

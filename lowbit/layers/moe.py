@@ -72,7 +72,6 @@ class Experts(nn.ModuleDict):
         """On the kernel path, stack the local experts' weights for the fused MoE (one launch per projection for all
         experts); any expert whose weights no kernel covers keeps the whole layer on the torch path."""
         from lowbit.kernels.linear import split_shared, stack_experts
-        from lowbit.layers.linear import UnquantizedLinearMethod
         self._fused = None
         self.num_shared = 0
         first = self[self.local[0]].down_proj
@@ -80,12 +79,8 @@ class Experts(nn.ModuleDict):
         if not kernels_enabled(device):
             return
 
-        def part(layer):
-            if layer.input_transform is not None:  # the fused MoE would skip it: such a layer stays on its own
-                return None
-            if getattr(layer, "_kernel", None) is not None:
-                return layer._kernel
-            return layer.weight if isinstance(layer.quant_method, UnquantizedLinearMethod) else None
+        def part(layer):  # a layer with an input transform stays on its own: the fused MoE would skip it
+            return layer.kernel_part()
         gate_up = [part(self[e].gate_up_proj) for e in self.local]
         down = [part(self[e].down_proj) for e in self.local]
         if any(p is None for p in gate_up + down):
@@ -109,9 +104,7 @@ class Experts(nn.ModuleDict):
                 return
         self._fused = fused
         for layer in layers:  # the stacked copies are the weights from now on
-            layer._kernel = None
-            for p in layer.parameters(recurse=False):
-                p.data = p.data.new_empty(0)
+            layer.release_weights()
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], topk_ids / topk_weights [T, K] -> sum_k weight_k * expert_k(x) [T, D], over all ranks (ids

@@ -65,6 +65,7 @@ class MLA(nn.Module):
         self.attn = MLAAttention(self.num_heads, self.kv_lora_rank, self.rope_dim, scale)
         self.register_buffer("w_uk", torch.empty(0), persistent=False)  # [H, nope, r], set after loading
         self.register_buffer("w_uv", torch.empty(0), persistent=False)  # [H, v, r]
+        self._q_kv_a = None  # the first q projection and kv_a_proj_with_mqa in one product, where kernels allow
 
     def process_weights_after_loading(self) -> None:
         w = self.kv_b_proj.quant_method.dequantized_weight(self.kv_b_proj)  # [H*(nope+v), r]
@@ -72,15 +73,36 @@ class MLA(nn.Module):
         dtype = self.kv_a_layernorm.weight.dtype
         self.w_uk = w[:, :self.nope_dim].to(dtype).contiguous()
         self.w_uv = w[:, self.nope_dim:].to(dtype).contiguous()
+        self._fuse_q_kv_a()
+
+    def _fuse_q_kv_a(self) -> None:
+        """On the kernel path, q_proj (q_a_proj with q LoRA) and kv_a_proj_with_mqa read the same input: one product
+        of their stacked weights, where both are whole on this rank (q_proj is split under tensor parallel, q_a_proj
+        is not) and of one kind (kernels/linear.py cat_products)."""
+        from lowbit.kernels.linear import cat_products, kernels_enabled
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        layers = (first, self.kv_a_proj_with_mqa)
+        if (not kernels_enabled(self.w_uk.device) or first.tp_size > 1
+                or any(layer.bias is not None for layer in layers)):
+            return
+        parts = [layer.kernel_part() for layer in layers]
+        if any(p is None for p in parts):
+            return
+        self._q_kv_a = cat_products(parts)
+        if self._q_kv_a is not None:
+            for layer in layers:
+                layer.release_weights()
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
+        if self._q_kv_a is not None:
+            q, kv_a = self._q_kv_a(x)
+            if self.q_lora_rank is not None:
+                q = self.q_b_proj(self.q_a_layernorm(q))
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            kv_a = self.kv_a_proj_with_mqa(x)  # [T, r + rope]
         q = q.view(T, self.num_heads, self.nope_dim + self.rope_dim)
-        kv_a = self.kv_a_proj_with_mqa(x)  # [T, r + rope]
         if self.attn.decodes_fused():  # the same math in the decode kernels' launches
             return self.o_proj(self.attn.decode_absorbed(positions, q, kv_a, self.kv_a_layernorm, self.rotary,
                                                          self.w_uk, self.w_uv))  # [T, H * v] -> [T, D]

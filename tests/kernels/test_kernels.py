@@ -432,3 +432,40 @@ def test_w4a8_moe_small_m_path_equals_the_fp8_tensor_core_path(T):
     small = moe.fused_moe(x, w13, w2, weights, topk, config=dict(BM=16, BN=32, num_warps=4, num_stages=3))
     large = moe.fused_moe(x, w13, w2, weights, topk, config=dict(BM=64, BN=64, num_warps=4, num_stages=3))
     assert rel(small, large.double().cpu()) < BOUND
+
+
+# ---------------------------------------------------------------------------------------------- fused products
+@pytest.mark.parametrize("kind", ["bf16", "w4a16", "w4a8-int8", "int8", pytest.param("w4a8", marks=gpu_only),
+                                  pytest.param("fp8-block", marks=gpu_only)])
+@pytest.mark.parametrize("M", [1, 5])
+def test_layers_of_one_input_in_one_product(kind, M):
+    """cat_products stacks layers that read one input (DeepSeek's q and kv_a projections, 3072 + 576 rows in
+    V2-Lite, here 256 + 72): each output is what its layer alone computes, and parts of another configuration are
+    refused (a different static input scale, an fp8 scale block across the seam)."""
+    from lowbit.kernels import linear
+    K, sizes = 256, (256, 72)
+
+    def part(n, seed, in_scale=0.02):
+        if kind in ("w4a16", "w4a8-int8", "w4a8"):
+            values, scale, _ = random_packed(1, n, K, 4, 128, False, seed)
+            act = {"w4a16": mp.ACT_NONE, "w4a8-int8": mp.ACT_INT8_TOKEN, "w4a8": mp.ACT_FP8_STATIC}[kind]
+            return linear.PackedLinear(to_dev(mp.repack(values, scale, None, 4, 128)), act,
+                                       torch.tensor([in_scale], device=DEV) if kind == "w4a8" else None)
+        if kind == "bf16":
+            return random_unpacked(mu.KIND_BF16, n, K, seed)[0].to(DEV)
+        kernel_kind = mu.KIND_INT8_CHANNEL if kind == "int8" else mu.KIND_FP8_BLOCK
+        w, ws = random_unpacked(kernel_kind, n, K, seed)
+        return linear.UnpackedLinear(w.to(DEV), kernel_kind, ws.to(DEV))
+    parts = [part(n, seed=n) for n in sizes]
+    x = torch.randn(M, K, generator=gen(M)).to(DTYPE).to(DEV)
+    fused = linear.cat_products(parts)
+    assert fused is not None and fused.sizes == list(sizes)
+    outs = fused(x)
+    for out, p, n in zip(outs, parts, sizes):
+        alone = torch.nn.functional.linear(x, p) if kind == "bf16" else p(x)
+        assert out.shape == (M, n)
+        assert rel(out, alone.double().cpu()) < BOUND
+    if kind == "w4a8":
+        assert linear.cat_products([parts[0], part(72, seed=72, in_scale=0.03)]) is None
+    if kind == "fp8-block":
+        assert linear.cat_products(parts[::-1]) is None  # 72 rows first: its scale block would take 56 of the next

@@ -115,6 +115,28 @@ def test_out(dtype, T, R, DR, nope, V, H):
     assert_rounded_once(out, mp.mla_out_ref(o, w_uv), mag, R, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S,T", [(1, 2), (3, 5), (16, 1)])
+@pytest.mark.parametrize("R,DR,nope,V,H", SHAPES)
+def test_out_from_splits_equals_merge_then_out(dtype, S, T, R, DR, nope, V, H):
+    """mla_out_splits is split_kv.combine then mla_out in one launch: the same values, to the last bits of float32
+    (the merge weights' sum over 16 splits may add in another order), with a split that saw no context among them."""
+    if R == 512 and (S, T) != (16, 1):
+        pytest.skip("the interpreter is slow: V2-Lite's rank at batch-1 decode's 16 splits only")
+    from lowbit.kernels.split_kv import combine
+    partial = torch.randn(S, T, H, R, generator=gen(S + T + R))
+    lse = torch.randn(S, T, H, generator=gen(S * T)) * 3
+    if S > 1:
+        lse[S - 1, 0] = float("-inf")
+        partial[S - 1, 0] = 0.0
+    w_uv = (torch.randn(H, V, R, generator=gen(V)) * 0.1).to(dtype)
+    partial, lse, w_uv = partial.to(DEV), lse.to(DEV), w_uv.to(DEV)
+    out = mp.mla_out_splits(partial, lse, w_uv, dtype)
+    assert out.shape == (T, H * V) and out.dtype == dtype
+    two = mp.mla_out(combine(partial, lse, dtype), w_uv)
+    torch.testing.assert_close(out, two, rtol=2 * ULP[dtype], atol=1e-6)
+
+
 def test_q_prep_at_v2_lite_rank():
     """R = 512 (eight column blocks of 64), nope 128, interleaved rope 64, odd tokens."""
     R, DR, nope, _, H = SHAPES[2]
