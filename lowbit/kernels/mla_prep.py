@@ -6,7 +6,8 @@ each), two torch.cat and the index_copy into the paged cache (V2-Lite geometry, 
 - mla_store_kv  kv_a_proj_with_mqa's output [T, R + DR] -> the cache rows [rms_norm(latent) | rope(k_pe)]
 - mla_q_prep    q [T, H, nope + DR] -> mla_decode's query [T, H, R + DR]: [q_nope @ W_UK | rope(q_pe)]
 - mla_out       the attention-weighted latent [T, H, R] x W_UV -> o_proj's input [T, H * V]
-- mla_out_splits  the same from the decode's context splits, merging them on the way (split_kv.combine's launch)
+- mla_out_splits  the same from the decode's context splits, merging them on the way (split_kv.combine's launch),
+                one token a program and no tensor-core product (decode's few rows)
 
 Each computes in float32 and rounds once, the norm and rope as norm_rope's kernels round (bit for bit in the
 interpreter; on a GPU ptxas may fuse the rotation's products into FMAs in another order, float32's last bit); the
@@ -145,43 +146,39 @@ if triton_available():
                  mask=t_mask[:, None] & v_mask[None, :])
 
     @triton.jit
-    def _out_splits_kernel(part_ptr, lse_ptr, w_ptr, out_ptr, T, H, stride_out, R: tl.constexpr, V: tl.constexpr,
-                           S: tl.constexpr, S_P: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                           BK: tl.constexpr):
-        """_out_kernel on the paged decode's S context splits (partial [S, T, H, R] float32, lse [S, T, H]): each
-        BK-column block of the latent merged as split_kv._combine_kernel merges it and rounded to the output's dtype,
-        then multiplied, so the merge is no launch of its own."""
-        tb = tl.program_id(0)
+    def _out_splits_kernel(part_ptr, lse_ptr, w_ptr, out_ptr, H, stride_out, R: tl.constexpr, V: tl.constexpr,
+                           S: tl.constexpr, S_P: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+        """One token of head h, columns h * V + [vb * BV, +BV) of the output, from the paged decode's S context splits
+        (partial [S, T, H, R] float32, lse [S, T, H]): each BK-column block of the latent merged as
+        split_kv._combine_kernel merges it (all splits in one load) and rounded to the output's dtype, then
+        multiplied by W_UV's rows, so the merge is no launch of its own."""
+        t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         vb = tl.program_id(2)
-        t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
-        t_mask = t < T
-        rows = t * H + h  # (token, head) rows of the splits' [T * H] planes
+        T = tl.num_programs(0)
+        row = t * H + h  # the (token, head) row of the splits' [T * H] planes
         s = tl.arange(0, S_P)
-        lse = tl.load(lse_ptr + s[:, None] * T * H + rows[None, :], mask=(s[:, None] < S) & t_mask[None, :],
-                      other=float("-inf"))  # [S_P, BT]
+        lse = tl.load(lse_ptr + s * T * H + row, mask=s < S, other=float("-inf"))  # [S_P]
         m = tl.max(lse, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp(lse - m[None, :])
+        w = tl.exp(lse - m)
         total = tl.sum(w, axis=0)
-        w = w / tl.where(total == 0.0, 1.0, total)[None, :]
+        w = w / tl.where(total == 0.0, 1.0, total)
         v = vb * BV + tl.arange(0, BV)
         v_mask = v < V
         k = tl.arange(0, BK)
         ty = out_ptr.dtype.element_ty
-        acc = tl.zeros([BT, BV], dtype=tl.float32)
+        acc = tl.zeros([BV], dtype=tl.float32)
         for k0 in range(0, R, BK):
             kk = k0 + k
-            mask = t_mask[:, None] & (kk[None, :] < R)
-            lat = tl.zeros([BT, BK], dtype=tl.float32)
-            for i in tl.static_range(S):
-                p = tl.load(part_ptr + (i * T * H + rows[:, None]) * R + kk[None, :], mask=mask, other=0.0)
-                lat += p * tl.sum(tl.where(s[:, None] == i, w, 0.0), axis=0)[:, None]
-            wv = tl.load(w_ptr + (h * V + v[:, None]) * R + kk[None, :], mask=v_mask[:, None] & (kk[None, :] < R),
-                         other=0.0)  # [BV, BK]
-            acc += dot(lat.to(ty), tl.trans(wv))
-        tl.store(out_ptr + t[:, None] * stride_out + h * V + v[None, :], acc.to(ty),
-                 mask=t_mask[:, None] & v_mask[None, :])
+            k_mask = kk < R
+            p = tl.load(part_ptr + (s[:, None] * T * H + row) * R + kk[None, :], mask=(s[:, None] < S) & k_mask[None, :],
+                        other=0.0)  # [S_P, BK]
+            lat = tl.sum(p * w[:, None], axis=0).to(ty).to(tl.float32)  # [BK]
+            wv = tl.load(w_ptr + (h * V + v[:, None]) * R + kk[None, :], mask=v_mask[:, None] & k_mask[None, :],
+                         other=0.0).to(tl.float32)  # [BV, BK]
+            acc += tl.sum(wv * lat[None, :], axis=1)
+        tl.store(out_ptr + t * stride_out + h * V + v, acc.to(ty), mask=v_mask)
 
 
 def _tile(n: int, most: int) -> int:
@@ -256,8 +253,8 @@ def mla_out_splits(partial: torch.Tensor, lse: torch.Tensor, w_uv: torch.Tensor,
         and lse.shape == (S, T, H) and lse.is_contiguous(), f"partial {tuple(partial.shape)} vs w_uv {w_uv.shape}"
     out = torch.empty(T, H * V, dtype=dtype, device=partial.device)
     if T and H:
-        bv = _tile(V, 64)
-        _out_splits_kernel[(cdiv(T, 16), H, cdiv(V, bv))](partial, lse, w_uv, out, T, H, out.stride(0), R=R, V=V,
-                                                           S=S, S_P=triton.next_power_of_2(S), BT=16, BV=bv,
-                                                           BK=_tile(R, 64), num_warps=4)
+        bv = min(32, triton.next_power_of_2(V))
+        _out_splits_kernel[(T, H, cdiv(V, bv))](partial, lse, w_uv, out, H, out.stride(0), R=R, V=V, S=S,
+                                                S_P=triton.next_power_of_2(S), BV=bv,
+                                                BK=min(128, triton.next_power_of_2(R)), num_warps=4)
     return out
