@@ -6,8 +6,6 @@ each), two torch.cat and the index_copy into the paged cache (V2-Lite geometry, 
 - mla_store_kv  kv_a_proj_with_mqa's output [T, R + DR] -> the cache rows [rms_norm(latent) | rope(k_pe)]
 - mla_q_prep    q [T, H, nope + DR] -> mla_decode's query [T, H, R + DR]: [q_nope @ W_UK | rope(q_pe)]
 - mla_out       the attention-weighted latent [T, H, R] x W_UV -> o_proj's input [T, H * V]
-- mla_out_splits  the same from the decode's context splits, merging them on the way (split_kv.combine's launch),
-                one token a program and no tensor-core product (decode's few rows)
 
 Each computes in float32 and rounds once, the norm and rope as norm_rope's kernels round (bit for bit in the
 interpreter; on a GPU ptxas may fuse the rotation's products into FMAs in another order, float32's last bit); the
@@ -145,41 +143,6 @@ if triton_available():
         tl.store(out_ptr + t[:, None] * stride_out + h * V + v[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=t_mask[:, None] & v_mask[None, :])
 
-    @triton.jit
-    def _out_splits_kernel(part_ptr, lse_ptr, w_ptr, out_ptr, H, stride_out, R: tl.constexpr, V: tl.constexpr,
-                           S: tl.constexpr, S_P: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-        """One token of head h, columns h * V + [vb * BV, +BV) of the output, from the paged decode's S context splits
-        (partial [S, T, H, R] float32, lse [S, T, H]): each BK-column block of the latent merged as
-        split_kv._combine_kernel merges it (all splits in one load) and rounded to the output's dtype, then
-        multiplied by W_UV's rows, so the merge is no launch of its own."""
-        t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        vb = tl.program_id(2)
-        T = tl.num_programs(0)
-        row = t * H + h  # the (token, head) row of the splits' [T * H] planes
-        s = tl.arange(0, S_P)
-        lse = tl.load(lse_ptr + s * T * H + row, mask=s < S, other=float("-inf"))  # [S_P]
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp(lse - m)
-        total = tl.sum(w, axis=0)
-        w = w / tl.where(total == 0.0, 1.0, total)
-        v = vb * BV + tl.arange(0, BV)
-        v_mask = v < V
-        k = tl.arange(0, BK)
-        ty = out_ptr.dtype.element_ty
-        acc = tl.zeros([BV], dtype=tl.float32)
-        for k0 in range(0, R, BK):
-            kk = k0 + k
-            k_mask = kk < R
-            p = tl.load(part_ptr + (s[:, None] * T * H + row) * R + kk[None, :], mask=(s[:, None] < S) & k_mask[None, :],
-                        other=0.0)  # [S_P, BK]
-            lat = tl.sum(p * w[:, None], axis=0).to(ty).to(tl.float32)  # [BK]
-            wv = tl.load(w_ptr + (h * V + v[:, None]) * R + kk[None, :], mask=v_mask[:, None] & k_mask[None, :],
-                         other=0.0).to(tl.float32)  # [BV, BK]
-            acc += tl.sum(wv * lat[None, :], axis=1)
-        tl.store(out_ptr + t * stride_out + h * V + v, acc.to(ty), mask=v_mask)
-
 
 def _tile(n: int, most: int) -> int:
     """A power-of-two tile over n columns: at least 16 (tl.dot's least), at most `most`."""
@@ -240,21 +203,4 @@ def mla_out(o_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
         _out_kernel[(cdiv(T, 16), H, cdiv(V, bv))](o_latent, w_uv, out, T, o_latent.stride(0), o_latent.stride(1),
                                                     out.stride(0), R=R, V=V, BT=16, BV=bv, BK=_tile(R, 64),
                                                     num_warps=4)
-    return out
-
-
-def mla_out_splits(partial: torch.Tensor, lse: torch.Tensor, w_uv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The paged MLA decode's context splits (partial [S, T, H, R] float32, lse [S, T, H], contiguous: mla_decode's
-    `splits=True` output), w_uv [H, V, R] in `dtype` -> [T, H * V]: mla_out(split_kv.combine(partial, lse, dtype),
-    w_uv) in one launch where it was two."""
-    S, T, H, R = partial.shape
-    V = w_uv.shape[1]
-    assert w_uv.shape == (H, V, R) and w_uv.is_contiguous() and w_uv.dtype == dtype and partial.is_contiguous() \
-        and lse.shape == (S, T, H) and lse.is_contiguous(), f"partial {tuple(partial.shape)} vs w_uv {w_uv.shape}"
-    out = torch.empty(T, H * V, dtype=dtype, device=partial.device)
-    if T and H:
-        bv = min(32, triton.next_power_of_2(V))
-        _out_splits_kernel[(T, H, cdiv(V, bv))](partial, lse, w_uv, out, H, out.stride(0), R=R, V=V, S=S,
-                                                S_P=triton.next_power_of_2(S), BV=bv,
-                                                BK=min(128, triton.next_power_of_2(R)), num_warps=4)
     return out

@@ -115,35 +115,6 @@ def test_out(dtype, T, R, DR, nope, V, H):
     assert_rounded_once(out, mp.mla_out_ref(o, w_uv), mag, R, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("S,T", [(1, 2), (3, 5), (16, 1)])
-@pytest.mark.parametrize("R,DR,nope,V,H", SHAPES)
-def test_out_from_splits_equals_merge_then_out(dtype, S, T, R, DR, nope, V, H):
-    """mla_out_splits is split_kv.combine then mla_out in one launch: within a rounding of the float64 merge and
-    product (the merged latent is rounded to the dtype first, as combine's output is), and of the two launches it
-    replaces, with a split that saw no context among them."""
-    if R == 512 and (S, T) != (16, 1):
-        pytest.skip("the interpreter is slow: V2-Lite's rank at batch-1 decode's 16 splits only")
-    from lowbit.kernels.split_kv import combine, combine_ref
-    partial = torch.randn(S, T, H, R, generator=gen(S + T + R))
-    lse = torch.randn(S, T, H, generator=gen(S * T)) * 3
-    if S > 1:
-        lse[S - 1, 0] = float("-inf")
-        partial[S - 1, 0] = 0.0
-    w_uv = (torch.randn(H, V, R, generator=gen(V)) * 0.1).to(dtype)
-    out = mp.mla_out_splits(partial.to(DEV), lse.to(DEV), w_uv.to(DEV), dtype)
-    assert out.shape == (T, H * V) and out.dtype == dtype
-    lat = combine_ref(partial.double(), lse.double())  # [T, H, R]
-    mag = torch.einsum("thr,hvr->thv", lat.abs(), w_uv.double().abs()).flatten(1)
-    ref = mp.mla_out_ref(lat, w_uv)
-    err = (out.cpu().double() - ref).abs()
-    # the output's rounding, the latent's (an ulp of each term), float32's sums over S splits and R products
-    bound = ULP[dtype] * ref.abs() + ULP[dtype] * mag + (R + S) * 2 ** -24 * mag + 1e-6
-    assert (err <= bound).all(), (err - bound).max().item()
-    two = mp.mla_out(combine(partial.to(DEV), lse.to(DEV), dtype), w_uv.to(DEV))
-    assert ((out.double() - two.double()).abs().cpu() <= 2 * bound).all()
-
-
 def test_q_prep_at_v2_lite_rank():
     """R = 512 (eight column blocks of 64), nope 128, interleaved rope 64, odd tokens."""
     R, DR, nope, _, H = SHAPES[2]
