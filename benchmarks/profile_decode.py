@@ -1,6 +1,7 @@
 """Where batch-1 decode time goes on one GPU: the kernels of a few decode steps of a V2-Lite-geometry model (random
-weights, fewer layers), by GPU time, from torch.profiler, eager (each launch visible) and the wall time per token
-with and without CUDA graphs.
+weights, fewer layers), by GPU time, from torch.profiler: eager (each launch visible) and the batch-1 decode graph's
+replays (by kernel, and one replay in launch order); and the wall time per decode token with CUDA graphs, steps one at
+a time and launched ahead of the host (EngineConfig.async_decode), and eager.
 
     python benchmarks/profile_decode.py [--scheme bf16] [--layers 4] [--out DIR]
 Prints the table and writes profile-decode-<scheme>.txt to --out.

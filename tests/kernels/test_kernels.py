@@ -461,7 +461,7 @@ def test_layers_of_one_input_in_one_product(kind, M):
     fused = linear.cat_products(parts)
     assert fused is not None and fused.sizes == list(sizes)
     outs = fused(x)
-    for out, p, n in zip(outs, parts, sizes):
+    for out, p, n in zip(outs, parts, sizes, strict=True):
         alone = torch.nn.functional.linear(x, p) if kind == "bf16" else p(x)
         assert out.shape == (M, n)
         assert rel(out, alone.double().cpu()) < BOUND
