@@ -37,7 +37,6 @@ def per_token(llm, prompt, n) -> float:
             torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t)
         return best
-    timed(1)
     return (timed(n + 1) - timed(1)) / n
 
 
@@ -56,11 +55,9 @@ def graph_replay_time(llm, reps: int = 50) -> float:
     return start.elapsed_time(end) * 1e-3 / reps
 
 
-def decode_kernels(path: str, prompt: list[int], reps: int = 20) -> list[str]:
+def decode_kernels(llm, reps: int = 20) -> list[str]:
     """GPU time per decode step by kernel, from replays of the batch-1 decode graph (what a served step runs, with
-    no prefill in it): torch.profiler sees the kernels inside a graph."""
-    llm = LLM(path, device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=512)
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    no prefill in it; the inputs a generation left): torch.profiler sees the kernels inside a graph."""
     graph = llm.engine.runner.graphs.graphs[1]
     graph.replay()
     torch.cuda.synchronize()
@@ -110,6 +107,8 @@ def main() -> None:
         lines.append(f"CUDA graphs, {how}: {wall * 1e3:.3f} ms per token; the batch-1 graph replayed back to back "
                      f"{gpu * 1e3:.3f} ms (GPU time of a step); the rest, {(wall - gpu) * 1e3:.3f} ms, is time the "
                      "GPU waits for the host (scheduling, inputs, the sampled token's read-back)")
+        if async_decode:
+            kernel_lines = decode_kernels(graphed)
         del graphed
         torch.cuda.empty_cache()
     eager = LLM(path, device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=512, enforce_eager=True)
@@ -124,9 +123,7 @@ def main() -> None:
     lines.append(f"{steps} steps (one prefill): {launches} kernel launches, {launches / steps:.0f} per token, "
                  f"GPU busy {total / steps / 1e3:.3f} ms per token")
     lines.append(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
-    del eager
-    torch.cuda.empty_cache()
-    lines += decode_kernels(path, prompt)
+    lines += kernel_lines
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)

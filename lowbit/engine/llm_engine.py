@@ -154,15 +154,16 @@ class LLMEngine:
 
     def _run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
         if not self._leading:
-            return self.runner.run(seqs, is_prefill, all_logits, ahead=self._ahead_ok(seqs, is_prefill))
+            return self.runner.run(seqs, is_prefill, all_logits, ahead=self._reserve_step_ahead(seqs, is_prefill))
         with self._run_lock:
             if self._released:
                 raise RuntimeError("the other ranks have been released: no batch can run")
             parallel.broadcast_message(encode_batch(seqs, is_prefill, all_logits))
             return self.runner.run(seqs, is_prefill, all_logits)
 
-    def _ahead_ok(self, seqs: list[Sequence], is_prefill: bool) -> bool:
-        """Whether this decode step may launch the next one before its tokens are read (EngineConfig.async_decode):
+    def _reserve_step_ahead(self, seqs: list[Sequence], is_prefill: bool) -> bool:
+        """Whether this decode step may launch the next one before its tokens are read (EngineConfig.async_decode),
+        reserving the cache slots the step ahead writes where it may:
         where the next step is this batch again, each sequence one token on, as far as the host can tell before
         sampling. That is: one process, a CUDA graph for the batch, greedy requests without logprobs (the token
         is the graph's argmax), none waiting to start, none at its length limit, and cache blocks reserved for

@@ -119,6 +119,14 @@ def fp8_block_linear(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int
     return UnpackedLinear(weight.data.contiguous(), mu.KIND_FP8_BLOCK, scale.data.float().contiguous())
 
 
+def _packed_alike(p, first: PackedLinear) -> bool:
+    """p is a PackedLinear of first's configuration: activations, bits, groups, K and its tiling, zero points."""
+    w = first.weight
+    return (isinstance(p, PackedLinear) and p.act == first.act and p.weight.bits == w.bits
+            and p.weight.group_size == w.group_size and p.weight.k == w.k and p.weight.tile_k == w.tile_k
+            and (p.weight.zeros is None) == (w.zeros is None))
+
+
 def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None:
     """Per-expert PackedLinear / UnpackedLinear / bf16 weight tensors (one kind, one configuration) -> [E, ...]."""
     first = parts[0]
@@ -127,11 +135,7 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
             return moe.UnpackedExperts(torch.stack(parts).contiguous(), mu.KIND_BF16)
         return None
     if isinstance(first, PackedLinear):
-        same = all(isinstance(p, PackedLinear) and p.act == first.act and p.weight.bits == first.weight.bits
-                   and p.weight.group_size == first.weight.group_size and p.weight.n == first.weight.n
-                   and p.weight.k == first.weight.k and (p.weight.zeros is None) == (first.weight.zeros is None)
-                   for p in parts)
-        if not same:
+        if not all(_packed_alike(p, first) and p.weight.n == first.weight.n for p in parts):
             return None
         w = first.weight
         pw = mp.PackedWeight(torch.cat([p.weight.words for p in parts]), torch.cat([p.weight.scales for p in parts]),
@@ -174,12 +178,8 @@ def cat_products(parts: list) -> RowsProduct | None:
         same = all(isinstance(p, torch.Tensor) and p.dtype == first.dtype and p.shape[1] == first.shape[1]
                    for p in parts)
         sizes = [p.shape[0] for p in parts] if same else []
-    elif isinstance(first, PackedLinear):
-        w = first.weight
-        same = all(isinstance(p, PackedLinear) and p.act == first.act and p.weight.bits == w.bits
-                   and p.weight.group_size == w.group_size and p.weight.k == w.k and p.weight.tile_k == w.tile_k
-                   and (p.weight.zeros is None) == (w.zeros is None)
-                   and (p.input_scale is None) == (first.input_scale is None)
+    elif isinstance(first, PackedLinear):  # one static input scale for all: equal ones only
+        same = all(_packed_alike(p, first) and (p.input_scale is None) == (first.input_scale is None)
                    and (p.input_scale is None or torch.equal(p.input_scale, first.input_scale)) for p in parts)
         sizes = [p.weight.n for p in parts] if same else []
     elif isinstance(first, UnpackedLinear):

@@ -219,6 +219,22 @@ class LinearBase(nn.Module):
                 f"method={type(self.quant_method).__name__}")
 
 
+def fuse_same_input(layers: list[LinearBase]):
+    """Layers that read the same input as one product of their stacked weights, on the kernel path, where each is
+    whole on this rank, has no bias and their weights are of one kind (kernels/linear.py cat_products): the
+    RowsProduct, which holds their weights from then on (x -> each layer's output), or None, the layers untouched."""
+    from lowbit.kernels.linear import cat_products, kernels_enabled
+    device = next(layers[0].parameters()).device
+    if not kernels_enabled(device) or any(layer.tp_size > 1 or layer.bias is not None for layer in layers):
+        return None
+    parts = [layer.kernel_part() for layer in layers]
+    fused = None if any(p is None for p in parts) else cat_products(parts)
+    if fused is not None:
+        for layer in layers:
+            layer.release_weights()
+    return fused
+
+
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, **kw):
         super().__init__(input_size, [output_size], bias=bias, tp_dim=None, **kw)

@@ -10,7 +10,7 @@ from lowbit.engine import parallel
 from lowbit.layers.attention import MLAAttention
 from lowbit.layers.block import PreNormBlock
 from lowbit.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from lowbit.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from lowbit.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, fuse_same_input
 from lowbit.layers.mlp import GatedMLP
 from lowbit.layers.moe import Experts, gate_logits, select_experts
 from lowbit.layers.norm import RMSNorm
@@ -73,35 +73,20 @@ class MLA(nn.Module):
         dtype = self.kv_a_layernorm.weight.dtype
         self.w_uk = w[:, :self.nope_dim].to(dtype).contiguous()
         self.w_uv = w[:, self.nope_dim:].to(dtype).contiguous()
-        self._fuse_q_kv_a()
-
-    def _fuse_q_kv_a(self) -> None:
-        """On the kernel path, q_proj (q_a_proj with q LoRA) and kv_a_proj_with_mqa read the same input: one product
-        of their stacked weights, where both are whole on this rank (q_proj is split under tensor parallel, q_a_proj
-        is not) and of one kind (kernels/linear.py cat_products)."""
-        from lowbit.kernels.linear import cat_products, kernels_enabled
+        # q_proj (q_a_proj with q LoRA) and kv_a_proj_with_mqa read the same input: one launch where kernels allow
+        # (q_proj is split under tensor parallel, q_a_proj is not)
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-        layers = (first, self.kv_a_proj_with_mqa)
-        if (not kernels_enabled(self.w_uk.device) or first.tp_size > 1
-                or any(layer.bias is not None for layer in layers)):
-            return
-        parts = [layer.kernel_part() for layer in layers]
-        if any(p is None for p in parts):
-            return
-        self._q_kv_a = cat_products(parts)
-        if self._q_kv_a is not None:
-            for layer in layers:
-                layer.release_weights()
+        self._q_kv_a = fuse_same_input([first, self.kv_a_proj_with_mqa])
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         if self._q_kv_a is not None:
             q, kv_a = self._q_kv_a(x)
-            if self.q_lora_rank is not None:
-                q = self.q_b_proj(self.q_a_layernorm(q))
         else:
-            q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = (self.q_proj if self.q_lora_rank is None else self.q_a_proj)(x)
             kv_a = self.kv_a_proj_with_mqa(x)  # [T, r + rope]
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(T, self.num_heads, self.nope_dim + self.rope_dim)
         if self.attn.decodes_fused():  # the same math in the decode kernels' launches
             return self.o_proj(self.attn.decode_absorbed(positions, q, kv_a, self.kv_a_layernorm, self.rotary,
