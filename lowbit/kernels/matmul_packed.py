@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import act_quant, cdiv
-from lowbit.kernels.rows import grid_and_rows, split_buffers
+from lowbit.kernels.rows import grid_and_rows, moe_mode, split_buffers
 
 ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN, ACT_FP8_TOKEN = 0, 1, 2, 3
 # w4a8 at small M: x already on the static FP8 grid in 16 bits (act_quant.fp8_grid_rows, one launch for all N tiles
@@ -297,10 +297,13 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        if MOE:
+        if MOE == 1:
             if pid_m * BM >= tl.load(npad_ptr):
                 return
         ids, row_mask, x_rows, e = program_rows(sorted_ptr, expert_ptr, pid_m, M, x_row_div, BM, MOE)
+        if MOE == 2:
+            if e < 0:  # another rank's expert: the caller zeroed its output row
+                return
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         n_total = 2 * N if FUSE_SILU else N
@@ -421,7 +424,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         m, n, pw.k, pw.scales.shape[1], k_tiles, x_row_div,
         x.stride(0), out.stride(0), pw.words.stride(0), pw.words.stride(1), pw.scales.stride(0),
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
-        MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
+        MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
         EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
@@ -470,6 +473,13 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_
     assert x.dim() == 2 and x.shape[1] == pw.k and x.stride(1) == 1, f"x {tuple(x.shape)} vs K={pw.k}"
     assert pw.num_experts == 1, "dense packed_matmul takes one expert's weight"
     assert act != ACT_FP8_STATIC or input_scale is not None, "w4a8 needs its static input scale"
+    from lowbit.kernels import gemv_packed
+    if config.get("GEMV") if config else gemv_packed.takes(x.shape[0], pw.n, pw.k):
+        # one row: the CUDA-core GEMV (gemv_packed.py), which reads each weight word once without padding the row
+        config = config or tuning.gemv_config(pw.n, pw.k, pw.bits)
+        xq, xs = gemv_packed.input_rows(x, act, input_scale)
+        out = torch.empty(1, pw.n, dtype=x.dtype, device=x.device)
+        return gemv_packed.launch(xq, pw, out, act, xs, config)
     config = config or tuning.packed_config(x.shape[0], pw.n, pw.k, pw.bits, act)
     xq, xs = quantize_input(x, act)
     if act == ACT_FP8_STATIC:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import act_quant, cdiv
-from lowbit.kernels.rows import grid_and_rows, split_buffers
+from lowbit.kernels.rows import grid_and_rows, moe_mode, split_buffers
 
 KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK = 0, 1, 2
 FP8_BLOCK = 128
@@ -87,10 +87,13 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        if MOE:
+        if MOE == 1:
             if pid_m * BM >= tl.load(npad_ptr):
                 return
         ids, row_mask, x_rows, e = program_rows(sorted_ptr, expert_ptr, pid_m, M, x_row_div, BM, MOE)
+        if MOE == 2:
+            if e < 0:  # another rank's expert: the caller zeroed its output row
+                return
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         tiles = tl.cdiv(k_tiles, SPLIT_K)  # the last split may have fewer K tiles (V2-Lite's 1408 = 11 x 128)
@@ -187,7 +190,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, part, counters,
         m, n, K, k_tiles, cdiv(K, FP8_BLOCK), x_row_div,
         x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
-        KIND=kind, MOE=moe is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
+        KIND=kind, MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out

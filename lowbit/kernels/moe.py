@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import act_quant, cdiv
+from lowbit.kernels import act_quant, cdiv, gemv_packed
 from lowbit.kernels import matmul_packed as mp
 from lowbit.kernels import matmul_unpacked as mu
 from lowbit.kernels import tuning
@@ -217,6 +217,9 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     _, h2, inter_size = w2.shape
     assert h13 == H and h2 == H and two_i == 2 * inter_size, f"w13 {w13.shape} / w2 {w2.shape} vs hidden {H}"
     n = T * k
+    if (T == 1 and config is None and isinstance(w13, PackedExperts) and isinstance(w2, PackedExperts)
+            and gemv_packed.ENABLED):
+        return _fused_moe_one_token(x, w13, w2, topk_weights, topk_ids, may_skip)
     if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and isinstance(w13, PackedExperts)
             and isinstance(w2, PackedExperts)
             and E * (two_i * h13 + h2 * inter_size) * x.element_size() <= DEQUANT_MAX_BYTES):
@@ -234,9 +237,12 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         split = min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2["BK"])) if config is None and T == 1 \
             else cfg2.get("SPLIT_K", 1)
     cfg2 = dict(cfg2, SPLIT_K=split)
-    sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
-    moe = (sorted_ids, block_expert, num_padded, n)
     slot_experts = topk_ids.flatten()
+    if T == 1:  # one token's slots name distinct experts: a program row per slot, nothing to sort (no align launch)
+        moe = (None, slot_experts)
+    else:
+        sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
+        moe = (sorted_ids, block_expert, num_padded, n)
     inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
     w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
     if split > 1:  # the down projection's K splits add into float32 (one-token decode: more programs in flight)
@@ -246,6 +252,31 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     w2.run(inter, out, moe, cfg2, routed_weights=topk_weights.flatten().float().contiguous(),
            slot_experts=slot_experts)
     return moe_sum(out.view(T, k, H), x.dtype)
+
+
+def _fused_moe_one_token(x, w13: PackedExperts, w2: PackedExperts, topk_weights, topk_ids, may_skip):
+    """One token through packed experts: the GEMV (gemv_packed.py), a program row per slot with its expert read
+    from topk_ids (no sort by expert), static FP8 inputs quantized inside it, the slots summed by the down
+    projection's last program (two launches, where the grouped kernels take align + 2 + moe_sum)."""
+    k = topk_ids.shape[1]
+    H = x.shape[1]
+    inter_size = w2.weight.k
+    slots = topk_ids.reshape(-1)
+    inter = torch.empty(k, inter_size, dtype=x.dtype, device=x.device)
+
+    def run(experts, rows, out, fuse_silu, row_div, routed, sum_slots=False):
+        xq, xs = gemv_packed.input_rows(rows, experts.act, experts.input_scale)
+        if experts.act == mp.ACT_FP8_STATIC and xs.numel() == 1:
+            xs = xs.expand(experts.weight.num_experts).contiguous()
+        cfg = tuning.gemv_config(experts.weight.n, experts.weight.k, experts.weight.bits, k, fuse_silu)
+        gemv_packed.launch(xq, experts.weight, out, experts.act, xs, cfg, slot_experts=slots, fuse_silu=fuse_silu,
+                           routed_weights=routed, x_row_div=row_div, sum_slots=sum_slots)
+
+    run(w13, x, inter, True, k, None)
+    out = torch.empty(1, H, dtype=x.dtype, device=x.device)
+    # the down projection sums the token's slots itself (no moe_sum launch)
+    run(w2, inter, out, False, 1, topk_weights.reshape(-1).float().contiguous(), sum_slots=True)
+    return out
 
 
 if triton is not None:

@@ -18,7 +18,11 @@ if triton is not None:
         """-> (ids: the output rows, their mask, the rows of x they read, the expert). The caller has returned
         already where pid_m is past the padded total of a grouped launch."""
         offs_m = pid_m * BM + tl.arange(0, BM)
-        if MOE:
+        if MOE == 2:  # one token: program row pid_m is slot pid_m, its expert read from the router's ids
+            e = tl.load(expert_ptr + pid_m).to(tl.int64)
+            ids = pid_m + 0 * offs_m
+            return ids, offs_m == pid_m * BM, ids // x_row_div, e
+        elif MOE:
             ids = tl.load(sorted_ptr + offs_m)
             e = tl.load(expert_ptr + pid_m).to(tl.int64)
             return ids, ids < M, ids // x_row_div, e
@@ -90,8 +94,17 @@ def split_buffers(m: int, n: int, split_k: int, tiles: int, device) -> tuple[tor
 
 def grid_and_rows(moe: tuple | None, m: int, n: int, bm: int, bn: int, split_k: int, dummy: torch.Tensor):
     """-> (grid, sorted_ids, block_expert, num_padded, rows): a grouped launch (moe = (sorted_ids, block_expert,
-    num_padded, num_ids)) sizes its grid by the padded upper bound; a dense one by m rows and its K splits."""
+    num_padded, num_ids)) sizes its grid by the padded upper bound; one token's (moe = (None, slot_experts)) by its
+    slots; a dense one by m rows and its K splits."""
+    if moe is not None and moe[0] is None:  # one token (moe_mode 2): a program row per slot, (None, slot experts)
+        slot_experts = moe[1]
+        return (slot_experts.numel(), cdiv(n, bn), split_k), dummy, slot_experts, dummy, slot_experts.numel()
     if moe is not None:
         sorted_ids, block_expert, num_padded, num_ids = moe
         return (sorted_ids.numel() // bm, cdiv(n, bn), split_k), sorted_ids, block_expert, num_padded, num_ids
     return (cdiv(m, bm), cdiv(n, bn), split_k), dummy, dummy, dummy, m
+
+
+def moe_mode(moe: tuple | None) -> int:
+    """The kernels' MOE constant: 0 dense, 1 grouped by expert (sorted ids), 2 one token (a program row per slot)."""
+    return 0 if moe is None else 2 if moe[0] is None else 1

@@ -76,6 +76,22 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
     return cfg
 
 
+def gemv_config(n: int, k: int, bits: int, moe_rows: int = 0, fuse_silu: bool = False) -> dict:
+    """The one-row packed GEMV's launch (gemv_packed.py): BN output rows a program (gate and up rows both where
+    fused), over TILES K tiles (a dense layer splits its K in two-tile parts: one load's latency a program, not a
+    chain of them; the MoE's projections keep the whole K, whose split's partial-sum traffic measured slower).
+    From benchmarks/gemv.py (H100, 2026-11-24, gemv-h100-80gb-hbm3-2026-11-24-*.md), where the spread between runs
+    (about 10%) is as large as that between the better configurations."""
+    key = ("gemv", n, k, bits, moe_rows, fuse_silu)
+    if key in TUNED:
+        return TUNED[key]
+    if not moe_rows:
+        return {"BN": 16, "TILES": 2, "num_warps": 4}
+    if fuse_silu:
+        return {"BN": 8, "num_warps": 4}
+    return {"BN": 32, "num_warps": 4}
+
+
 def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dict:
     b = bucket(m)
     key = ("unpacked", b, n, k, kind, moe)

@@ -116,8 +116,13 @@ def test_packed_matmul(bits, group, asym, act, M, N, K):
     pw = to_dev(pw)
     xs = input_scale.to(DEV) if input_scale is not None else None
     splits = pw.words.shape[2] * (32 // bits) // pw.tile_k
-    for config in (None, dict(BM=16, BN=32), dict(BM=32, BN=16, SPLIT_K=splits),
-                   dict(BM=16, BN=64, SWAP=True), dict(BM=32, BN=32, SWAP=True, SPLIT_K=splits)):
+    configs = [None, dict(BM=16, BN=32), dict(BM=32, BN=16, SPLIT_K=splits),
+               dict(BM=16, BN=64, SWAP=True), dict(BM=32, BN=32, SWAP=True, SPLIT_K=splits)]
+    if M == 1:  # one row takes the GEMV (config None too): whole K, K split in two-tile parts (the last short where the
+        # count is odd), a tile a program
+        configs += [dict(GEMV=True, BN=8, TILES=splits), dict(GEMV=True, BN=32, TILES=2),
+                    dict(GEMV=True, BN=16, TILES=1)]
+    for config in configs:
         out = mp.packed_matmul(x.to(DEV), pw, act, xs, config=config)
         assert out.shape == (M, N) and out.dtype == DTYPE
         assert rel(out, ref) < (3e-2 if act == mp.ACT_INT8_TOKEN and not GPU else BOUND), config
@@ -273,9 +278,33 @@ def test_fused_moe(scheme, T):
     out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), skip.to(DEV), may_skip=True)
     assert rel(out, ref) < bound
     if isinstance(w13, moe.PackedExperts):  # weights as the first operand (the small-M and Hopper variant)
+        # (one token's packed experts take the GEMV without a config: this is the tensor-core kernel on them)
         cfg = dict(BM=16, BN=32, SWAP=True)
         out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), skip.to(DEV), config=cfg, may_skip=True)
         assert rel(out, ref) < bound
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a16", "w4a8-int8", pytest.param("w4a8", marks=gpu_only)])
+def test_one_token_moe_sorts_nothing(scheme, monkeypatch):
+    """One token: no align launch (a program row per slot, its expert read from the router's ids); packed experts
+    take the GEMV, whose down projection also sums the slots (no moe_sum launch) and leaves its counters at zero;
+    another rank's experts (-1) add nothing."""
+    from lowbit.kernels import rows
+    E, H, inter, k = 6, 256, 128, 4
+    w13, d13, fq = make_experts(scheme, E, 2 * inter, H, seed=21)
+    w2, d2, _ = make_experts(scheme, E, H, inter, seed=22)
+    x = torch.randn(1, H, generator=gen(23)).to(DTYPE)
+    topk = torch.randperm(E, generator=gen(24))[:k][None]
+    topk[0, 2] = -1
+    weights = torch.rand(1, k, generator=gen(25))
+    calls = []
+    monkeypatch.setattr(moe, "align", lambda *a, **kw: calls.append("align"))
+    monkeypatch.setattr(moe, "moe_sum", lambda *a, f=moe.moe_sum, **kw: calls.append("moe_sum") or f(*a, **kw))
+    out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), may_skip=True)
+    ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
+    assert out.shape == (1, H) and rel(out, ref) < BOUND * (3 if fq is not None else 1)
+    assert calls == ([] if isinstance(w13, moe.PackedExperts) else ["moe_sum"])
+    assert all(int(c.abs().sum()) == 0 for c in rows._COUNTERS.values())
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "w8a8", pytest.param("fp8-block", marks=gpu_only)])
