@@ -102,8 +102,9 @@ if triton is not None:
         z_base = z_ptr + e * stride_se
         offs_w = tl.arange(0, PLANE)
         uu = tl.arange(0, U)
-        # U tiles a step, [R, U, PLANE] words, and the next U tiles' loads issued before this step's arithmetic: a
-        # thread keeps 2 * U 16-byte loads in flight (one tile at a time left the loads too few to cover the latency)
+        # U tiles a step, [R, U, PLANE] words, and the next U tiles' loads issued before this step's arithmetic (2 * U
+        # 16-byte loads a thread in flight; more than one tile a step measured no faster on an H100, 2026-11-24:
+        # the kernel is bound by its instructions, about 5.5 a weight, more than by its loads)
         w_ptrs = w_ptr + e * stride_we + rows[:, None, None] * stride_wn + (uu[:, None] * PLANE + offs_w)[None, :, :]
         t_start = pid_k * TILES
         t_end = tl.minimum(t_start + TILES, k_tiles)  # (the last split may be short)
@@ -244,7 +245,7 @@ def launch(x: torch.Tensor, pw: mp.PackedWeight, out: torch.Tensor, act: int, ac
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=slot_experts is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         SUM_SLOTS=sum_slots,
-        BN=bn, TK=pw.tile_k, TILES=tiles, U=min(config.get("U", 4), triton.next_power_of_2(tiles)), SPLIT_K=split_k, EVEN_K=pw.k % pw.tile_k == 0,
+        BN=bn, TK=pw.tile_k, TILES=tiles, U=min(config.get("U", 1), triton.next_power_of_2(tiles)), SPLIT_K=split_k, EVEN_K=pw.k % pw.tile_k == 0,
         num_warps=config.get("num_warps", 4), num_stages=1)
     return out
 
