@@ -38,6 +38,10 @@ except ImportError:
 
 # LOWBIT_GEMV=0 keeps one row on the tensor-core kernel (benchmarks compare the two)
 ENABLED = os.environ.get("LOWBIT_GEMV", "1") != "0"
+# the one-token fused MoE here (LOWBIT_GEMV_MOE=1) rather than on the tensor-core kernel: alone (benchmarks/gemv.py)
+# it measured faster, but in V2-Lite's decode graph slower (H100, 2026-11-24, w4a16, four layers: gate_up 22.3 vs
+# 20.4 us, down with the slots' sum 15.5 vs 11.2 + 2.1 for moe_sum), so off by default
+MOE = os.environ.get("LOWBIT_GEMV_MOE", "0") == "1"
 # dense layers with more outputs than this many times their inputs keep the tensor-core kernel at one row, which
 # measured faster there (H100, 2026-11-24: V2-Lite's dense gate_up 21888 x 2048 16.8 vs 20.4 us, R1's q_b
 # 24576 x 1536 13.9 vs 14.9 us); every other dense shape measured was faster here (V2-Lite's dense down 2048 x 10944

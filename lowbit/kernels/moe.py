@@ -218,7 +218,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     assert h13 == H and h2 == H and two_i == 2 * inter_size, f"w13 {w13.shape} / w2 {w2.shape} vs hidden {H}"
     n = T * k
     if (T == 1 and config is None and isinstance(w13, PackedExperts) and isinstance(w2, PackedExperts)
-            and gemv_packed.ENABLED):
+            and gemv_packed.ENABLED and gemv_packed.MOE):
         return _fused_moe_one_token(x, w13, w2, topk_weights, topk_ids, may_skip)
     if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and isinstance(w13, PackedExperts)
             and isinstance(w2, PackedExperts)
