@@ -75,11 +75,11 @@ def moe_rows(copy: float, geometry: str, scheme: str) -> list[dict]:
         res = {}
         for cfg in GEMV_CONFIGS:
             if proj == "gate_up":
-                fn = lambda cfg=cfg: gemv_packed.launch(xq, w13.weight, inter_buf, w13.act, xs, cfg, slots, True,
-                                                        x_row_div=kk)
+                fn = lambda cfg=cfg, xq=xq, xs=xs: gemv_packed.launch(xq, w13.weight, inter_buf, w13.act, xs, cfg,
+                                                                      slots, True, x_row_div=kk)
             else:
-                fn = lambda cfg=cfg: gemv_packed.launch(xq, w2.weight, out, w2.act, xs, cfg, slots,
-                                                        routed_weights=rw)
+                fn = lambda cfg=cfg, xq=xq, xs=xs: gemv_packed.launch(xq, w2.weight, out, w2.act, xs, cfg, slots,
+                                                                      routed_weights=rw)
             res[str(cfg)] = timed(fn)
         heur = tuning.gemv_config(experts.weight.n, experts.weight.k, experts.weight.bits, kk, proj == "gate_up")
         # the tensor-core kernel as fused_moe ran it before the GEMV (its heuristic configuration)
@@ -97,11 +97,11 @@ def moe_rows(copy: float, geometry: str, scheme: str) -> list[dict]:
                          bytes=nbytes, gemv=res, gemv_heuristic=str(heur), t_heuristic=res.get(str(heur)),
                          best=key, t_best=t, t_tensor_cores=t_tc, copy=copy))
     for flag in (False, True):
-        gemv_packed.ENABLED = flag
+        gemv_packed.MOE = flag
         t = timed(lambda: moe.fused_moe(x, w13, w2, tw, ids))
         rows.append(dict(geometry=geometry, scheme=scheme, layer="fused_moe " + ("GEMV" if flag else "tensor cores"),
                          bytes=kk * (b13 + b2), t_best=t, copy=copy))
-    gemv_packed.ENABLED = True
+    gemv_packed.MOE = False
     return rows
 
 
@@ -112,12 +112,12 @@ def dense_rows(copy: float, geometry: str, scheme: str) -> list[dict]:
         pw, act, xs, nbytes = make_weight(scheme, N, K)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         res = {}
+        run = lambda cfg, x=x, pw=pw, act=act, xs=xs: (lambda: mp.packed_matmul(x, pw, act, xs, config=cfg))
         for cfg in DENSE_CONFIGS:
-            res[str(cfg)] = timed(lambda cfg=cfg: mp.packed_matmul(x, pw, act, xs, config=cfg))
+            res[str(cfg)] = timed(run(cfg))
         heur = dict(tuning.gemv_config(pw.n, pw.k, pw.bits), GEMV=True)
-        t_h = timed(lambda: mp.packed_matmul(x, pw, act, xs, config=heur))
-        t_tc = timed(lambda: mp.packed_matmul(x, pw, act, xs, config=tuning.packed_config(1, pw.n, pw.k, pw.bits,
-                                                                                             act)))
+        t_h = timed(run(heur))
+        t_tc = timed(run(tuning.packed_config(1, pw.n, pw.k, pw.bits, act)))
         key, t = best(res)
         rows.append(dict(geometry=geometry, scheme=scheme, layer=f"dense {name} {N}x{K}", bytes=nbytes, gemv=res,
                          gemv_heuristic=str(heur), t_heuristic=t_h, best=key, t_best=t, t_tensor_cores=t_tc,
