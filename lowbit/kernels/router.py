@@ -1,4 +1,4 @@
-"""The MoE router in two launches, or one (`gate`, decode batches: the logits' last program routes). `router_logits`: the logits x @ gate.T in float32, one launch where torch takes a
+"""The MoE router in two launches. `router_logits`: the logits x @ gate.T in float32, one launch where torch takes a
 dtype copy of x (and of the weight, loaded in the model dtype) and a two-kernel fp32 GEMV. `route`: after the
 logits, scores (softmax or sigmoid), the correction bias (noaux_tc), group-limited selection, top-k, the weights
 normalized and scaled; the torch form (`route_ref`, the CPU path) takes about 18 launches per MoE layer for
@@ -54,25 +54,12 @@ if triton_available():
                       E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
                       TOPK_GROUP: tl.constexpr,
                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHARED: tl.constexpr):
-        _route_token(logits_ptr, bias_ptr, w_ptr, ids_ptr, tl.program_id(0), E, stride_l, scaling, E_P, K, K_P, G,
-                     G_P, TOPK_GROUP, SIGMOID, HAS_BIAS, NORM, SHARED, False)
-
-    @triton.jit
-    def _route_token(logits_ptr, bias_ptr, w_ptr, ids_ptr, t, E, stride_l, scaling,
-                     E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
-                     TOPK_GROUP: tl.constexpr,
-                     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHARED: tl.constexpr,
-                     FROM_L2: tl.constexpr):
         """One token. G > 1: groups of E / G experts, scored by their best (no bias) or best two (bias) choices;
-        only the TOPK_GROUP best groups' experts may be chosen. Ties go to the lower index, as in torch.topk.
-        FROM_L2: the logits were written by other programs of this launch (read past the L1 cache)."""
+        only the TOPK_GROUP best groups' experts may be chosen. Ties go to the lower index, as in torch.topk."""
+        t = tl.program_id(0)
         e = tl.arange(0, E_P)
         valid = e < E
-        if FROM_L2:
-            logits = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf"),
-                             cache_modifier=".cg").to(tl.float32)
-        else:
-            logits = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
+        logits = tl.load(logits_ptr + t * stride_l + e, mask=valid, other=float("-inf")).to(tl.float32)
         if SIGMOID:
             scores = tl.where(valid, 1.0 / (1.0 + tl.exp(-logits)), 0.0)
         else:
@@ -121,33 +108,11 @@ if triton_available():
     @triton.jit
     def _logits_kernel(x_ptr, w_ptr, out_ptr, T, E, D, stride_x, stride_w,
                        BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
-        _logits_tile(x_ptr, w_ptr, out_ptr, tl.program_id(0), tl.program_id(1), T, E, D, stride_x, stride_w,
-                     BT, BE, BD, DOT)
-
-    @triton.jit
-    def _gate_kernel(x_ptr, gw_ptr, logits_ptr, bias_ptr, w_ptr, ids_ptr, cnt_ptr, T, E, D, stride_x, stride_gw,
-                     scaling, BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr,
-                     E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
-                     TOPK_GROUP: tl.constexpr,
-                     SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHARED: tl.constexpr):
-        """The logits and the routing in one launch (up to BT tokens): each program its experts' logits; the last
-        to finish (a counter) routes every token, then sets the counter back to zero for the next launch."""
-        _logits_tile(x_ptr, gw_ptr, logits_ptr, tl.program_id(0), 0, T, E, D, stride_x, stride_gw, BT, BE, BD, False)
-        tl.debug_barrier()  # every thread's logits are written before the counter releases them
-        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
-            for t in range(T):
-                _route_token(logits_ptr, bias_ptr, w_ptr, ids_ptr, t, E, E, scaling, E_P, K, K_P, G, G_P,
-                             TOPK_GROUP, SIGMOID, HAS_BIAS, NORM, SHARED, True)
-            tl.atomic_xchg(cnt_ptr, 0)
-
-    @triton.jit
-    def _logits_tile(x_ptr, w_ptr, out_ptr, pid_e, pid_t, T, E, D, stride_x, stride_w,
-                     BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
         """out[t, e] = sum_d x[t, d] * w[e, d] in float32 for a [BT, BE] tile, D in chunks of BD. DOT (x and w of one
         16-bit dtype, BT, BE >= 16): tl.dot on the 16-bit operands, whose products are exact, accumulated in fp32;
         else the products in a [BT, BE, BD] float32 accumulator, summed over D at the end (few tokens: a GEMV)."""
-        t = pid_t * BT + tl.arange(0, BT)
-        e = pid_e * BE + tl.arange(0, BE)
+        t = tl.program_id(1) * BT + tl.arange(0, BT)
+        e = tl.program_id(0) * BE + tl.arange(0, BE)
         if DOT:
             acc = tl.zeros([BT, BE], dtype=tl.float32)
         else:
@@ -192,44 +157,12 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return out
     if _mma_tiles(x, weight):
         BT, BE, BD, dot = 16, 32, 256, True
-    else:
-        (BT, BE, BD), dot = _gemv_tiles(T, E, D), False
+    else:  # the accumulator [BT, BE, BD] at most 16K floats: 128 a thread
+        BT, BE = min(triton.next_power_of_2(T), 16), triton.next_power_of_2(max(1, E // 128))
+        BD, dot = min(triton.next_power_of_2(D), 16384 // (BT * BE), 2048), False
     _logits_kernel[(triton.cdiv(E, BE), triton.cdiv(T, BT))](x, weight, out, T, E, D, x.stride(0), weight.stride(0),
                                                            BT=BT, BE=BE, BD=BD, DOT=dot, num_warps=4)
     return out
-
-
-def _gemv_tiles(T: int, E: int, D: int) -> tuple[int, int, int]:
-    """The logits GEMV's tile: up to 16 tokens, 1-2 experts a program, the accumulator [BT, BE, BD] at most 16K
-    floats (128 a thread)."""
-    BT, BE = min(triton.next_power_of_2(T), 16), triton.next_power_of_2(max(1, E // 128))
-    return BT, BE, min(triton.next_power_of_2(D), 16384 // (BT * BE), 2048)
-
-
-GATE_MAX_TOKENS = 16  # the one-launch gate (logits GEMV + routing): decode batches
-
-
-def gate(x: torch.Tensor, weight: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
-         bias: torch.Tensor | None, normalize: bool, scaling: float,
-         shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits and route in one launch (up to GATE_MAX_TOKENS tokens): the same logits, the same choices; at
-    batch-1 decode the two launches each cost more than their work."""
-    T, D = x.shape
-    E = weight.shape[0]
-    assert 0 < T <= GATE_MAX_TOKENS and weight.shape[1] == D and x.stride(1) == 1 and weight.stride(1) == 1
-    assert E % n_group == 0 and top_k <= E
-    from lowbit.kernels.rows import split_buffers
-    logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
-    weights = torch.empty(T, top_k + shared, dtype=torch.float32, device=x.device)
-    ids = torch.empty(T, top_k + shared, dtype=torch.int64, device=x.device)
-    counters = split_buffers(1, 1, 1, 1, x.device)[1]
-    BT, BE, BD = _gemv_tiles(T, E, D)
-    _gate_kernel[(triton.cdiv(E, BE),)](
-        x, weight, logits, bias if bias is not None else logits, weights, ids, counters, T, E, D, x.stride(0),
-        weight.stride(0), float(scaling), BT=BT, BE=BE, BD=BD, E_P=triton.next_power_of_2(E), K=top_k,
-        K_P=triton.next_power_of_2(top_k), G=n_group, G_P=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group,
-        SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORM=normalize, SHARED=shared, num_warps=4)
-    return weights, ids
 
 
 def route(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,

@@ -12,7 +12,6 @@ from torch import nn
 
 from lowbit.engine import parallel
 from lowbit.kernels.linear import kernels_enabled
-from lowbit.kernels import router
 from lowbit.kernels.router import logits_kernel_fits, route, route_ref, router_logits
 from lowbit.layers.mlp import GatedMLP
 
@@ -32,19 +31,6 @@ def select_experts(logits: torch.Tensor, top_k: int, n_group: int, topk_group: i
     kernels/router.py; one launch on a GPU, the torch reference elsewhere."""
     choose = route if logits.is_cuda and kernels_enabled(logits.device) else route_ref
     return choose(logits, top_k, n_group, topk_group, sigmoid, bias, normalize, scaling, shared)
-
-
-def route_tokens(x: torch.Tensor, weight: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
-                 bias: torch.Tensor | None, normalize: bool, scaling: float,
-                 shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole router, x [T, D] -> (weights, expert ids) as select_experts gives them: on a GPU's kernel path at
-    decode sizes one launch for the logits and the choice (kernels/router.py gate), else gate_logits then
-    select_experts."""
-    if (x.is_cuda and kernels_enabled(x.device) and x.shape[0] <= router.GATE_MAX_TOKENS and x.stride(1) == 1
-            and weight.stride(1) == 1):
-        return router.gate(x, weight, top_k, n_group, topk_group, sigmoid, bias, normalize, scaling, shared)
-    return select_experts(gate_logits(x, weight), top_k, n_group, topk_group, sigmoid, bias, normalize, scaling,
-                          shared)
 
 
 class Experts(nn.ModuleDict):

@@ -12,7 +12,7 @@ from lowbit.layers.block import PreNormBlock
 from lowbit.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from lowbit.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, fuse_same_input
 from lowbit.layers.mlp import GatedMLP
-from lowbit.layers.moe import Experts, route_tokens
+from lowbit.layers.moe import Experts, gate_logits, select_experts
 from lowbit.layers.norm import RMSNorm
 from lowbit.layers.rotary import RotaryEmbedding, yarn_get_mscale
 
@@ -119,11 +119,11 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K] float32, expert ids [T, K]); shared > 0 appends that many slots of weight 1
         for the shared experts, numbered after the routed ones."""
+        logits = gate_logits(x, self.weight)  # [T, E] float32
         grouped = self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc")
-        args = (self.top_k, self.n_group if grouped else 1, self.topk_group, self.scoring_func == "sigmoid",
-                self.e_score_correction_bias, self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor,
-                shared)
-        return route_tokens(x, self.weight, *args)
+        return select_experts(logits, self.top_k, self.n_group if grouped else 1, self.topk_group,
+                              self.scoring_func == "sigmoid", self.e_score_correction_bias,
+                              self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor, shared)
 
 
 class MoE(nn.Module):
