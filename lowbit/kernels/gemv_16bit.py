@@ -8,6 +8,8 @@ rounded once.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lowbit.kernels import cdiv
@@ -52,6 +54,7 @@ if triton is not None:
 
 BK = 256  # a K tile: 16-byte loads, 32 lanes along K
 BN = 16
+ENABLED = os.environ.get("LOWBIT_GEMV", "1") != "0"  # as gemv_packed's: 0 keeps the matrix library
 
 
 MAX_N_OVER_K = 8  # wider layers (the dense MLP's gate_up, the LM head) keep the matrix library, near copy there
@@ -63,10 +66,11 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     from lowbit.kernels.linear import kernels_enabled
     return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == x.dtype and x.stride(1) == 1 and weight.stride(1) == 1
-            and weight.shape[0] <= MAX_N_OVER_K * weight.shape[1] and kernels_enabled(x.device))
+            and weight.shape[0] <= MAX_N_OVER_K * weight.shape[1] and ENABLED and kernels_enabled(x.device))
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: int | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: int | None = None, bn: int = BN,
+         num_warps: int = 4) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T -> [1, N] in x's dtype. tiles: K tiles a program (None: two, or more where the
     row blocks alone give the chip over eight programs a multiprocessor)."""
     from lowbit.kernels.rows import split_buffers
@@ -74,7 +78,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: int | None = None) -> tor
     N, K = weight.shape
     assert x.shape == (1, K) and x.stride(1) == 1 and weight.stride(1) == 1, f"x {tuple(x.shape)} vs {tuple(weight.shape)}"
     k_tiles = cdiv(K, BK)
-    blocks = cdiv(N, BN)
+    blocks = cdiv(N, bn)
     if tiles is None:
         tiles = 2
         while blocks * cdiv(k_tiles, tiles) > 8 * num_sms() and tiles < k_tiles:
@@ -84,5 +88,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, tiles: int | None = None) -> tor
     out = torch.empty(1, N, dtype=x.dtype, device=x.device)
     ws, counters = split_buffers(1, N, split, blocks, x.device) if split > 1 else (out, out)
     _gemv16_kernel[(blocks, split)](x, weight, out, ws, counters, N, K, weight.stride(0),
-                                     BN=BN, BK=BK, TILES=tiles, SPLIT_K=split, num_warps=4)
+                                     BN=bn, BK=BK, TILES=tiles, SPLIT_K=split, num_warps=num_warps)
     return out
