@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import cdiv, gemv_16bit, matmul_packed as mp, matmul_unpacked as mu, moe
-from lowbit.kernels import triton_available
+from lowbit.kernels import cdiv, matmul_packed as mp, matmul_unpacked as mu, moe, triton_available
 
 
 def kernels_enabled(device: torch.device) -> bool:
@@ -165,11 +164,7 @@ class RowsProduct:
     sizes: list[int]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if isinstance(self.part, torch.Tensor):
-            y = gemv_16bit.gemv(x, self.part) if gemv_16bit.takes(x, self.part) else \
-                torch.nn.functional.linear(x, self.part)
-        else:
-            y = self.part(x)
+        y = torch.nn.functional.linear(x, self.part) if isinstance(self.part, torch.Tensor) else self.part(x)
         return y.split(self.sizes, dim=-1)
 
 

@@ -19,7 +19,6 @@ from torch import nn
 
 from lowbit.config import ConfigError
 from lowbit.engine import parallel
-from lowbit.kernels import gemv_16bit
 from lowbit.quant.rotation import hadamard, is_power_of_two
 
 
@@ -58,8 +57,6 @@ class UnquantizedLinearMethod(LinearMethod):
                        output_dim=0, input_dim=1)
 
     def apply(self, layer, x):
-        if gemv_16bit.takes(x, layer.weight):  # one row (batch-1 decode) on a GPU: a GEMV
-            return gemv_16bit.gemv(x, layer.weight)
         return F.linear(x, layer.weight)
 
     def dequantized_weight(self, layer):

@@ -501,17 +501,3 @@ def test_layers_of_one_input_in_one_product(kind, M):
         assert linear.cat_products([parts[0], part(72, seed=72, in_scale=0.03)]) is None
     if kind == "fp8-block":
         assert linear.cat_products(parts[::-1]) is None  # 72 rows first: its scale block would take 56 of the next
-
-
-@pytest.mark.parametrize("N,K,tiles", [(48, 640, None), (100, 2048, 1), (16, 300, 2), (130, 512, 8)])
-def test_gemv_16bit(N, K, tiles):
-    """One row against 16-bit weights: whole K in a program, or split (the last split short where K is not a
-    multiple of the split), the splits' counters left at zero."""
-    from lowbit.kernels import gemv_16bit, rows
-    g = gen(N + K)
-    x = torch.randn(1, K, generator=g).to(DTYPE)
-    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(DTYPE)
-    out = gemv_16bit.gemv(x.to(DEV), w.to(DEV), tiles)
-    assert out.shape == (1, N) and out.dtype == DTYPE
-    assert rel(out, x.double() @ w.double().t()) < BOUND
-    assert all(int(c.abs().sum()) == 0 for c in rows._COUNTERS.values())
