@@ -271,6 +271,11 @@ def check_engine_configs() -> list[str]:
         ("mla_q_prep bf16 R=512 DR=64 nope=128, 128 heads", mla_prep._q_prep_kernel,
          {"q_ptr": "*bf16", "w_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "out_ptr": "*bf16"},
          dict(NOPE=128, R=512, HALF=32, NOPE_P=128, BLOCK_HALF=32, BT=16, BR=64, INTERLEAVED=True), 4, ()),
+        ("mla_prep (store_kv + q_prep) bf16 R=512 DR=64 nope=128, one warp", mla_prep._prep_kernel,
+         {"kv_ptr": "*bf16", "kw_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "slots_ptr": "*i64",
+          "cache_ptr": "*bf16", "q_ptr": "*bf16", "uk_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(HALF=32, BLOCK=512, BLOCK_HALF=32, INTERLEAVED=True, NOPE=128, R=512, NOPE_P=128, BT=16, BR=64), 1,
+         ("eps",)),
         ("mla_out bf16 R=512 V=128, 128 heads", mla_prep._out_kernel,
          {"o_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(R=512, V=128, BT=16, BV=64, BK=64), 4, ()),
     ]

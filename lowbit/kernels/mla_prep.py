@@ -6,6 +6,7 @@ each), two torch.cat and the index_copy into the paged cache (V2-Lite geometry, 
 - mla_store_kv  kv_a_proj_with_mqa's output [T, R + DR] -> the cache rows [rms_norm(latent) | rope(k_pe)]
 - mla_q_prep    q [T, H, nope + DR] -> mla_decode's query [T, H, R + DR]: [q_nope @ W_UK | rope(q_pe)]
 - mla_out       the attention-weighted latent [T, H, R] x W_UV -> o_proj's input [T, H * V]
+- mla_prep      mla_store_kv and mla_q_prep in one launch (decode runs this)
 
 Each computes in float32 and rounds once, the norm and rope as norm_rope's kernels round (bit for bit in the
 interpreter; on a GPU ptxas may fuse the rotation's products into FMAs in another order, float32's last bit); the
@@ -69,9 +70,33 @@ if triton_available():
     def _store_kv_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr, N, stride_kv, stride_c, eps,
                          HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr,
                          INTERLEAVED: tl.constexpr):
+        _store_kv_row(tl.program_id(0), kv_ptr, w_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr, N, stride_kv, stride_c,
+                      eps, HALF, BLOCK, BLOCK_HALF, INTERLEAVED)
+
+    @triton.jit
+    def _prep_kernel(kv_ptr, kw_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr, N, stride_kv, stride_c, eps,
+                     q_ptr, uk_ptr, out_ptr, T, stride_qt, stride_qh, stride_ot, stride_oh, H, R_BLOCKS,
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     NOPE: tl.constexpr, R: tl.constexpr, NOPE_P: tl.constexpr, BT: tl.constexpr,
+                     BR: tl.constexpr):
+        """mla_store_kv's and mla_q_prep's programs in one launch (they read different inputs and write different
+        outputs): the first q-prep tiles, then one program a token for the cache."""
+        pid = tl.program_id(0)
+        n_q = tl.cdiv(T, BT) * H * R_BLOCKS
+        if pid < n_q:
+            _q_prep_tile(pid // (H * R_BLOCKS), (pid // R_BLOCKS) % H, pid % R_BLOCKS, q_ptr, uk_ptr, cos_ptr,
+                         sin_ptr, out_ptr, T, stride_qt, stride_qh, stride_ot, stride_oh, stride_c, NOPE, R, HALF,
+                         NOPE_P, BLOCK_HALF, BT, BR, INTERLEAVED)
+        else:
+            _store_kv_row(pid - n_q, kv_ptr, kw_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr, N, stride_kv, stride_c,
+                          eps, HALF, BLOCK, BLOCK_HALF, INTERLEAVED)
+
+    @triton.jit
+    def _store_kv_row(t, kv_ptr, w_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr, N, stride_kv, stride_c, eps,
+                      HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                      INTERLEAVED: tl.constexpr):
         """One token: its cache row [rms_norm(latent) * w | rope(k_pe)], N the latent's width; the norm as
         norm_rope._rms_norm_kernel rounds it (x / rms to the dtype, then times the weight)."""
-        t = tl.program_id(0)
         row = kv_ptr + t * stride_kv
         dst = cache_ptr + tl.load(slots_ptr + t).to(tl.int64) * (N + 2 * HALF)
         ty = cache_ptr.dtype.element_ty
@@ -95,11 +120,17 @@ if triton_available():
     def _q_prep_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_qt, stride_qh, stride_ot, stride_oh,
                        stride_c, NOPE: tl.constexpr, R: tl.constexpr, HALF: tl.constexpr, NOPE_P: tl.constexpr,
                        BLOCK_HALF: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, INTERLEAVED: tl.constexpr):
+        _q_prep_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
+                     T, stride_qt, stride_qh, stride_ot, stride_oh, stride_c, NOPE, R, HALF, NOPE_P, BLOCK_HALF, BT, BR,
+                     INTERLEAVED)
+
+    @triton.jit
+    def _q_prep_tile(tb, h, rb, q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_qt, stride_qh, stride_ot,
+                     stride_oh, stride_c, NOPE: tl.constexpr, R: tl.constexpr, HALF: tl.constexpr,
+                     NOPE_P: tl.constexpr, BLOCK_HALF: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr,
+                     INTERLEAVED: tl.constexpr):
         """BT tokens of head h: columns [rb * BR, +BR) of q_nope @ W_UK[h]; the first column block also rotates
         their q_pe into columns R.. of the output."""
-        tb = tl.program_id(0)
-        h = tl.program_id(1)
-        rb = tl.program_id(2)
         t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
         t_mask = t < T
         k = tl.arange(0, NOPE_P)
@@ -187,6 +218,37 @@ def mla_q_prep(q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torc
             q, w_uk, cos, sin, out, T, q.stride(0), q.stride(1), out.stride(0), out.stride(1), cos.stride(0),
             NOPE=nope, R=R, HALF=half, NOPE_P=max(16, triton.next_power_of_2(nope)),
             BLOCK_HALF=triton.next_power_of_2(half), BT=16, BR=br, INTERLEAVED=interleaved, num_warps=4)
+    return out
+
+
+def mla_prep(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+             interleaved: bool, cache: torch.Tensor, slots: torch.Tensor, q: torch.Tensor,
+             w_uk: torch.Tensor) -> torch.Tensor:
+    """mla_store_kv(kv_a, ...) and mla_q_prep(q, w_uk, ...) in one launch, the same results (their launches each cost
+    about 2-4 us at batch-1 decode, more than their work): returns mla_q_prep's query. The launch takes
+    mla_store_kv's warps (the norm's reduction tree of rms_norm's launch)."""
+    T, D = kv_a.shape
+    R = norm_weight.shape[0]
+    half = (D - R) // 2
+    Tq, H, Dq = q.shape
+    _, nope, Rq = w_uk.shape
+    assert kv_a.stride(1) == 1 and kv_a.dtype == cache.dtype and cache.is_contiguous() and cache.shape[-1] == D, \
+        f"kv_a {tuple(kv_a.shape)} {kv_a.dtype} vs cache {tuple(cache.shape)} {cache.dtype}"
+    assert D - R == 2 * half and cos.shape == (T, half) and cos.stride() == sin.stride() and cos.stride(1) == 1 \
+        and slots.shape == (T,), f"kv_a {tuple(kv_a.shape)}, rank {R}, cos {tuple(cos.shape)}"
+    assert Tq == T and Dq - nope == 2 * half and Rq == R and w_uk.shape[0] == H and w_uk.is_contiguous() \
+        and w_uk.dtype == q.dtype and q.stride(2) == 1, f"q {tuple(q.shape)} vs w_uk {tuple(w_uk.shape)}"
+    out = torch.empty(T, H, R + 2 * half, dtype=q.dtype, device=q.device)
+    if T and H:
+        block = triton.next_power_of_2(R)
+        br = _tile(R, 64)
+        r_blocks = cdiv(R, br)
+        _prep_kernel[(cdiv(T, 16) * H * r_blocks + T,)](
+            kv_a, norm_weight, cos, sin, slots, cache, R, kv_a.stride(0), cos.stride(0), eps,
+            q, w_uk, out, T, q.stride(0), q.stride(1), out.stride(0), out.stride(1), H, r_blocks,
+            HALF=half, BLOCK=block, BLOCK_HALF=triton.next_power_of_2(half), INTERLEAVED=interleaved,
+            NOPE=nope, R=R, NOPE_P=max(16, triton.next_power_of_2(nope)), BT=16, BR=br,
+            num_warps=min(16, max(1, block // 512)))
     return out
 
 

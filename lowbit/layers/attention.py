@@ -176,17 +176,17 @@ class MLAAttention(nn.Module):
 
     def decode_absorbed(self, positions: torch.Tensor, q: torch.Tensor, kv_a: torch.Tensor, kv_norm: nn.Module,
                         rotary: nn.Module, w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
-        """A decode step in five launches: q [T, H, nope + dr] and kv_a_proj_with_mqa's output kv_a [T, r + dr] ->
-        o_proj's input [T, H * v]. The latent's RMSNorm (kv_norm), the rope key's rotation and the cache store are
-        one kernel, the absorbed query (q_nope W_UK | rotated q_pe) another, then the paged MLA decode, its splits'
-        merge and the W_UV product (kernels/mla_prep.py, mla_decode.py)."""
+        """A decode step in four launches: q [T, H, nope + dr] and kv_a_proj_with_mqa's output kv_a [T, r + dr] ->
+        o_proj's input [T, H * v]. The latent's RMSNorm (kv_norm), the rope key's rotation and the cache store, and
+        beside them the absorbed query (q_nope W_UK | rotated q_pe), are one launch; then the paged MLA decode, its
+        splits' merge and the W_UV product (kernels/mla_prep.py, mla_decode.py)."""
         from lowbit.kernels.mla_decode import mla_decode
-        from lowbit.kernels.mla_prep import mla_out, mla_q_prep, mla_store_kv
+        from lowbit.kernels.mla_prep import mla_out, mla_prep
         ctx = get_context()
         cos, sin = rotary.cached_cos_sin(positions, q.dtype)  # [T, dr/2]
-        mla_store_kv(kv_a, kv_norm.weight, kv_norm.eps, cos, sin, rotary.interleaved, self.kv_cache,
-                     ctx.slot_mapping)
-        q = mla_q_prep(q, w_uk, cos, sin, rotary.interleaved)  # [T, H, r + dr]
+        # the cache row (latent norm, rope key) and the absorbed query, one launch
+        q = mla_prep(kv_a, kv_norm.weight, kv_norm.eps, cos, sin, rotary.interleaved, self.kv_cache,
+                     ctx.slot_mapping, q, w_uk)  # [T, H, r + dr]
         o_latent = mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
         return mla_out(o_latent, w_uv)  # [T, H * v]
 

@@ -115,6 +115,33 @@ def test_out(dtype, T, R, DR, nope, V, H):
     assert_rounded_once(out, mp.mla_out_ref(o, w_uv), mag, R, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("R,DR,nope,V,H", SHAPES)
+def test_prep_in_one_launch_is_store_kv_and_q_prep(dtype, T, R, DR, nope, V, H):
+    """mla_prep: the cache mla_store_kv leaves and the query mla_q_prep returns, bit for bit in the interpreter; on
+    a GPU within a rounding (the launch has the store's warps, and ptxas contracts products per kernel)."""
+    if R == 512 and (T != 1 or dtype != torch.float32) and not GPU:
+        pytest.skip("the interpreter is slow: one case at V2-Lite's rank")
+    kv_a = (torch.randn(T, R + DR, generator=gen(R + T)) * 3).to(dtype).to(DEV)
+    w = (torch.rand(R, generator=gen(R + 1)) + 0.5).to(dtype).to(DEV)
+    q = torch.randn(T, H, nope + DR, generator=gen(T * H)).to(dtype).to(DEV)
+    w_uk = (torch.randn(H, nope, R, generator=gen(nope)) * 0.3).to(dtype).to(DEV)
+    cos, sin = (t.to(DEV) for t in cos_sin(T, DR, dtype))
+    cache = torch.randn(6, 4, 1, R + DR, generator=gen(2)).to(dtype).to(DEV)
+    slots = torch.randperm(24, generator=gen(T))[:T].to(DEV)
+    fused, apart = cache.clone(), cache.clone()
+    got = mp.mla_prep(kv_a, w, 1e-6, cos, sin, True, fused, slots, q, w_uk)
+    mp.mla_store_kv(kv_a, w, 1e-6, cos, sin, True, apart, slots)
+    want = mp.mla_q_prep(q, w_uk, cos, sin, True)
+    assert not torch.equal(fused, cache)
+    if GPU:  # ptxas may contract the products into FMAs otherwise in another kernel: float32's last bit, rounded
+        torch.testing.assert_close(fused, apart, rtol=2 * ULP[dtype], atol=0)
+        torch.testing.assert_close(got, want, rtol=2 * ULP[dtype], atol=1e-6)
+    else:
+        assert torch.equal(fused, apart) and torch.equal(got, want)
+
+
 def test_q_prep_at_v2_lite_rank():
     """R = 512 (eight column blocks of 64), nope 128, interleaved rope 64, odd tokens."""
     R, DR, nope, _, H = SHAPES[2]
