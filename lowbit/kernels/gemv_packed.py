@@ -42,16 +42,17 @@ ENABLED = os.environ.get("LOWBIT_GEMV", "1") != "0"
 # it measured faster, but in V2-Lite's decode graph slower (H100, 2026-11-24, w4a16, four layers: gate_up 22.3 vs
 # 20.4 us, down with the slots' sum 15.5 vs 11.2 + 2.1 for moe_sum), so off by default
 MOE = os.environ.get("LOWBIT_GEMV_MOE", "0") == "1"
-# dense layers with more outputs than this many times their inputs keep the tensor-core kernel at one row, which
-# measured faster there (H100, 2026-11-24: V2-Lite's dense gate_up 21888 x 2048 16.8 vs 20.4 us, R1's q_b
-# 24576 x 1536 13.9 vs 14.9 us); every other dense shape measured was faster here (V2-Lite's dense down 2048 x 10944
-# 36.0 -> 13.1 us)
-MAX_N_OVER_K = 8
+# dense layers of more weights than this keep the tensor-core kernel at one row: below it the GEMV measured faster
+# on every shape (H100, 2026-11-24, benchmarks/gemv.py: V2-Lite's q / kv_a 8.1 -> 6.8 us, o_proj 6.4 -> 5.8, dense
+# down 2048 x 10944 36.0 -> 13.1; R1's q_a / kv_a 2112 x 7168 12.0 -> 10.5), above it the tensor cores did at the
+# GEMV's heuristic configuration (V2-Lite's dense gate_up 21888 x 2048 16.8 vs 20.4 us; R1's q_b 13.9 vs 18.3,
+# o_proj 48.3 vs 59.3, dense gate_up 84.4 vs 108.2)
+MAX_WEIGHTS = 32 << 20
 
 
 def takes(m: int, n: int, k: int) -> bool:
     """Whether a dense packed product of m rows runs here."""
-    return ENABLED and m == 1 and n <= MAX_N_OVER_K * k
+    return ENABLED and m == 1 and n * k <= MAX_WEIGHTS
 
 
 if triton is not None:
