@@ -1,16 +1,20 @@
-"""One row against packed int4 / int8 weights on the CUDA cores: batch-1 decode's dense layers and fused MoE.
+"""One row against packed int4 / int8 weights on the CUDA cores: batch-1 decode's dense packed layers (and, with
+LOWBIT_GEMV_MOE=1, the one-token fused MoE).
 
 At one token the tensor-core GEMM of matmul_packed.py pads its one row to sixteen and spends its time on the
 dequantization and the small products' latency (V2-Lite's w4a16 experts at one token: 36% of copy bandwidth, H100,
 2026-11-23, moe-configs-h100-80gb-hbm3-2026-11-23.md). Here a program owns BN output rows (gate and up rows side by
 side where SiLU is fused) over the whole K, or a K split of it for dense layers, and reads each weight word once.
+Measured (H100, 2026-11-24, benchmarks/gemv.py and profile_decode.py): faster than the tensor-core kernel on dense
+layers up to about 32M weights, not on the MoE's experts in the decode graph; it is bound by its instructions (about
+5.5 a weight with the activation and address work, Nsight Compute: SM 60% busy, DRAM 30%), not by its loads.
 
 A word of the tile-planar layout (matmul_packed.repack) holds the same position w of per_word consecutive planes of
 32 input features. A value is turned into a float32 without a conversion instruction: masked in place (shift 4i or
 8i within the word's low or high 16 bits) and ORed into the mantissa of 2^23, it reads as 2^23 + u * 2^(4i);
 subtracting 2^23 + z * 2^(4i) leaves (u - z) * 2^(4i) exactly, and the plane's activations come pre-scaled by
-2^-(4i) (exact). So a weight costs one logic op, one subtract and one fused multiply-add, all in float32: the same
-products as the reference's, the sums in another order. A scale group's products add in a [BN, 32] partial that
+2^-(4i) (exact). So a weight's own cost is one logic op, one subtract and one fused multiply-add, all in float32:
+the same products as the reference's, the sums in another order. A scale group's products add in a [BN, 32] partial that
 takes the group's scale once; a program reduces its 32 lanes once, at the end.
 
 Activations as matmul_packed's modes: 16-bit as they are (w4a16, w8a16; and ACT_FP8_GRID: already on the FP8 grid,
@@ -250,7 +254,8 @@ def launch(x: torch.Tensor, pw: mp.PackedWeight, out: torch.Tensor, act: int, ac
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=slot_experts is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         SUM_SLOTS=sum_slots,
-        BN=bn, TK=pw.tile_k, TILES=tiles, U=min(config.get("U", 1), triton.next_power_of_2(tiles)), SPLIT_K=split_k, EVEN_K=pw.k % pw.tile_k == 0,
+        BN=bn, TK=pw.tile_k, TILES=tiles, U=min(config.get("U", 1), triton.next_power_of_2(tiles)), SPLIT_K=split_k,
+        EVEN_K=pw.k % pw.tile_k == 0,
         num_warps=config.get("num_warps", 4), num_stages=1)
     return out
 

@@ -219,7 +219,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     n = T * k
     if (T == 1 and config is None and isinstance(w13, PackedExperts) and isinstance(w2, PackedExperts)
             and gemv_packed.ENABLED and gemv_packed.MOE):
-        return _fused_moe_one_token(x, w13, w2, topk_weights, topk_ids, may_skip)
+        return _fused_moe_one_token(x, w13, w2, topk_weights, topk_ids)
     if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and isinstance(w13, PackedExperts)
             and isinstance(w2, PackedExperts)
             and E * (two_i * h13 + h2 * inter_size) * x.element_size() <= DEQUANT_MAX_BYTES):
@@ -254,10 +254,11 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     return moe_sum(out.view(T, k, H), x.dtype)
 
 
-def _fused_moe_one_token(x, w13: PackedExperts, w2: PackedExperts, topk_weights, topk_ids, may_skip):
+def _fused_moe_one_token(x, w13: PackedExperts, w2: PackedExperts, topk_weights, topk_ids):
     """One token through packed experts: the GEMV (gemv_packed.py), a program row per slot with its expert read
     from topk_ids (no sort by expert), static FP8 inputs quantized inside it, the slots summed by the down
-    projection's last program (two launches, where the grouped kernels take align + 2 + moe_sum)."""
+    projection's last program (two launches, where the tensor-core path takes three with moe_sum); another rank's
+    experts (-1) add zeros."""
     k = topk_ids.shape[1]
     H = x.shape[1]
     inter_size = w2.weight.k
