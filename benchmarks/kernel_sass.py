@@ -291,6 +291,25 @@ def check_engine_configs() -> list[str]:
          {"x_ptr": "*bf16", "out_ptr": "*bf16", "s_ptr": "*fp32", "e_ptr": "*i64"}, dict(HAS_E=True, BLOCK=2048), 4,
          ()),
     ]
+    # the one-row packed GEMV (gemv_packed.py) as the engine launches it: dense with its K split, and the MoE's two
+    # projections (LOWBIT_GEMV_MOE=1), every packed activation mode
+    from lowbit.kernels import gemv_packed
+    gemv_ptrs = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "out_ptr": "*bf16",
+                 "xs_ptr": "*fp32", "slot_expert_ptr": "*i64", "rw_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    for bits, act, x_t in ((4, mp.ACT_NONE, "*bf16"), (8, mp.ACT_NONE, "*bf16"), (4, mp.ACT_FP8_STATIC, "*bf16"),
+                           (4, mp.ACT_INT8_TOKEN, "*i8")):
+        group = 128 if bits == 4 else 0
+        base = dict(BITS=bits, GROUP=group, HAS_ZP=False, ACT=act, TK=mp.default_tile_k(bits), U=1, EVEN_K=True)
+        dense = tuning.gemv_config(7168, 2048, bits)
+        small.append((f"gemv dense bits={bits} act={act} {dense}", gemv_packed._gemv_kernel, dict(gemv_ptrs, x_ptr=x_t),
+                      dict(base, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SUM_SLOTS=False, BN=dense["BN"],
+                           TILES=dense["TILES"], SPLIT_K=4), dense["num_warps"], ()))
+        for silu in (True, False):
+            cfg = tuning.gemv_config(4096 if silu else 7168, 7168 if silu else 2048, bits, 9, silu)
+            small.append((f"gemv MoE {'gate_up' if silu else 'down + slot sum'} bits={bits} act={act} {cfg}",
+                          gemv_packed._gemv_kernel, dict(gemv_ptrs, x_ptr=x_t),
+                          dict(base, MOE=True, FUSE_SILU=silu, ROUTED_WEIGHT=not silu, SUM_SLOTS=not silu,
+                               BN=cfg["BN"], TILES=1 << 20, SPLIT_K=1), cfg["num_warps"], ()))
     for name, fn, ptrs, const, warps, floats in small:
         r = inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats))
         if r["spill_bytes"] or r["smem"] > SMEM_LIMIT:
