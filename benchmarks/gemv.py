@@ -34,9 +34,9 @@ DENSE = {"v2lite": {"q+kv_a": (3072 + 576, 2048), "o_proj": (2048, 2048), "dense
                     "dense down": (2048, 10944)},
          "r1": {"q_a+kv_a": (1536 + 576, 7168), "q_b": (24576, 1536), "o_proj": (7168, 16384),
                 "dense gate_up": (36864, 7168), "dense down": (7168, 18432)}}
-GEMV_CONFIGS = [dict(BN=bn, U=u, num_warps=w) for bn in (8, 16, 32) for u in (1, 2, 4) for w in (2, 4)]
-DENSE_CONFIGS = [dict(GEMV=True, BN=bn, TILES=t, U=u, num_warps=w) for bn in (8, 16, 32)
-                 for t, u in ((2, 2), (4, 4), (1 << 20, 4)) for w in (2, 4)]
+GEMV_CONFIGS = [dict(BN=bn, num_warps=w) for bn in (8, 16, 32) for w in (2, 4)]
+DENSE_CONFIGS = [dict(GEMV=True, BN=bn, TILES=t, num_warps=w) for bn in (8, 16, 32) for t in (1, 2, 4, 1 << 20)
+                 for w in (2, 4)]
 
 
 def timed(fn) -> float | str:

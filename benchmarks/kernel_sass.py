@@ -299,7 +299,7 @@ def check_engine_configs() -> list[str]:
     for bits, act, x_t in ((4, mp.ACT_NONE, "*bf16"), (8, mp.ACT_NONE, "*bf16"), (4, mp.ACT_FP8_STATIC, "*bf16"),
                            (4, mp.ACT_INT8_TOKEN, "*i8")):
         group = 128 if bits == 4 else 0
-        base = dict(BITS=bits, GROUP=group, HAS_ZP=False, ACT=act, TK=mp.default_tile_k(bits), U=1, EVEN_K=True)
+        base = dict(BITS=bits, GROUP=group, HAS_ZP=False, ACT=act, TK=mp.default_tile_k(bits), EVEN_K=True)
         dense = tuning.gemv_config(7168, 2048, bits)
         small.append((f"gemv dense bits={bits} act={act} {dense}", gemv_packed._gemv_kernel, dict(gemv_ptrs, x_ptr=x_t),
                       dict(base, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SUM_SLOTS=False, BN=dense["BN"],

@@ -60,7 +60,7 @@ def takes(m: int, n: int, k: int) -> bool:
 
 
 if triton is not None:
-    from lowbit.kernels.rows import gate_up_rows
+    from lowbit.kernels.rows import add_parts, gate_up_rows
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, xs_ptr, slot_expert_ptr, rw_ptr, ws_ptr, cnt_ptr,
@@ -69,7 +69,7 @@ if triton is not None:
                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                      MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
                      SUM_SLOTS: tl.constexpr,
-                     BN: tl.constexpr, TK: tl.constexpr, TILES: tl.constexpr, U: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BN: tl.constexpr, TK: tl.constexpr, TILES: tl.constexpr, SPLIT_K: tl.constexpr,
                      EVEN_K: tl.constexpr):
         PW: tl.constexpr = 32 // BITS
         PLANE: tl.constexpr = TK // PW
@@ -110,30 +110,24 @@ if triton is not None:
         s_base = s_ptr + e * stride_se
         z_base = z_ptr + e * stride_se
         offs_w = tl.arange(0, PLANE)
-        uu = tl.arange(0, U)
-        # U tiles a step, [R, U, PLANE] words, and the next U tiles' loads issued before this step's arithmetic (2 * U
-        # 16-byte loads a thread in flight; more than one tile a step measured no faster on an H100, 2026-11-24:
-        # the kernel is bound by its instructions, about 5.5 a weight, more than by its loads)
-        w_ptrs = w_ptr + e * stride_we + rows[:, None, None] * stride_wn + (uu[:, None] * PLANE + offs_w)[None, :, :]
+        w_ptrs = w_ptr + e * stride_we + rows[:, None] * stride_wn + offs_w[None, :]
         t_start = pid_k * TILES
         t_end = tl.minimum(t_start + TILES, k_tiles)  # (the last split may be short)
-        acc = tl.zeros([R, U, PLANE], dtype=tl.float32)
-        nxt = tl.load(w_ptrs + t_start * PLANE, mask=n_mask[:, None, None] & ((t_start + uu) < t_end)[None, :, None],
-                      other=0)
-        for t in range(t_start, t_end, U):
+        acc = tl.zeros([R, PLANE], dtype=tl.float32)
+        nxt = tl.load(w_ptrs + t_start * PLANE, mask=n_mask[:, None], other=0)
+        for t in range(t_start, t_end):
             words = nxt
-            nxt = tl.load(w_ptrs + (t + U) * PLANE,  # (past the end: masked off, nothing read)
-                          mask=n_mask[:, None, None] & ((t + U + uu) < t_end)[None, :, None], other=0)
-            tile_ok = (t + uu) < t_end
+            # the next tile's words are on their way while this one is computed (the last one is loaded twice;
+            # more tiles ahead measured no faster on an H100, 2026-11-24: the kernel is bound by its instructions)
+            nxt = tl.load(w_ptrs + tl.minimum(t + 1, t_end - 1) * PLANE, mask=n_mask[:, None], other=0)
             high = words >> 16  # (the mask below drops the sign's copies)
             for j in tl.static_range(PW):
                 SH = BITS * (j % (PW // 2))  # (constexpr: j is)
-                k0 = (t + uu) * TK + j * PLANE  # [U]
-                cols = k0[:, None] + offs_w[None, :]
+                k0 = t * TK + j * PLANE
                 if EVEN_K:
-                    xj = tl.load(x_base + cols, mask=tile_ok[:, None], other=0.0)
+                    xj = tl.load(x_base + k0 + offs_w)
                 else:
-                    xj = tl.load(x_base + cols, mask=tile_ok[:, None] & (cols < K), other=0.0)
+                    xj = tl.load(x_base + k0 + offs_w, mask=k0 + offs_w < K, other=0.0)
                 xj = xj.to(tl.float32)
                 if ACT == 1:  # onto the FP8 grid of the static scale, unscaled (the scale applies at the end)
                     xj = tl.clamp(xj * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
@@ -143,47 +137,35 @@ if triton is not None:
                 else:
                     half = high
                 f = ((half & (MASK << SH)) | 0x4B000000).to(tl.float32, bitcast=True)
-                g_ok = n_mask[:, None] & tile_ok[None, :]  # [R, U]
                 if GROUP > 0:
                     g = k0 // GROUP
-                    if not EVEN_K:
-                        g_ok = g_ok & (g < num_groups)[None, :]
-                    sz = g[None, :] * n_total + rows[:, None]
-                else:
-                    sz = rows[:, None] + 0 * uu[None, :]
+                    g_ok = n_mask
+                    if not EVEN_K:  # (a tensor, not a scalar: see matmul_packed's g_ok)
+                        g_ok = g_ok & ((g + tl.zeros_like(rows)) < num_groups)
+                    sz = g * n_total + rows
                 if HAS_ZP:  # zero point + 2^(bits-1), per output row
-                    zv = tl.load(z_base + sz, mask=g_ok, other=HALF)
-                    wv = f - (8388608.0 + zv.to(tl.float32) * (1 << SH))[:, :, None]
+                    if GROUP > 0:
+                        zv = tl.load(z_base + sz, mask=g_ok, other=HALF)
+                    else:
+                        zv = tl.load(z_base + rows, mask=n_mask, other=HALF)
+                    wv = f - (8388608.0 + zv.to(tl.float32) * (1 << SH))[:, None]
                 else:
                     wv = f - (8388608.0 + HALF * (1 << SH))
                 if j % PPG == 0:
-                    d = tl.zeros([R, U, PLANE], dtype=tl.float32)
-                d += wv * xj[None, :, :]
+                    d = tl.zeros([R, PLANE], dtype=tl.float32)
+                d += wv * xj[None, :]
                 if j % PPG == PPG - 1:
                     if GROUP > 0:
-                        sv = tl.load(s_base + sz, mask=g_ok, other=0.0)
-                        acc += d * sv[:, :, None]
+                        acc += d * tl.load(s_base + sz, mask=g_ok, other=0.0)[:, None]
                     else:
                         acc += d
-        acc = tl.sum(acc, axis=2)
         out = tl.sum(acc, axis=1)
         if SPLIT_K > 1:
-            # K split over programs (each with a tile or two: one load's latency, not a chain of them): each stores
-            # its partial sums; the last of an output tile's splits (a counter per tile) adds them in split order
-            # (the same sum whichever finishes last), finishes the tile below and sets its counter back to zero
-            # for the next launch (a CUDA graph replays the same counters)
+            # K split over programs (a tile or two each: one load's latency, not a chain of them); the last split of
+            # a row block adds them and finishes the rows below
             num_rows = tl.num_programs(0)
-            ws = ws_ptr + (pid_k * num_rows + slot) * n_ws + pid_n * R + tl.arange(0, R)
-            tl.store(ws, out)
-            tl.debug_barrier()  # every thread's partials are written before the counter releases them
-            tile = slot * tl.num_programs(1) + pid_n
-            done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            last = done == SPLIT_K - 1
-            out = tl.zeros([R], dtype=tl.float32)
-            last_r = (tl.zeros([R], dtype=tl.int32) + done) == SPLIT_K - 1  # (a tensor: see matmul_packed's g_ok)
-            for sk in tl.static_range(SPLIT_K):
-                out += tl.load(ws + (sk - pid_k) * num_rows * n_ws, mask=last_r, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + tile, 0, mask=last)
+            out, last = add_parts(ws_ptr + slot * n_ws + pid_n * R + tl.arange(0, R), out, tl.full([R], 1, tl.int1),
+                                  pid_k, SPLIT_K, num_rows * n_ws, cnt_ptr, slot * tl.num_programs(1) + pid_n)
         if GROUP == 0:
             out = out * tl.load(s_base + rows, mask=n_mask, other=0.0)
         if ACT == 1 or ACT == 4:
@@ -198,27 +180,18 @@ if triton is not None:
             cols = rows
         if ROUTED_WEIGHT:
             out = out * tl.load(rw_ptr + slot)
-        if SUM_SLOTS:
-            # the token's slots summed here rather than by moe_sum's launch: each slot's program stores its weighted
-            # outputs; the last of a column tile's slots (a counter per tile) adds them in slot order and writes the
-            # token's row, then sets the counter back to zero
-            num_slots = tl.num_programs(0)
-            part = ws_ptr + pid_n * BN + tl.arange(0, BN)
-            # (a skipped slot's input row was never written: whatever it holds, its part is zero)
-            tl.store(part + slot * n_ws, tl.where((tl.zeros_like(cols) + e_raw) >= 0, out, 0.0))
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            last_c = (tl.zeros_like(cols) + done) == num_slots - 1
-            out = tl.zeros([BN], dtype=tl.float32)
-            for sl in range(num_slots):
-                out += tl.load(part + sl * n_ws, mask=last_c, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, mask=done == num_slots - 1)
-            tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=(cols < N) & last_c)
-            return
         store_mask = cols < N
         if SPLIT_K > 1:
-            store_mask = store_mask & ((tl.zeros_like(cols) + done) == SPLIT_K - 1)
-        tl.store(out_ptr + slot * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=store_mask)
+            store_mask = store_mask & last
+        if SUM_SLOTS:
+            # the token's slots summed here rather than by moe_sum's launch: the last slot of a column block adds
+            # them and writes the token's row (a skipped slot's input row was never written: its part is zero)
+            out = tl.where((tl.zeros_like(cols) + e_raw) >= 0, out, 0.0)
+            out, last = add_parts(ws_ptr + pid_n * BN + tl.arange(0, BN), out, tl.full([BN], 1, tl.int1), slot,
+                                  tl.num_programs(0), n_ws, cnt_ptr, pid_n)
+            tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=store_mask & last)
+        else:
+            tl.store(out_ptr + slot * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
 def launch(x: torch.Tensor, pw: mp.PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
@@ -254,8 +227,7 @@ def launch(x: torch.Tensor, pw: mp.PackedWeight, out: torch.Tensor, act: int, ac
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=slot_experts is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         SUM_SLOTS=sum_slots,
-        BN=bn, TK=pw.tile_k, TILES=tiles, U=min(config.get("U", 1), triton.next_power_of_2(tiles)), SPLIT_K=split_k,
-        EVEN_K=pw.k % pw.tile_k == 0,
+        BN=bn, TK=pw.tile_k, TILES=tiles, SPLIT_K=split_k, EVEN_K=pw.k % pw.tile_k == 0,
         num_warps=config.get("num_warps", 4), num_stages=1)
     return out
 

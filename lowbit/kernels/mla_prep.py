@@ -180,11 +180,8 @@ def _tile(n: int, most: int) -> int:
     return min(most, max(16, triton.next_power_of_2(n)))
 
 
-def mla_store_kv(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                 interleaved: bool, cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """kv_a [T, R + DR] (kv_a_proj_with_mqa's output, unit stride in the last dim), norm_weight [R], cos / sin
-    [T, DR/2], cache [N, page, 1, R + DR], slots [T] flat cache slots: cache row slots[t] <-
-    [rms_norm(kv_a[t, :R]) * norm_weight | rope(kv_a[t, R:])], in one launch."""
+def _store_kv_shape(kv_a, norm_weight, cos, sin, cache, slots) -> tuple[int, int, int]:
+    """mla_store_kv's arguments checked -> (tokens, latent rank, rope pairs)."""
     T, D = kv_a.shape
     R = norm_weight.shape[0]
     half = (D - R) // 2
@@ -192,6 +189,27 @@ def mla_store_kv(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos:
         f"kv_a {tuple(kv_a.shape)} {kv_a.dtype} vs cache {tuple(cache.shape)} {cache.dtype}"
     assert D - R == 2 * half and cos.shape == (T, half) and cos.stride() == sin.stride() and cos.stride(1) == 1 \
         and slots.shape == (T,), f"kv_a {tuple(kv_a.shape)}, rank {R}, cos {tuple(cos.shape)}"
+    return T, R, half
+
+
+def _q_prep_shape(q, w_uk, cos, sin) -> tuple[int, int, int, int, int]:
+    """mla_q_prep's arguments checked -> (tokens, heads, nope features, latent rank, rope pairs)."""
+    T, H, D = q.shape
+    _, nope, R = w_uk.shape
+    half = (D - nope) // 2
+    assert w_uk.shape[0] == H and w_uk.is_contiguous() and w_uk.dtype == q.dtype and q.stride(2) == 1, \
+        f"q {tuple(q.shape)} {q.dtype} vs w_uk {tuple(w_uk.shape)} {w_uk.dtype}"
+    assert D - nope == 2 * half and cos.shape == (T, half) and cos.stride() == sin.stride() and cos.stride(1) == 1, \
+        f"q {tuple(q.shape)}, cos {tuple(cos.shape)}"
+    return T, H, nope, R, half
+
+
+def mla_store_kv(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                 interleaved: bool, cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """kv_a [T, R + DR] (kv_a_proj_with_mqa's output, unit stride in the last dim), norm_weight [R], cos / sin
+    [T, DR/2], cache [N, page, 1, R + DR], slots [T] flat cache slots: cache row slots[t] <-
+    [rms_norm(kv_a[t, :R]) * norm_weight | rope(kv_a[t, R:])], in one launch."""
+    T, R, half = _store_kv_shape(kv_a, norm_weight, cos, sin, cache, slots)
     if T:
         block = triton.next_power_of_2(R)
         # the warps of rms_norm's launch: the same reduction tree, so the same sum on a GPU too
@@ -204,13 +222,7 @@ def mla_q_prep(q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torc
                interleaved: bool) -> torch.Tensor:
     """q [T, H, nope + DR] (unit stride in the last dim; a view is fine), w_uk [H, nope, R], cos / sin [T, DR/2]
     -> mla_decode's query [T, H, R + DR] in q's dtype: [q_nope @ w_uk per head | rope(q_pe)], one launch."""
-    T, H, D = q.shape
-    _, nope, R = w_uk.shape
-    half = (D - nope) // 2
-    assert w_uk.shape[0] == H and w_uk.is_contiguous() and w_uk.dtype == q.dtype and q.stride(2) == 1, \
-        f"q {tuple(q.shape)} {q.dtype} vs w_uk {tuple(w_uk.shape)} {w_uk.dtype}"
-    assert D - nope == 2 * half and cos.shape == (T, half) and cos.stride() == sin.stride() and cos.stride(1) == 1, \
-        f"q {tuple(q.shape)}, cos {tuple(cos.shape)}"
+    T, H, nope, R, half = _q_prep_shape(q, w_uk, cos, sin)
     out = torch.empty(T, H, R + 2 * half, dtype=q.dtype, device=q.device)
     if T and H:
         br = _tile(R, 64)
@@ -227,17 +239,9 @@ def mla_prep(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: tor
     """mla_store_kv(kv_a, ...) and mla_q_prep(q, w_uk, ...) in one launch, the same results (their launches each cost
     about 2-4 us at batch-1 decode, more than their work): returns mla_q_prep's query. The launch takes
     mla_store_kv's warps (the norm's reduction tree of rms_norm's launch)."""
-    T, D = kv_a.shape
-    R = norm_weight.shape[0]
-    half = (D - R) // 2
-    Tq, H, Dq = q.shape
-    _, nope, Rq = w_uk.shape
-    assert kv_a.stride(1) == 1 and kv_a.dtype == cache.dtype and cache.is_contiguous() and cache.shape[-1] == D, \
-        f"kv_a {tuple(kv_a.shape)} {kv_a.dtype} vs cache {tuple(cache.shape)} {cache.dtype}"
-    assert D - R == 2 * half and cos.shape == (T, half) and cos.stride() == sin.stride() and cos.stride(1) == 1 \
-        and slots.shape == (T,), f"kv_a {tuple(kv_a.shape)}, rank {R}, cos {tuple(cos.shape)}"
-    assert Tq == T and Dq - nope == 2 * half and Rq == R and w_uk.shape[0] == H and w_uk.is_contiguous() \
-        and w_uk.dtype == q.dtype and q.stride(2) == 1, f"q {tuple(q.shape)} vs w_uk {tuple(w_uk.shape)}"
+    T, R, half = _store_kv_shape(kv_a, norm_weight, cos, sin, cache, slots)
+    _, H, nope, r_q, half_q = _q_prep_shape(q, w_uk, cos, sin)
+    assert (r_q, half_q) == (R, half), f"q {tuple(q.shape)} / w_uk {tuple(w_uk.shape)} vs kv_a {tuple(kv_a.shape)}"
     out = torch.empty(T, H, R + 2 * half, dtype=q.dtype, device=q.device)
     if T and H:
         block = triton.next_power_of_2(R)

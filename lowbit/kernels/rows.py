@@ -78,6 +78,23 @@ if triton is not None:
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
+    @triton.jit
+    def add_parts(part_ptr, vals, mask, part, n_parts, part_stride, cnt_ptr, tile):
+        """One of a tile's n_parts programs: stores its partial vals at part_ptr + part * part_stride; the last of
+        them to finish (a counter per tile) adds all parts in part order (the same sum whichever finishes last) and
+        sets the counter back to zero for the next launch (a CUDA graph replays the same counters). Returns (the sum,
+        zero in the other programs; whether this program is the last, a tensor like mask)."""
+        tl.store(part_ptr + part * part_stride, vals, mask=mask)
+        tl.debug_barrier()  # every thread's partials are written before the counter releases them
+        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        last = (tl.zeros_like(mask.to(tl.int32)) + done) == n_parts - 1  # (a tensor: the interpreter wants one)
+        total = tl.zeros_like(vals)
+        for p in range(n_parts):
+            total += tl.load(part_ptr + p * part_stride, mask=mask & last, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile, 0, mask=done == n_parts - 1)
+        return total, last
+
+
 _COUNTERS: dict = {}
 MAX_SPLIT_TILES = 1 << 20
 
