@@ -39,9 +39,11 @@ def word_tokens(tokenizer) -> list[int]:
              if len(s) > 2 and s[0] in "Ġ▁" and s[1:].isascii() and s[1:].isalpha() and s[1:].islower()
              and i not in special]
     cands.sort()
-    texts = tokenizer.batch_decode([[i] for i in cands])
-    encoded = tokenizer(texts, add_special_tokens=False).input_ids
-    words = [i for i, e in zip(cands, encoded) if list(e) == [i]]
+    words = []
+    if cands:  # transformers >= 5.24 fails on an empty batch rather than returning one
+        texts = tokenizer.batch_decode([[i] for i in cands])
+        encoded = tokenizer(texts, add_special_tokens=False).input_ids
+        words = [i for i, e in zip(cands, encoded) if list(e) == [i]]
     if len(words) < 100:
         words = letter_tokens(tokenizer)
     if len(words) < 26:
