@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
+from lowbit.kernels import tuning  # noqa: E402
 from lowbit.kernels import matmul_unpacked as mu  # noqa: E402
 from lowbit.kernels import gqa_decode as gd  # noqa: E402
 from lowbit.kernels import mla_decode as md  # noqa: E402
@@ -34,6 +35,8 @@ NOT_DIVISIBLE = {"M", "T", "num_groups", "k_tiles", "k_groups", "x_row_div", "H"
 
 
 def compile_variant(fn, ptr_types: dict, const: dict, num_warps: int, num_stages: int, floats=("scale",)):
+    # constexpr parameters left out take their defaults, as a launch does
+    const = dict({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **const)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -147,6 +150,57 @@ def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False, moe: bo
                                    cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
 
 
+def engine_moe_config(act: int, proj: str, paired: bool) -> dict:
+    """The launch configuration of the fused MoE's projection at one token on V2-Lite-sized experts."""
+    gate_up = proj == "gate_up"
+    cfg = tuning.packed_config(1, 1408 if gate_up else 2048, 2048 if gate_up else 1408, 4, act, moe=True,
+                               paired=paired)
+    return dict(cfg, BN=max(16, cfg["BN"] // 2)) if gate_up else cfg  # (moe.gate_up_config)
+
+
+def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = False) -> dict:
+    """The fused MoE's projection at one token (a program row per slot) on V2-Lite-sized experts (K = 2048 for
+    gate_up, 1408 for down) in launch configuration cfg, planar or paired int4 weights."""
+    gate_up = proj == "gate_up"
+    const = dict(BITS=4, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=2, FUSE_SILU=gate_up, ROUTED_WEIGHT=not gate_up,
+                 BM=16, BN=cfg["BN"], TK=256, SPLIT_K=1, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up, FIXUP=False,
+                 PAIRED=paired, ASM=True)
+    x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
+    r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const, cfg["num_warps"],
+                                cfg["num_stages"]))
+    r["weight rows"] = 2 * cfg["BN"] if gate_up else cfg["BN"]
+    r["per weight"] = r["loop instructions"] / (r["weight rows"] * 256 / (32 * cfg["num_warps"]))
+    return r
+
+
+def paired_rows() -> list[str]:
+    """The one-token MoE's main loop in the planar and the paired int4 layout (matmul_packed.pair), per scheme, at
+    32 and 64 weight rows a program with the weights as either operand: instructions per weight, the number the
+    paired layout is there to lower. '*' marks what the engine takes (LOWBIT_INT4_PAIRED=1 for the paired rows; the
+    engine keeps weights with zero points and w4a8-int8's planar)."""
+    lines = ["| scheme | projection | zero points | layout | weight rows | weights as | main-loop instructions | "
+             "per weight | regs | smem |", "| --- " * 10 + "|"]
+    for name, act in (("w4a16", mp.ACT_NONE), ("w4a8 (rows on the FP8 grid)", mp.ACT_FP8_GRID),
+                      ("w4a8-int8", mp.ACT_INT8_TOKEN)):
+        for proj in ("gate_up", "down"):
+            for has_zp in ((False, True) if act == mp.ACT_NONE and proj == "gate_up" else (False,)):
+                for paired in (False, True):
+                    engine = engine_moe_config(act, proj, paired)
+                    for rows in (32, 64):
+                        for swap in (False, True):
+                            cfg = dict(engine, BN=rows // 2 if proj == "gate_up" else rows, SWAP=swap)
+                            r = one_token_moe(act, proj, paired, cfg, has_zp)
+                            takes = not paired or (not has_zp and act != mp.ACT_INT8_TOKEN)  # (experts_layout)
+                            mark = " *" if takes and cfg == dict(engine, SWAP=engine.get("SWAP", False)) else ""
+                            lines.append(f"| {name} | {proj} | {'yes' if has_zp else 'no'} | "
+                                         f"{'paired' if paired else 'planar'}{mark} | {rows} | "
+                                         f"{'first operand' if swap else 'second operand'} | "
+                                         f"{r['loop instructions']} | {r['per weight']:.2f} | {r['regs']} | "
+                                         f"{r['smem']} |")
+                            print(lines[-1], flush=True)
+    return lines
+
+
 def check_engine_configs() -> list[str]:
     """Compile the configuration the engine picks for each kernel family and M bucket (R1 dense-down shape) and
     return what is wrong: shared memory over the limit, register spills, no
@@ -253,6 +307,9 @@ def check_engine_configs() -> list[str]:
         ("packed dequantize w4 g128", mp._dequant_kernel,
          {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"},
          dict(BITS=4, GROUP=128, HAS_ZP=False, BN=64, TK=256), 4, ()),
+        ("packed dequantize w4 g128, paired layout", mp._dequant_kernel,
+         {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"},
+         dict(BITS=4, GROUP=128, HAS_ZP=False, BN=64, TK=256, PAIRED=True), 4, ()),
         ("router R1", router._route_kernel,
          {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64"},
          dict(E_P=256, K=8, K_P=8, G=8, G_P=8, TOPK_GROUP=4, SIGMOID=True, HAS_BIAS=True, NORM=True, SHARED=1), 4,
@@ -310,6 +367,15 @@ def check_engine_configs() -> list[str]:
                           gemv_packed._gemv_kernel, dict(gemv_ptrs, x_ptr=x_t),
                           dict(base, MOE=True, FUSE_SILU=silu, ROUTED_WEIGHT=not silu, SUM_SLOTS=not silu,
                                BN=cfg["BN"], TILES=1 << 20, SPLIT_K=1), cfg["num_warps"], ()))
+    # the one-token MoE on paired int4 experts (LOWBIT_INT4_PAIRED=1; its inline PTX compiles only here)
+    for act in (mp.ACT_NONE, mp.ACT_FP8_GRID):
+        for proj in ("gate_up", "down"):
+            r = one_token_moe(act, proj, True, engine_moe_config(act, proj, paired=True))
+            name = f"one-token MoE {proj} act={act} paired"
+            if r["spill_bytes"] or r["smem"] > SMEM_LIMIT or r["HGMMA"] == 0:
+                problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled, "
+                                f"{r['HGMMA']} HGMMA")
+            print(f"{name}: {r}", flush=True)
     for name, fn, ptrs, const, warps, floats in small:
         r = inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats))
         if r["spill_bytes"] or r["smem"] > SMEM_LIMIT:
@@ -323,7 +389,18 @@ def main() -> None:
     ap.add_argument("--filter", default="")
     ap.add_argument("--out")
     ap.add_argument("--check", action="store_true", help="check the engine's configurations; exit 1 on a problem")
+    ap.add_argument("--paired", action="store_true",
+                    help="the one-token MoE's main loop, planar against paired int4 layout (a table; --out writes it)")
     args = ap.parse_args()
+    if args.paired:
+        lines = ["# The one-token MoE's main loop, planar against paired int4 weights: sm_90a, no GPU", "",
+                 f"triton {triton.__version__}; `python benchmarks/kernel_sass.py --paired`; V2-Lite experts (gate_up "
+                 "2 x 1408 x 2048 with SiLU, down 2048 x 1408), the engine's one-token configuration. Instruction "
+                 "counts, not times: the paired layout has not run on a GPU yet.", ""] + paired_rows()
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     if args.check:
         problems = check_engine_configs()
         print("\n".join(["PROBLEMS:"] + problems) if problems else "all configurations fit")

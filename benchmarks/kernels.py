@@ -227,6 +227,7 @@ def moe_experts(scheme: str, E: int, N: int, K: int):
             scales.append(part.scales)
     pw.words, pw.scales = torch.cat(words), torch.cat(scales)
     act = {"w4a8": mp.ACT_FP8_STATIC, "w4a8-int8": mp.ACT_INT8_TOKEN}.get(scheme, mp.ACT_NONE)
+    pw = mp.experts_layout(pw, act)  # (LOWBIT_INT4_PAIRED=1: the paired layout, as the engine's experts)
     per_expert = pw.words[0].numel() * 4 + pw.scales[0].numel() * 2
     return moe.PackedExperts(pw, act, torch.tensor([0.01], device=dev)), per_expert
 

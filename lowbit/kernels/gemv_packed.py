@@ -201,6 +201,7 @@ def launch(x: torch.Tensor, pw: mp.PackedWeight, out: torch.Tensor, act: int, ac
     output row, -1 skipped), out [S, N] row s from x row s // x_row_div; sum_slots: out [1, N], the sum of the S
     rows (one token's weighted expert outputs)."""
     from lowbit.kernels.rows import split_buffers
+    assert not pw.paired, "the GEMV reads the tile-planar layout"
     bn = config["BN"]
     n = pw.n // 2 if fuse_silu else pw.n
     k_tiles = pw.words.shape[2] * (32 // pw.bits) // pw.tile_k

@@ -138,9 +138,11 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
         if not all(_packed_alike(p, first) and p.weight.n == first.weight.n for p in parts):
             return None
         w = first.weight
-        pw = mp.PackedWeight(torch.cat([p.weight.words for p in parts]), torch.cat([p.weight.scales for p in parts]),
+        # the experts' layout (LOWBIT_INT4_PAIRED) expert by expert: no second copy of a whole layer's words
+        words = [mp.experts_layout(p.weight, first.act) for p in parts]
+        pw = mp.PackedWeight(torch.cat([p.words for p in words]), torch.cat([p.weight.scales for p in parts]),
                              None if w.zeros is None else torch.cat([p.weight.zeros for p in parts]),
-                             w.bits, w.group_size, w.n, w.k, w.tile_k)
+                             w.bits, w.group_size, w.n, w.k, w.tile_k, paired=words[0].paired)
         scale = None
         if first.act == mp.ACT_FP8_STATIC:  # each expert keeps its own calibrated input scale
             scale = torch.cat([p.input_scale.reshape(1) for p in parts])

@@ -9,6 +9,18 @@ type (bf16; FP8 e4m3 for w4a8, quantized on the fly from the static input scale,
 int8 for w4a8-int8; the per-token scales come from one quantization pass before the GEMM). Scales (float32, [E, groups, N]) are applied to each plane's product, so the
 weights themselves never leave small integers. K is padded to a multiple of TILE_K with zero weights.
 
+Paired layout (int4 only, `pair`): each 16-bit half of the tile-planar words moved so that a word holds two
+*adjacent* input features of four planes: word p of a tile's first half (p < PLANE / 2) is the low halves of planar
+words 2p and 2p + 1 (planes 0-3 at k = 2p in bits 0-15, at k = 2p + 1 in bits 16-31), word p of its second half their
+high halves (planes 4-7). One logic op, (word >> 4i) & 0x000F000F | magic, then makes the two 16-bit weights
+(k, k + 1) of plane i (or 4 + i) that a matrix-product operand register holds, and one packed subtract takes their
+zero point: the tensor cores' operand without the per-value shift, mask and pairing (PRMT) the planar layout needs
+(the one-token MoE's main loop compiled for sm_90a by Triton 3.6, w4a16 V2-Lite experts, `kernel_sass.py --paired`:
+with 64 weight rows a program as the first operand, 3.1 instructions a weight for gate_up and 3.5 for down, where the
+planar layout's engine configuration takes 4.9 and 4.5). The fused MoE's symmetric int4 experts take it where
+LOWBIT_INT4_PAIRED=1 (`experts_layout`): not timed on a GPU yet, so off by default. The GEMV reads the planar layout
+only.
+
 Grouped mode (MOE): the rows of a program come from `sorted_ids` (token-slot ids sorted by expert, padded per
 expert to the block size, see moe.py), and its expert from `block_expert`; the same kernel then runs all experts of
 a layer in one launch. FUSE_SILU computes gate (rows [0, N)) and up (rows [N, 2N)) of a merged gate_up weight and
@@ -16,6 +28,7 @@ writes silu(gate) * up.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +59,7 @@ class PackedWeight:
     n: int
     k: int
     tile_k: int
+    paired: bool = False  # the paired layout (see the module's docstring; int4 only)
 
     @property
     def num_experts(self) -> int:
@@ -57,10 +71,48 @@ def default_tile_k(bits: int) -> int:
     return 256 if bits == 4 else 128
 
 
+# the fused MoE's int4 experts in the paired layout (see the module's docstring)
+PAIRED_EXPERTS = os.environ.get("LOWBIT_INT4_PAIRED", "0") == "1"
+
+
+def _swap_halves(words: torch.Tensor, plane: int, to_paired: bool) -> torch.Tensor:
+    """Tile-planar words [..., Kw] <-> the paired layout: a permutation of their 16-bit halves (a little-endian
+    int32 is its low half, then its high half)."""
+    *lead, kw = words.shape
+    h = words.contiguous().view(torch.int16).reshape(*lead, kw // plane, plane // 2, 2, 2)  # [.., T, p, w&1, half]
+    if to_paired:  # planar [T, p, w&1, half] -> paired [T, half, p, w&1]
+        h = h.permute(*range(len(lead)), -4, -1, -3, -2)
+    else:  # paired words [T, half, p, w&1] (the same view of their halves) -> planar [T, p, w&1, half]
+        h = h.reshape(*lead, kw // plane, 2, plane // 2, 2).permute(*range(len(lead)), -4, -2, -1, -3)
+    return h.contiguous().view(torch.int32).reshape(*lead, kw)
+
+
+def pair(pw: PackedWeight) -> PackedWeight:
+    """An int4 PackedWeight in the paired layout (the same values, scales and zero points)."""
+    assert pw.bits == 4, "the paired layout is int4's"
+    if pw.paired:
+        return pw
+    words = _swap_halves(pw.words, pw.tile_k // 8, to_paired=True)
+    return PackedWeight(words, pw.scales, pw.zeros, pw.bits, pw.group_size, pw.n, pw.k, pw.tile_k, paired=True)
+
+
+def experts_layout(pw: PackedWeight, act: int) -> PackedWeight:
+    """The layout the fused MoE's experts take: paired where LOWBIT_INT4_PAIRED=1 for symmetric int4 weights whose
+    products run in 16 bits (sm_90a's main loop compiled no shorter for zero points or int8 activations)."""
+    if PAIRED_EXPERTS and pw.bits == 4 and pw.zeros is None and act != ACT_INT8_TOKEN:
+        return pair(pw)
+    return pw
+
+
+def planar_words(pw: PackedWeight) -> torch.Tensor:
+    """pw's words in the tile-planar layout."""
+    return _swap_halves(pw.words, pw.tile_k // 8, to_paired=False) if pw.paired else pw.words
+
+
 def repack(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int,
-           group_size: int, tile_k: int | None = None) -> PackedWeight:
+           group_size: int, tile_k: int | None = None, paired: bool = False) -> PackedWeight:
     """Signed integer weights [E, N, K] (int8 holding `bits`-bit values), scales [E, N, groups] (groups = 1 for per
-    channel), zero points like scales or None -> the kernel's PackedWeight."""
+    channel), zero points like scales or None -> the kernel's PackedWeight (paired: in the paired layout)."""
     tile_k = tile_k or default_tile_k(bits)
     per_word = 32 // bits
     plane = tile_k // per_word
@@ -77,7 +129,8 @@ def repack(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor |
     zeros = None
     if zero_point is not None:
         zeros = (zero_point.to(torch.int32) + (1 << (bits - 1))).transpose(1, 2).contiguous()
-    return PackedWeight(words.contiguous(), scales, zeros, bits, group_size, N, K, tile_k)
+    pw = PackedWeight(words.contiguous(), scales, zeros, bits, group_size, N, K, tile_k)
+    return pair(pw) if paired else pw
 
 
 def _unsigned(pw: PackedWeight) -> torch.Tensor:
@@ -85,7 +138,7 @@ def _unsigned(pw: PackedWeight) -> torch.Tensor:
     per_word = 32 // pw.bits
     plane = pw.tile_k // per_word
     E, N, words = pw.words.shape
-    w = pw.words.to(torch.int64) & 0xFFFFFFFF
+    w = planar_words(pw).to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per_word, dtype=torch.int64, device=w.device) * pw.bits
     u = (w.view(E, N, -1, plane)[..., None] >> shifts) & ((1 << pw.bits) - 1)  # [E, N, T, w, j]
     return u.transpose(-1, -2).reshape(E, N, -1)[..., :pw.k]
@@ -108,7 +161,7 @@ def slice_rows_cols(pw: PackedWeight, rows: slice, cols: slice) -> PackedWeight 
     v, s, z = values(pw)
     gs = slice(start // g, cdiv(stop, g)) if g else slice(None)
     return repack(v[:, rows, start:stop], s[:, rows, gs], None if z is None else z[:, rows, gs], pw.bits, g,
-                  pw.tile_k)
+                  pw.tile_k, pw.paired)
 
 
 def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
@@ -116,7 +169,7 @@ def cat_rows(parts: list[PackedWeight]) -> PackedWeight:
     v, s, z = zip(*(values(p) for p in parts))
     first = parts[0]
     return repack(torch.cat(v, 1), torch.cat(s, 1), None if z[0] is None else torch.cat(z, 1), first.bits,
-                  first.group_size, first.tile_k)
+                  first.group_size, first.tile_k, first.paired)
 
 
 def unpack(pw: PackedWeight) -> torch.Tensor:
@@ -174,11 +227,54 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _paired_weights(wh, SH: tl.constexpr, zr, dtype: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
+                        PLANE: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
+        """One plane's weights from its half tile of paired-layout words wh [BN, PLANE / 2] (shifted by SH to the
+        plane's nibbles) minus their zero points zr ([BN, 1] with HAS_ZP, else the constant 8): [BN, PLANE], or
+        [PLANE, BN] where not SWAP. In bf16 / fp16 a word's two values (k, k + 1) come out as the 16-bit pair one
+        operand register holds: the nibbles as the low mantissa bits of 128.0 (bf16) or 1024.0 (fp16) in one logic op,
+        their zero point off in one packed FMA (ASM, symmetric weights: PTX on the GPU; otherwise the same arithmetic
+        element-wise, which the compiler makes two logic ops a pair); exact. In any other dtype: int32 values."""
+        v = wh >> SH
+        if dtype == tl.bfloat16 or dtype == tl.float16:
+            # (symmetric only: the zero points as a second operand made the compiler stage the result in shared
+            # memory on its way to the tensor cores)
+            if ASM and not HAS_ZP:
+                if dtype == tl.bfloat16:  # 128 + u in each half, then (128 + u) * 1 - 136
+                    pairs = tl.inline_asm_elementwise(
+                        "{ .reg .b32 t, one, off; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308; "
+                        "lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 $0, t, one, off; }",
+                        "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+                else:  # 1024 + u, then (1024 + u) * 1 - 1032
+                    pairs = tl.inline_asm_elementwise(
+                        "{ .reg .b32 t, one, off; mov.b32 one, 0x3C003C00; mov.b32 off, 0xE408E408; "
+                        "lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xea; fma.rn.f16x2 $0, t, one, off; }",
+                        "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
+                lo = pairs.to(tl.int16).to(dtype, bitcast=True)
+                hi = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
+            else:
+                if dtype == tl.bfloat16:
+                    m = (v & 0x000F000F) | 0x43004300
+                    off = (zr + 128).to(dtype) if HAS_ZP else tl.full([1, 1], 136, dtype)
+                else:
+                    m = (v & 0x000F000F) | 0x64006400
+                    off = (zr + 1024).to(dtype) if HAS_ZP else tl.full([1, 1], 1032, dtype)
+                lo = m.to(tl.int16).to(dtype, bitcast=True) - off
+                hi = (m >> 16).to(tl.int16).to(dtype, bitcast=True) - off
+        else:
+            lo = (v & 15) - zr
+            hi = ((v >> 16) & 15) - zr
+        w = tl.reshape(tl.join(lo, hi), (BN, PLANE))
+        if not SWAP:
+            w = tl.trans(w)
+        return w
+
+    @triton.jit
     def _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, n_rows, n_mask,
                     K, num_groups, n_total, t_start, t_end, inv_in_scale,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SWAP: tl.constexpr,
-                    EVEN_K: tl.constexpr):
+                    EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr):
         """sum over K tiles [t_start, t_end) of x[x_rows] @ W[n_rows]^T, group scales applied, in float32: [BM, BN],
         or with SWAP its transpose [BN, BM], computed as W @ x^T so that the dequantized weights are the matrix
         product's first operand, which Hopper's warpgroup MMA takes from registers (the second one it reads from
@@ -189,12 +285,18 @@ if triton is not None:
         HALF: tl.constexpr = 1 << (BITS - 1)
         PPG: tl.constexpr = GROUP // PLANE if GROUP > 0 else PW  # planes per scale group (repack: PLANE | GROUP)
         offs_w = tl.arange(0, PLANE)
+        offs_p = tl.arange(0, PLANE // 2)
         if SWAP:
             acc = tl.zeros([BN, BM], dtype=tl.float32)
         else:
             acc = tl.zeros([BM, BN], dtype=tl.float32)
         for t in range(t_start, t_end):
-            if SWAP:  # [BN, PLANE]: each row's words of this tile are contiguous
+            if PAIRED:  # [BN, PLANE / 2] each: the tile's half of planes 0-3, its half of planes 4-7
+                w_lo = tl.load(w_base + n_rows[:, None] * stride_wn + (t * PLANE + offs_p)[None, :],
+                               mask=n_mask[:, None], other=0)
+                w_hi = tl.load(w_base + n_rows[:, None] * stride_wn + (t * PLANE + PLANE // 2 + offs_p)[None, :],
+                               mask=n_mask[:, None], other=0)
+            elif SWAP:  # [BN, PLANE]: each row's words of this tile are contiguous
                 words = tl.load(w_base + n_rows[:, None] * stride_wn + (t * PLANE + offs_w)[None, :],
                                 mask=n_mask[:, None], other=0)
             else:  # [PLANE, BN]
@@ -209,7 +311,13 @@ if triton is not None:
                 else:
                     xj = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
                                  mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
-                u = (words >> (j * BITS)) & MASK
+                if PAIRED:
+                    if j < PW // 2:
+                        wh = w_lo
+                    else:
+                        wh = w_hi
+                else:
+                    u = (words >> (j * BITS)) & MASK
                 if GROUP > 0:
                     g = k0 // GROUP
                     if EVEN_K:  # every group of the tile exists
@@ -222,14 +330,19 @@ if triton is not None:
                         zv = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)
                     else:
                         zv = tl.load(z_base + n_rows, mask=n_mask, other=HALF)
+                    zr = zv[:, None]
                     if SWAP:
-                        z = zv[:, None]
+                        z = zr
                     else:
                         z = zv[None, :]
                 else:
                     z = HALF
+                    zr = HALF
+                SH = BITS * (j % (PW // 2))  # (the paired layout's shift)
                 if ACT == 0 or ACT == 4:
-                    if xj.dtype == tl.float32:
+                    if PAIRED:
+                        wm = _paired_weights(wh, SH, zr, xj.dtype, HAS_ZP, BN, PLANE, SWAP, ASM).to(xj.dtype)
+                    elif xj.dtype == tl.float32:
                         wm = (u - z).to(tl.float32)
                     elif BITS == 4:
                         wm = _int4_to_16bit(u, z, xj.dtype, HAS_ZP)
@@ -237,14 +350,20 @@ if triton is not None:
                         wm = (u - z).to(xj.dtype)
                     xm = xj
                 elif ACT == 2:
-                    wm = (u - z).to(tl.int8)
+                    if PAIRED:
+                        wm = _paired_weights(wh, SH, zr, tl.int32, HAS_ZP, BN, PLANE, SWAP, ASM).to(tl.int8)
+                    else:
+                        wm = (u - z).to(tl.int8)
                     xm = xj
                 else:  # FP8 activations: static scale (quantized here) or per token (quantized before)
                     if ACT == 1:
                         xq = tl.clamp(xj.to(tl.float32) * inv_in_scale, -448.0, 448.0).to(tl.float8e4nv)
                     else:
                         xq = xj
-                    wm = _int4_to_16bit(u, z, tl.float16, HAS_ZP)  # int4 values are exact in fp16 and in e4m3
+                    if PAIRED:
+                        wm = _paired_weights(wh, SH, zr, tl.float16, HAS_ZP, BN, PLANE, SWAP, ASM)
+                    else:
+                        wm = _int4_to_16bit(u, z, tl.float16, HAS_ZP)  # int4 values are exact in fp16 and in e4m3
                     if BM >= 64 and not SWAP:  # FP8 tensor cores (wgmma)
                         wm = wm.to(tl.float8e4nv)
                         xm = xq
@@ -293,7 +412,8 @@ if triton is not None:
                               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                               MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
-                              SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr):
+                              SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
+                              PAIRED: tl.constexpr = False, ASM: tl.constexpr = False):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -321,11 +441,11 @@ if triton is not None:
             w_rows, w_mask = gate_up_rows(pid_n, N, BN)
             acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, w_rows, w_mask,
                               K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K)
+                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K, PAIRED, ASM)
         else:
             acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
                               K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K)
+                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K, PAIRED, ASM)
         if SWAP:
             acc = tl.trans(acc)
         if ACT == 1 or ACT == 4:
@@ -346,7 +466,7 @@ if triton is not None:
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_we, stride_wn, stride_se, stride_oe, stride_on,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
-                        TK: tl.constexpr):
+                        TK: tl.constexpr, PAIRED: tl.constexpr = False):
         """One K tile of BN rows of one expert: the packed words back to (value - zero) * scale in out's dtype."""
         PW: tl.constexpr = 32 // BITS
         PLANE: tl.constexpr = TK // PW
@@ -360,17 +480,32 @@ if triton is not None:
         out_ptr += e * stride_oe
         r = tl.arange(0, PLANE)
         n_mask = n < N
-        words = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + r)[None, :], mask=n_mask[:, None], other=0)
+        if PAIRED:
+            p = tl.arange(0, PLANE // 2)
+            w_lo = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + p)[None, :], mask=n_mask[:, None], other=0)
+            w_hi = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + PLANE // 2 + p)[None, :],
+                           mask=n_mask[:, None], other=0)
+        else:
+            words = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + r)[None, :], mask=n_mask[:, None],
+                            other=0)
         for j in tl.static_range(PW):
             cols = t * TK + j * PLANE + r
-            u = (words >> (j * BITS)) & ((1 << BITS) - 1)
             g = (t * TK + j * PLANE) // GROUP if GROUP > 0 else 0
             s = tl.load(s_ptr + g * N + n, mask=n_mask, other=0.0)
             if HAS_ZP:
                 z = tl.load(z_ptr + g * N + n, mask=n_mask, other=HALF)[:, None]
             else:
                 z = HALF
-            w = (u - z).to(tl.float32) * s[:, None]
+            if PAIRED:
+                if j < PW // 2:
+                    wh = w_lo
+                else:
+                    wh = w_hi
+                w = _paired_weights(wh, BITS * (j % (PW // 2)), z, tl.int32, HAS_ZP, BN, PLANE, True, False)
+                w = w.to(tl.float32) * s[:, None]
+            else:
+                u = (words >> (j * BITS)) & ((1 << BITS) - 1)
+                w = (u - z).to(tl.float32) * s[:, None]
             tl.store(out_ptr + n[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty),
                      mask=n_mask[:, None] & (cols[None, :] < K))
 
@@ -398,7 +533,8 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
         _dequant_kernel[(triton.cdiv(pw.n, bn), k_tiles, E)](
             words, scales, zeros, out, pw.n, pw.k, words.stride(0), words.stride(1), scales.stride(0),
             out.stride(0), out.stride(1),
-            BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, BN=bn, TK=pw.tile_k, num_warps=4)
+            BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, BN=bn, TK=pw.tile_k, PAIRED=pw.paired,
+            num_warps=4)
     return out[0] if expert is not None else out
 
 
@@ -426,7 +562,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
-        EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup,
+        EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 
@@ -474,7 +610,7 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_
     assert pw.num_experts == 1, "dense packed_matmul takes one expert's weight"
     assert act != ACT_FP8_STATIC or input_scale is not None, "w4a8 needs its static input scale"
     from lowbit.kernels import gemv_packed
-    if config.get("GEMV") if config else gemv_packed.takes(x.shape[0], pw.n, pw.k):
+    if config.get("GEMV") if config else gemv_packed.takes(x.shape[0], pw.n, pw.k) and not pw.paired:
         # one row: the CUDA-core GEMV (gemv_packed.py), which reads each weight word once without padding the row
         config = config or tuning.gemv_config(pw.n, pw.k, pw.bits)
         xq, xs = gemv_packed.input_rows(x, act, input_scale)
@@ -492,5 +628,6 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_
             xq = act_quant.fp8_static_ref(x, xs)
             xs = xs.expand(x.shape[0]).contiguous()
             act = ACT_FP8_TOKEN
-    out = torch.empty(x.shape[0], pw.n, dtype=x.dtype, device=x.device)
+    # (a float32 output takes the K splits' atomic adds: zeroed)
+    out = (torch.zeros if x.dtype == torch.float32 else torch.empty)(x.shape[0], pw.n, dtype=x.dtype, device=x.device)
     return launch(xq, pw, out, act, xs, config)

@@ -234,7 +234,9 @@ def unpacked_matmul(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: torch.
     out_dtype = out_dtype or x.dtype
     config = config or tuning.unpacked_config(x.shape[0], w.shape[0], w.shape[1], kind)
     xq, xs = quantize_input(x, kind)
-    out = torch.empty(x.shape[0], w.shape[0], dtype=out_dtype, device=x.device)
+    # (a float32 output takes the K splits' atomic adds: zeroed)
+    out = (torch.zeros if out_dtype == torch.float32 else torch.empty)(x.shape[0], w.shape[0], dtype=out_dtype,
+                                                                        device=x.device)
     if config.get("PERSISTENT"):
         return launch_persistent(xq, xs, w, w_scale, out, kind, config)
     return launch(xq, xs, w.unsqueeze(0), None if w_scale is None else w_scale.unsqueeze(0), out, kind, config)

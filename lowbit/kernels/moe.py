@@ -137,7 +137,7 @@ class PackedExperts:
         return self.weight.num_experts, self.weight.n, self.weight.k
 
     def config(self, m: int, n: int, k: int) -> dict:
-        return tuning.packed_config(m, n, k, self.weight.bits, self.act, moe=True)
+        return tuning.packed_config(m, n, k, self.weight.bits, self.act, moe=True, paired=self.weight.paired)
 
     def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None):
         """slot_experts [T*k]: each slot's expert (what w4a8 quantizes a slot's row with at small M)."""
@@ -218,7 +218,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     assert h13 == H and h2 == H and two_i == 2 * inter_size, f"w13 {w13.shape} / w2 {w2.shape} vs hidden {H}"
     n = T * k
     if (T == 1 and config is None and isinstance(w13, PackedExperts) and isinstance(w2, PackedExperts)
-            and gemv_packed.ENABLED and gemv_packed.MOE):
+            and gemv_packed.ENABLED and gemv_packed.MOE and not w13.weight.paired and not w2.weight.paired):
         return _fused_moe_one_token(x, w13, w2, topk_weights, topk_ids)
     if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and isinstance(w13, PackedExperts)
             and isinstance(w2, PackedExperts)

@@ -50,7 +50,7 @@ def _split_k(programs: int, k_tiles: int) -> int:
     return split
 
 
-def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False) -> dict:
+def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False, paired: bool = False) -> dict:
     b = bucket(m)
     key = ("packed", b, n, k, bits, act, moe)
     if key in TUNED:
@@ -65,6 +65,12 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
             # 64 columns (H100, 2026-11-23, benchmarks/moe_configs.py: 11.7 vs 12.5 us V2-Lite down at one token,
             # 42.9 vs 47.6 at eight; R1 w4a8 down 49.8 vs 61.1 us); one slot's gate_up keeps 32 (21.9 vs 26.1 us)
             cfg["BN"] = 64
+        if paired:
+            # paired int4 experts (matmul_packed.pair): 64 weight rows a program, the weights the first operand (one
+            # warpgroup MMA's 64 rows), where their main loop compiles shortest (Triton 3.6, sm_90a, V2-Lite experts,
+            # `benchmarks/kernel_sass.py --paired`: gate_up 3.1 instructions a weight against 4.9 for the planar
+            # 32-row default, down 3.5 against 4.5); not timed on a GPU yet
+            cfg.update(BN=64, SWAP=True)
     elif b <= 64:
         cfg = {"BM": 32 if b <= 32 else 64, "BN": 64, "num_warps": 4, "num_stages": 3}
     elif b <= 256:

@@ -128,6 +128,74 @@ def test_packed_matmul(bits, group, asym, act, M, N, K):
         assert rel(out, ref) < (3e-2 if act == mp.ACT_INT8_TOKEN and not GPU else BOUND), config
 
 
+def test_paired_layout_holds_the_planar_values():
+    """The paired int4 layout (matmul_packed.pair): the same values, scales and zero points; a word of a tile's first
+    half holds planes 0-3 at k = 2p (bits 0-15) and k = 2p + 1 (bits 16-31), its second half planes 4-7; unpaired it
+    is the planar layout again."""
+    values, scale, zp = random_packed(2, 5, 600, 4, 64, True, seed=3)
+    planar = mp.repack(values, scale, zp, 4, 64)
+    paired = mp.repack(values, scale, zp, 4, 64, paired=True)
+    assert paired.paired and not planar.paired and paired.words.shape == planar.words.shape
+    assert torch.equal(mp.planar_words(paired), planar.words)
+    assert all(torch.equal(a, b) for a, b in zip(mp.values(paired), mp.values(planar)))
+    assert torch.equal(mp.values(paired)[0], values)
+    w = paired.words.to(torch.int64) & 0xFFFFFFFF
+    for t, h, p, nib in ((0, 0, 0, 0), (1, 1, 15, 7), (2, 0, 9, 5), (1, 1, 3, 2)):  # (the last tile is padding)
+        u = (w[1, 4, t * 32 + h * 16 + p] >> (4 * nib)) & 15
+        k = t * 256 + (4 * h + nib % 4) * 32 + 2 * p + nib // 4
+        assert u.item() - 8 == values[1, 4, k].item()
+    # slicing and stacking keep the layout
+    assert mp.slice_rows_cols(paired, slice(1, 3), slice(64, 320)).paired
+    assert mp.cat_rows([paired, paired]).paired
+
+
+@pytest.mark.parametrize("asym,act", [(False, mp.ACT_NONE), (True, mp.ACT_NONE), (False, mp.ACT_INT8_TOKEN),
+                                      pytest.param(False, mp.ACT_FP8_STATIC, marks=gpu_only)])
+@pytest.mark.parametrize("M", [1, 6])
+def test_paired_layout_products_equal_the_planar_ones(asym, act, M):
+    """Every launch form on paired int4 weights gives the planar layout's result bit for bit (the dequantized weights
+    are exact in both; on the GPU the symmetric bf16 / fp16 path is inline PTX), and the dequantization kernel the
+    same weights."""
+    N, K = 96, 640
+    values, scale, zp = random_packed(1, N, K, 4, 128, asym, seed=M + 40)
+    planar = to_dev(mp.repack(values, scale, zp, 4, 128))
+    paired = to_dev(mp.repack(values, scale, zp, 4, 128, paired=True))
+    x = torch.randn(M, K, generator=gen(M)).to(DTYPE).to(DEV)
+    xs = (x.float().abs().max() / 448).reshape(1) if act == mp.ACT_FP8_STATIC else None
+    ref = mp.packed_matmul_ref(x.float().cpu(), mp.repack(values, scale, zp, 4, 128), act,
+                               None if xs is None else xs.cpu())
+    splits = planar.words.shape[2] * 8 // planar.tile_k
+    for config in (dict(BM=16, BN=32), dict(BM=16, BN=64, SWAP=True), dict(BM=32, BN=16, SPLIT_K=splits),
+                   dict(BM=64, BN=64)):
+        out = mp.packed_matmul(x, paired, act, xs, config=config)
+        assert torch.equal(out, mp.packed_matmul(x, planar, act, xs, config=config)), config
+        assert rel(out, ref) < (3e-2 if act == mp.ACT_INT8_TOKEN and not GPU else BOUND), config
+    # a row without a config stays off the GEMV, which reads the planar layout only
+    assert rel(mp.packed_matmul(x[:1], paired, act, xs), ref[:1]) < (3e-2 if act == mp.ACT_INT8_TOKEN and not GPU
+                                                                     else BOUND)
+    for dtype in (torch.float32, DTYPE):
+        assert torch.equal(mp.dequantize(paired, dtype), mp.dequantize(planar, dtype))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_float32_rows_take_the_k_splits(packed):
+    """float32 activations with K split over programs: the float32 output takes the splits' atomic adds, so it
+    starts zeroed (it was left uninitialized once, and the products came out as garbage)."""
+    M, N, K = 5, 96, 640
+    x = torch.randn(M, K, generator=gen(9)).to(DEV)
+    if packed:
+        values, scale, _ = random_packed(1, N, K, 4, 128, False, seed=9)
+        pw = mp.repack(values, scale, None, 4, 128)
+        ref = mp.packed_matmul_ref(x.cpu(), pw)
+        out = mp.packed_matmul(x, to_dev(pw), config=dict(BM=32, BN=16, SPLIT_K=3))
+    else:
+        w, ws = random_unpacked(mu.KIND_BF16, N, K, seed=9)
+        w = w.float()
+        ref = x.double().cpu() @ w.double().t()
+        out = mu.unpacked_matmul(x, w.to(DEV), mu.KIND_BF16, config=dict(BM=16, BN=32, BK=128, SPLIT_K=5))
+    assert out.dtype == torch.float32 and rel(out, ref) < 1e-4
+
+
 # ---------------------------------------------------------------------------------------------- unpacked GEMMs
 UNPACKED = [mu.KIND_BF16, mu.KIND_INT8_CHANNEL, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)]
 
@@ -307,6 +375,41 @@ def test_one_token_moe_sorts_nothing(scheme, gemv_moe, monkeypatch):
     assert out.shape == (1, H) and rel(out, ref) < BOUND * (3 if fq is not None else 1)
     assert calls == ([] if gemv_moe and isinstance(w13, moe.PackedExperts) else ["moe_sum"])
     assert all(int(c.abs().sum()) == 0 for c in rows._COUNTERS.values())
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a8-int8", pytest.param("w4a8", marks=gpu_only)])
+@pytest.mark.parametrize("T", [1, 7])
+def test_fused_moe_on_paired_experts(scheme, T, monkeypatch):
+    """LOWBIT_INT4_PAIRED=1: stacking per-expert layers pairs symmetric int4 experts whose products run in 16 bits
+    (w4a8-int8's stay planar); the fused MoE on them matches the reference, with the engine's configuration (one
+    token: 64 rows a program, the weights the first operand) and bit for bit the planar layout's result at the
+    planar one's configuration."""
+    from lowbit.kernels import linear
+    monkeypatch.setattr(mp, "PAIRED_EXPERTS", True)
+    E, H, inter, k = 6, 256, 128, 3
+    planar = {}
+    for name, n, kk, seed in (("w13", 2 * inter, H, T), ("w2", H, inter, T + 100)):
+        ex, deq, fq = make_experts(scheme, E, n, kk, seed)
+        w = ex.weight
+        parts = [linear.PackedLinear(mp.PackedWeight(w.words[e:e + 1], w.scales[e:e + 1], None, w.bits,
+                                                     w.group_size, w.n, w.k, w.tile_k), ex.act,
+                                     ex.input_scale.reshape(-1)[:1]) for e in range(E)]
+        stacked = linear.stack_experts(parts)
+        assert stacked.weight.paired == (scheme != "w4a8-int8")
+        assert torch.equal(mp.values(stacked.weight)[0].cpu(), mp.values(w)[0].cpu())
+        planar[name] = (ex, stacked, deq)
+    x = torch.randn(T, H, generator=gen(T)).to(DTYPE)
+    topk = torch.stack([torch.randperm(E, generator=gen(t))[:k] for t in range(T)])
+    weights = torch.rand(T, k, generator=gen(T + 1))
+    (w13, p13, d13), (w2, p2, d2) = planar["w13"], planar["w2"]
+    ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
+    out = moe.fused_moe(x.to(DEV), p13, p2, weights.to(DEV), topk.to(DEV))
+    assert rel(out, ref) < BOUND * (3 if fq is not None else 1)
+    if T == 1 and p13.weight.paired:
+        assert p13.config(1, inter, H).get("SWAP") and p2.config(1, H, inter)["BN"] == 64
+    cfg = dict(BM=16, BN=32)
+    assert torch.equal(moe.fused_moe(x.to(DEV), p13, p2, weights.to(DEV), topk.to(DEV), config=cfg),
+                       moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), config=cfg))
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "w8a8", pytest.param("fp8-block", marks=gpu_only)])
