@@ -163,7 +163,9 @@ def main() -> None:
     dense = [] if args.no_dense else dense_rows()
     date = datetime.date.today().isoformat()
     L = [f"# Fused MoE launch configurations per projection on {device}, {date}", "",
-         f"Copy bandwidth in this run: {ceil['copy_GBps']:.0f} GB/s. Produced by `python benchmarks/moe_configs.py`.",
+         f"Copy bandwidth in this run: {ceil['copy_GBps']:.0f} GB/s. Produced by `python benchmarks/moe_configs.py`"
+         + (" with LOWBIT_INT4_PAIRED=1: int4 experts in the paired layout (matmul_packed.pair)." if mp.PAIRED_EXPERTS
+            else "."),
          "", "| geometry | scheme | tokens | projection | experts | heuristic | best candidate | best config |",
          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -180,7 +182,8 @@ def main() -> None:
                 L.append(f"| w4a8 | {r['M']} | {r['config']} | in-kernel {r['in_kernel_us']:.1f} us, pre-quantized "
                          f"{r['prequantized_us']:.1f} us (GEMM alone {r['gemm_only_us']:.1f}) | "
                          f"{r['speedup']:.2f}x / {r['speedup_pre']:.2f}x |")
-    path = write_results(args.out, "moe-configs", device, L, {"ceilings": ceil, "moe": rows, "dense": dense})
+    path = write_results(args.out, "moe-configs-paired" if mp.PAIRED_EXPERTS else "moe-configs", device, L,
+                         {"ceilings": ceil, "moe": rows, "dense": dense, "paired": mp.PAIRED_EXPERTS})
     print(open(path).read())
 
 

@@ -1,13 +1,14 @@
-"""What per-token-group int8 activation scales would give w8a8 on the default model (issue #3's open question): the
-same w8a8 checkpoint evaluated with its activations quantized per token (the scheme as it is), per token and group of
-128 features, and per token and group of 32 (llama.cpp Q8_0's block), against llama.cpp Q8_0 of the same weights,
-both as the issue measures it (weights only, float activations) and as llama.cpp's CPU dot product computes it
-(every matmul input quantized to Q8_0 too: blocks of 32, scale absmax / 127 rounded to fp16, round half away from
-zero; emulated on the linear layers' inputs, not on lm_head, which favours Q8_0 slightly).
-An experiment on the CPU reference path only: no kernel runs grouped int8 activations.
+"""What finer int8 activation quantization would give w8a8 on the default model (issue #3's open question): the same
+w8a8 checkpoint evaluated with its activations quantized per token (the scheme as it is), per token with a zero point
+(asymmetric), per token and group of 128 features, and per token and group of 32 (llama.cpp Q8_0's block), against
+llama.cpp Q8_0 of the same weights, both as the issue measures it (weights only, float activations) and as
+llama.cpp's CPU dot product computes it (every matmul input quantized to Q8_0 too: blocks of 32, scale absmax / 127
+rounded to fp16, round half away from zero; emulated on the linear layers' inputs, not on lm_head, which favours Q8_0
+slightly). An experiment on the CPU reference path only: no kernel runs grouped or asymmetric int8 activations.
 
     python benchmarks/w8a8_act_groups.py [--workdir /tmp/w8a8-groups] [--max-tokens 4096] [--smoothquant]
-Writes benchmarks/results/w8a8-act-groups-cpu-<date>[-sq].md.
+        [--online-hadamard B]
+Writes benchmarks/results/w8a8-act-groups-cpu-<date>[-ohB][-sq].md.
 """
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def int8_per_token_group(group: int):
         s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
         return (torch.round(xf / s).clamp(-128, 127) * s).view(T, -1)[:, :n].to(x.dtype)
     return fake_quant
+
+
+def int8_per_token_asymmetric(x: torch.Tensor) -> torch.Tensor:
+    """One scale and zero point per token over [min, max] (compressed-tensors' symmetric: false input activations,
+    which vLLM's int8 w8a8 runs with its azp kernels)."""
+    xf = x.float()
+    lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)
+    s = (hi - lo).clamp(min=1e-10) / 255.0
+    zp = torch.round(-lo / s) - 128
+    return ((torch.round(xf / s) + zp).clamp(-128, 127) - zp).mul(s).to(x.dtype)
 
 
 def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
@@ -76,10 +87,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/w8a8-groups")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--smoothquant", action="store_true", help="the checkpoint also takes --smoothquant auto")
+    ap.add_argument("--online-hadamard", type=int, help="the checkpoint also takes --online-hadamard B")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    ckpt, recipe = w8a8_checkpoint(args.workdir, args.smoothquant)
+    ckpt, recipe = w8a8_checkpoint(args.workdir, args.smoothquant, args.online_hadamard)
     q8 = os.path.join(args.workdir, "q8_0.gguf")
     if not os.path.exists(q8):
         requantize_gguf(default_model_path(), q8, "Q8_0")
@@ -87,6 +99,7 @@ def main() -> None:
     original = methods.fake_quant_int8_per_token
     variants = [("llama.cpp Q8_0", q8, None), ("llama.cpp Q8_0, activations Q8_0 too (its CPU dot product)", q8, "q8"),
                 ("w8a8, per token (the scheme)", ckpt, original),
+                ("w8a8, per token, asymmetric", ckpt, int8_per_token_asymmetric),
                 ("w8a8, per token and 128 features", ckpt, int8_per_token_group(128)),
                 ("w8a8, per token and 32 features", ckpt, int8_per_token_group(32))]
     from lowbit.eval import runner
@@ -122,14 +135,15 @@ def main() -> None:
     q8k = rows["llama.cpp Q8_0"]["kld_mean"]
     lines = [f"# w8a8 with grouped int8 activations: the default model, CPU, {date}", "",
              f"`python benchmarks/w8a8_act_groups.py`: one checkpoint (`lowbit quantize {' '.join(recipe)}`), its "
-             "activations fake-quantized three ways on the float32 reference path, beside Q8_0 with and without its activations quantized; {} tokens, reference the default "
+             "activations fake-quantized four ways on the float32 reference path, beside Q8_0 with and without its activations quantized; {} tokens, reference the default "
              "GGUF dequantized to float32 (as `quant_table.py`). No GPU kernel takes grouped int8 activations.".format(
                  report["tokens"]), "",
              "| model | mean KLD | vs Q8_0 | top-1 |", "| --- | ---: | ---: | ---: |"]
     for label, r in rows.items():
         lines.append(f"| {label} | {r['kld_mean']:.5f} | {r['kld_mean'] / q8k:.2f}x | "
                      f"{100 * r['top1_agreement']:.1f}% |")
-    write_report(args.out, f"w8a8-act-groups-cpu-{date}{'-sq' if args.smoothquant else ''}.md", lines)
+    suffix = (f"-oh{args.online_hadamard}" if args.online_hadamard else "") + ("-sq" if args.smoothquant else "")
+    write_report(args.out, f"w8a8-act-groups-cpu-{date}{suffix}.md", lines)
 
 
 if __name__ == "__main__":
