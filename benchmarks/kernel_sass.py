@@ -174,7 +174,7 @@ def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = F
 
 
 def paired_rows() -> list[str]:
-    """The one-token MoE's main loop in the planar and the paired int4 layout (matmul_packed.pair), per scheme, at
+    """The one-token MoE's main loop in the planar and the paired int4 layout (packed_layout.pair), per scheme, at
     32 and 64 weight rows a program with the weights as either operand: instructions per weight, the number the
     paired layout is there to lower. '*' marks what the engine takes (LOWBIT_INT4_PAIRED=1 for the paired rows; the
     engine keeps weights with zero points and w4a8-int8's planar)."""

@@ -164,7 +164,7 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     L = [f"# Fused MoE launch configurations per projection on {device}, {date}", "",
          f"Copy bandwidth in this run: {ceil['copy_GBps']:.0f} GB/s. Produced by `python benchmarks/moe_configs.py`"
-         + (" with LOWBIT_INT4_PAIRED=1: int4 experts in the paired layout (matmul_packed.pair)." if mp.PAIRED_EXPERTS
+         + (" with LOWBIT_INT4_PAIRED=1: int4 experts in the paired layout (packed_layout.pair)." if mp.PAIRED_EXPERTS
             else "."),
          "", "| geometry | scheme | tokens | projection | experts | heuristic | best candidate | best config |",
          "| --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -9,7 +9,7 @@ Measured (H100, 2026-11-24, benchmarks/gemv.py and profile_decode.py): faster th
 layers up to about 32M weights, not on the MoE's experts in the decode graph; it is bound by its instructions (about
 5.5 a weight with the activation and address work, Nsight Compute: SM 60% busy, DRAM 30%), not by its loads.
 
-A word of the tile-planar layout (matmul_packed.repack) holds the same position w of per_word consecutive planes of
+A word of the tile-planar layout (packed_layout.repack) holds the same position w of per_word consecutive planes of
 32 input features. A value is turned into a float32 without a conversion instruction: masked in place (shift 4i or
 8i within the word's low or high 16 bits) and ORed into the mantissa of 2^23, it reads as 2^23 + u * 2^(4i);
 subtracting 2^23 + z * 2^(4i) leaves (u - z) * 2^(4i) exactly, and the plane's activations come pre-scaled by

@@ -128,27 +128,6 @@ def test_packed_matmul(bits, group, asym, act, M, N, K):
         assert rel(out, ref) < (3e-2 if act == mp.ACT_INT8_TOKEN and not GPU else BOUND), config
 
 
-def test_paired_layout_holds_the_planar_values():
-    """The paired int4 layout (matmul_packed.pair): the same values, scales and zero points; a word of a tile's first
-    half holds planes 0-3 at k = 2p (bits 0-15) and k = 2p + 1 (bits 16-31), its second half planes 4-7; unpaired it
-    is the planar layout again."""
-    values, scale, zp = random_packed(2, 5, 600, 4, 64, True, seed=3)
-    planar = mp.repack(values, scale, zp, 4, 64)
-    paired = mp.repack(values, scale, zp, 4, 64, paired=True)
-    assert paired.paired and not planar.paired and paired.words.shape == planar.words.shape
-    assert torch.equal(mp.planar_words(paired), planar.words)
-    assert all(torch.equal(a, b) for a, b in zip(mp.values(paired), mp.values(planar)))
-    assert torch.equal(mp.values(paired)[0], values)
-    w = paired.words.to(torch.int64) & 0xFFFFFFFF
-    for t, h, p, nib in ((0, 0, 0, 0), (1, 1, 15, 7), (2, 0, 9, 5), (1, 1, 3, 2)):  # (the last tile is padding)
-        u = (w[1, 4, t * 32 + h * 16 + p] >> (4 * nib)) & 15
-        k = t * 256 + (4 * h + nib % 4) * 32 + 2 * p + nib // 4
-        assert u.item() - 8 == values[1, 4, k].item()
-    # slicing and stacking keep the layout
-    assert mp.slice_rows_cols(paired, slice(1, 3), slice(64, 320)).paired
-    assert mp.cat_rows([paired, paired]).paired
-
-
 @pytest.mark.parametrize("asym,act", [(False, mp.ACT_NONE), (True, mp.ACT_NONE), (False, mp.ACT_INT8_TOKEN),
                                       pytest.param(False, mp.ACT_FP8_STATIC, marks=gpu_only)])
 @pytest.mark.parametrize("M", [1, 6])
