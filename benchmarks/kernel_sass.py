@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
-from lowbit.kernels import tuning  # noqa: E402
+from lowbit.kernels import moe, tuning  # noqa: E402
 from lowbit.kernels import matmul_unpacked as mu  # noqa: E402
 from lowbit.kernels import gqa_decode as gd  # noqa: E402
 from lowbit.kernels import mla_decode as md  # noqa: E402
@@ -155,7 +155,7 @@ def engine_moe_config(act: int, proj: str, paired: bool) -> dict:
     gate_up = proj == "gate_up"
     cfg = tuning.packed_config(1, 1408 if gate_up else 2048, 2048 if gate_up else 1408, 4, act, moe=True,
                                paired=paired)
-    return dict(cfg, BN=max(16, cfg["BN"] // 2)) if gate_up else cfg  # (moe.gate_up_config)
+    return moe.gate_up_config(cfg, packed=True) if gate_up else cfg
 
 
 def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = False) -> dict:
@@ -206,7 +206,6 @@ def check_engine_configs() -> list[str]:
     return what is wrong: shared memory over the limit, register spills, no
     matrix instruction, int-to-float conversions per int4 weight in the bf16 path, loads narrower than 16 bytes in
     the unpacked kernels."""
-    from lowbit.kernels import tuning
     problems = []
     N, K = 7168, 18432
     for m in (1, 16, 256, 4096):
@@ -264,7 +263,6 @@ def check_engine_configs() -> list[str]:
                 problems.append(f"{name}: no warpgroup MMA at large M")
             print(f"{name}: {r}", flush=True)
     # the fused MoE's gate_up projection (gate and up rows interleaved in one tile, SiLU fused) at R1's shape
-    from lowbit.kernels import moe
     for m in (1, 4, 64, 4096):
         for bits, act in ((4, mp.ACT_NONE), (8, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC), (4, mp.ACT_FP8_GRID),
                           (4, mp.ACT_INT8_TOKEN)):
@@ -288,7 +286,7 @@ def check_engine_configs() -> list[str]:
                 problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
             print(f"{name}: {r}", flush=True)
     # the decode kernels around the GEMMs: each compiles (the interpreter does not check what only the compiler does)
-    from lowbit.kernels import mla_prep, moe, norm_rope, router, split_kv
+    from lowbit.kernels import mla_prep, norm_rope, router, split_kv
     small = [
         ("rms_norm bf16 7168", norm_rope._rms_norm_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16",
                                                              "w_ptr": "*bf16", "out_ptr": "*bf16"},

@@ -139,10 +139,10 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
             return None
         w = first.weight
         # the experts' layout (LOWBIT_INT4_PAIRED) expert by expert: no second copy of a whole layer's words
-        words = [mp.experts_layout(p.weight, first.act) for p in parts]
-        pw = mp.PackedWeight(torch.cat([p.words for p in words]), torch.cat([p.weight.scales for p in parts]),
-                             None if w.zeros is None else torch.cat([p.weight.zeros for p in parts]),
-                             w.bits, w.group_size, w.n, w.k, w.tile_k, paired=words[0].paired)
+        laid = [mp.experts_layout(p.weight, first.act) for p in parts]
+        pw = mp.PackedWeight(torch.cat([e.words for e in laid]), torch.cat([e.scales for e in laid]),
+                             None if w.zeros is None else torch.cat([e.zeros for e in laid]),
+                             w.bits, w.group_size, w.n, w.k, w.tile_k, paired=laid[0].paired)
         scale = None
         if first.act == mp.ACT_FP8_STATIC:  # each expert keeps its own calibrated input scale
             scale = torch.cat([p.input_scale.reshape(1) for p in parts])

@@ -90,6 +90,15 @@ if triton is not None:
         return w
 
     @triton.jit
+    def _paired_tile(w_base, rows, mask, stride_wn, t, PLANE: tl.constexpr):
+        """A K tile's paired-layout words of `rows`: its half of planes 0-3 and its half of planes 4-7, [rows, PLANE / 2]
+        each."""
+        p = tl.arange(0, PLANE // 2)
+        ptrs = w_base + rows[:, None] * stride_wn + (t * PLANE + p)[None, :]
+        return (tl.load(ptrs, mask=mask[:, None], other=0),
+                tl.load(ptrs + PLANE // 2, mask=mask[:, None], other=0))
+
+    @triton.jit
     def _paired_weights(wh, SH: tl.constexpr, zr, dtype: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
                         PLANE: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
         """One plane's weights from its half tile of paired-layout words wh [BN, PLANE / 2] (shifted by SH to the
@@ -148,17 +157,13 @@ if triton is not None:
         HALF: tl.constexpr = 1 << (BITS - 1)
         PPG: tl.constexpr = GROUP // PLANE if GROUP > 0 else PW  # planes per scale group (repack: PLANE | GROUP)
         offs_w = tl.arange(0, PLANE)
-        offs_p = tl.arange(0, PLANE // 2)
         if SWAP:
             acc = tl.zeros([BN, BM], dtype=tl.float32)
         else:
             acc = tl.zeros([BM, BN], dtype=tl.float32)
         for t in range(t_start, t_end):
-            if PAIRED:  # [BN, PLANE / 2] each: the tile's half of planes 0-3, its half of planes 4-7
-                w_lo = tl.load(w_base + n_rows[:, None] * stride_wn + (t * PLANE + offs_p)[None, :],
-                               mask=n_mask[:, None], other=0)
-                w_hi = tl.load(w_base + n_rows[:, None] * stride_wn + (t * PLANE + PLANE // 2 + offs_p)[None, :],
-                               mask=n_mask[:, None], other=0)
+            if PAIRED:
+                w_lo, w_hi = _paired_tile(w_base, n_rows, n_mask, stride_wn, t, PLANE)
             elif SWAP:  # [BN, PLANE]: each row's words of this tile are contiguous
                 words = tl.load(w_base + n_rows[:, None] * stride_wn + (t * PLANE + offs_w)[None, :],
                                 mask=n_mask[:, None], other=0)
@@ -174,11 +179,12 @@ if triton is not None:
                 else:
                     xj = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
                                  mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
-                if PAIRED:
+                if PAIRED:  # the plane's half tile and its nibbles' shift there
                     if j < PW // 2:
                         wh = w_lo
                     else:
                         wh = w_hi
+                    SH = BITS * (j % (PW // 2))
                 else:
                     u = (words >> (j * BITS)) & MASK
                 if GROUP > 0:
@@ -201,7 +207,6 @@ if triton is not None:
                 else:
                     z = HALF
                     zr = HALF
-                SH = BITS * (j % (PW // 2))  # (the paired layout's shift)
                 if ACT == 0 or ACT == 4:
                     if PAIRED:
                         wm = _paired_weights(wh, SH, zr, xj.dtype, HAS_ZP, BN, PLANE, SWAP, ASM).to(xj.dtype)
@@ -344,10 +349,7 @@ if triton is not None:
         r = tl.arange(0, PLANE)
         n_mask = n < N
         if PAIRED:
-            p = tl.arange(0, PLANE // 2)
-            w_lo = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + p)[None, :], mask=n_mask[:, None], other=0)
-            w_hi = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + PLANE // 2 + p)[None, :],
-                           mask=n_mask[:, None], other=0)
+            w_lo, w_hi = _paired_tile(w_ptr, n, n_mask, stride_wn, t, PLANE)
         else:
             words = tl.load(w_ptr + n[:, None] * stride_wn + (t * PLANE + r)[None, :], mask=n_mask[:, None],
                             other=0)

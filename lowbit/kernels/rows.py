@@ -57,28 +57,6 @@ if triton is not None:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def store_split(out_ptr, acc, rows, row_mask, offs_n, n_mask, stride_om, ws_ptr, cnt_ptr, M, N,
-                    pid_m, pid_n, pid_k, SPLIT_K: tl.constexpr):
-        """A dense product's K split without a zeroed float32 output and a conversion after it (two launches each
-        a few microseconds, as long as a small decode GEMM): each split stores its partial sums in the workspace
-        ws [SPLIT_K, M, N]; the last of a tile's splits to finish (a counter per tile) adds them in split order (the
-        same sum whichever finishes last), writes the output in its dtype, and sets the counter back to zero for
-        the next launch (a CUDA graph replays the same counters)."""
-        mask = row_mask[:, None] & n_mask[None, :]
-        idx = rows[:, None] * N + offs_n[None, :]
-        tl.store(ws_ptr + pid_k * M * N + idx, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partials are written before the counter releases them
-        tile = pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            total = tl.zeros_like(acc)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(ws_ptr + s * M * N + idx, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
-                     mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
-
-
-    @triton.jit
     def add_parts(part_ptr, vals, mask, part, n_parts, part_stride, cnt_ptr, tile):
         """One of a tile's n_parts programs: stores its partial vals at part_ptr + part * part_stride; the last of
         them to finish (a counter per tile) adds all parts in part order (the same sum whichever finishes last) and
@@ -93,6 +71,20 @@ if triton is not None:
             total += tl.load(part_ptr + p * part_stride, mask=mask & last, other=0.0, cache_modifier=".cg")
         tl.atomic_xchg(cnt_ptr + tile, 0, mask=done == n_parts - 1)
         return total, last
+
+    @triton.jit
+    def store_split(out_ptr, acc, rows, row_mask, offs_n, n_mask, stride_om, ws_ptr, cnt_ptr, M, N,
+                    pid_m, pid_n, pid_k, SPLIT_K: tl.constexpr):
+        """A dense product's K split without a zeroed float32 output and a conversion after it (two launches each
+        a few microseconds, as long as a small decode GEMM): each split's partial sums go to the workspace
+        ws [SPLIT_K, M, N], and the last of a tile's splits adds them (add_parts) and writes the output in its
+        dtype."""
+        mask = row_mask[:, None] & n_mask[None, :]
+        idx = rows[:, None] * N + offs_n[None, :]
+        total, last = add_parts(ws_ptr + idx, acc, mask, pid_k, SPLIT_K, M * N, cnt_ptr,
+                                pid_m * tl.num_programs(1) + pid_n)
+        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty),
+                 mask=mask & last)
 
 
 _COUNTERS: dict = {}
