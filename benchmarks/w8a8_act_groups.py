@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lowbit.default_model import default_model_path  # noqa: E402
 from lowbit.eval.gguf_baseline import requantize_gguf  # noqa: E402
 from lowbit.eval.runner import evaluate  # noqa: E402
-from lowbit.quant import methods  # noqa: E402
+from lowbit.quant import methods, rtn  # noqa: E402
+from lowbit.quant.schemes import QuantArgs  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -42,12 +43,11 @@ def int8_per_token_group(group: int):
 
 def int8_per_token_asymmetric(x: torch.Tensor) -> torch.Tensor:
     """One scale and zero point per token over [min, max] (compressed-tensors' symmetric: false input activations,
-    which vLLM's int8 w8a8 runs with its azp kernels)."""
+    which vLLM's int8 w8a8 runs with its azp kernels), with rtn's asymmetric scale and rounding."""
+    args = QuantArgs(8, "int", "token", symmetric=False, dynamic=True)
     xf = x.float()
-    lo, hi = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)
-    s = (hi - lo).clamp(min=1e-10) / 255.0
-    zp = torch.round(-lo / s) - 128
-    return ((torch.round(xf / s) + zp).clamp(-128, 127) - zp).mul(s).to(x.dtype)
+    scale, zp = rtn.group_qparams(xf, args, torch.float32)  # [T] each
+    return rtn.dequantize_columns(rtn.quantize_values(xf, scale, zp, args), scale, zp).to(x.dtype)
 
 
 def q8_0_activations(x: torch.Tensor) -> torch.Tensor:
