@@ -15,9 +15,8 @@ high halves (planes 4-7). One logic op, (word >> 4i) & 0x000F000F | magic, then 
 zero point: the tensor cores' operand without the per-value shift, mask and pairing (PRMT) the planar layout needs
 (the one-token MoE's main loop compiled for sm_90a by Triton 3.6, w4a16 V2-Lite experts, `kernel_sass.py --paired`:
 with 64 weight rows a program as the first operand, 3.1 instructions a weight for gate_up and 3.5 for down, where the
-planar layout's engine configuration takes 4.9 and 4.5). The fused MoE's symmetric int4 experts take it where
-LOWBIT_INT4_PAIRED=1 (`experts_layout`): not timed on a GPU yet, so off by default. The GEMV reads the planar layout
-only.
+planar layout's engine configuration takes 4.9 and 4.5). The fused MoE's symmetric int4 experts take it by default
+(`experts_layout`; LOWBIT_INT4_PAIRED=0 keeps them planar). The GEMV reads the planar layout only.
 """
 from __future__ import annotations
 
