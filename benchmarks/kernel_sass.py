@@ -162,9 +162,10 @@ def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = F
     """The fused MoE's projection at one token (a program row per slot) on V2-Lite-sized experts (K = 2048 for
     gate_up, 1408 for down) in launch configuration cfg, planar or paired int4 weights."""
     gate_up = proj == "gate_up"
+    # (down sums the token's slots, as fused_moe launches it at one token)
     const = dict(BITS=4, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=2, FUSE_SILU=gate_up, ROUTED_WEIGHT=not gate_up,
                  BM=16, BN=cfg["BN"], TK=256, SPLIT_K=1, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up, FIXUP=False,
-                 PAIRED=paired, ASM=True)
+                 PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up)
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
     r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const, cfg["num_warps"],
                                 cfg["num_stages"]))
@@ -374,6 +375,20 @@ def check_engine_configs() -> list[str]:
                 problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled, "
                                 f"{r['HGMMA']} HGMMA")
             print(f"{name}: {r}", flush=True)
+    # the one-token MoE's down projection on unpacked experts, the token's slots summed by its last program
+    for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
+        cfg = tuning.unpacked_config(1, 2048, 1408, kind, moe=True)
+        ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
+                "sorted_ptr": "*i32", "expert_ptr": "*i64", "npad_ptr": "*i32", "rw_ptr": "*fp32",
+                "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+        const = dict(KIND=kind, MOE=2, FUSE_SILU=False, ROUTED_WEIGHT=True, BM=cfg["BM"], BN=cfg["BN"],
+                     BK=cfg["BK"], SPLIT_K=1, FIXUP=False, SUM_SLOTS=True)
+        r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
+                                    cfg.get("num_stages", 3)))
+        name = f"one-token MoE down + slot sum, unpacked kind={kind} {cfg}"
+        if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
+            problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
+        print(f"{name}: {r}", flush=True)
     for name, fn, ptrs, const, warps, floats in small:
         r = inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats))
         if r["spill_bytes"] or r["smem"] > SMEM_LIMIT:

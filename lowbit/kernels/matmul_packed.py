@@ -23,7 +23,7 @@ import torch
 from lowbit.kernels import act_quant
 from lowbit.kernels.packed_layout import (  # noqa: F401 (the packed weights' API, used through this module)
     PackedWeight, cat_rows, default_tile_k, pair, planar_words, repack, slice_rows_cols, unpack, values)
-from lowbit.kernels.rows import grid_and_rows, moe_mode, split_buffers
+from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split_buffers
 
 ACT_NONE, ACT_FP8_STATIC, ACT_INT8_TOKEN, ACT_FP8_TOKEN = 0, 1, 2, 3
 # w4a8 at small M: x already on the static FP8 grid in 16 bits (act_quant.fp8_grid_rows, one launch for all N tiles
@@ -71,7 +71,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from lowbit.kernels.rows import gate_up_rows, program_rows, silu_mul_pairs, store_rows, store_split
+    from lowbit.kernels.rows import (gate_up_rows, program_rows, silu_mul_pairs, store_rows, store_slot_sum,
+                                     store_split)
 
     @triton.jit
     def _int4_to_16bit(u, z, dtype: tl.constexpr, HAS_ZP: tl.constexpr):
@@ -282,7 +283,8 @@ if triton is not None:
                               MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
                               SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
-                              PAIRED: tl.constexpr = False, ASM: tl.constexpr = False):
+                              PAIRED: tl.constexpr = False, ASM: tl.constexpr = False,
+                              SUM_SLOTS: tl.constexpr = False):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -290,11 +292,14 @@ if triton is not None:
             if pid_m * BM >= tl.load(npad_ptr):
                 return
         ids, row_mask, x_rows, e = program_rows(sorted_ptr, expert_ptr, pid_m, M, x_row_div, BM, MOE)
-        if MOE == 2:
-            if e < 0:  # another rank's expert: the caller zeroed its output row
-                return
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_mask = offs_n < N
+        if MOE == 2:
+            if SUM_SLOTS:  # another rank's expert: no weights read, zeros added (its program counts for the sum)
+                n_mask = n_mask & ((tl.zeros_like(offs_n) + e) >= 0)
+                e = tl.maximum(e, 0)
+            elif e < 0:  # another rank's expert: the caller zeroed its output row
+                return
         n_total = 2 * N if FUSE_SILU else N
         tiles = k_tiles // SPLIT_K  # the host splits K evenly
         t_start = pid_k * tiles
@@ -327,6 +332,8 @@ if triton is not None:
         if FIXUP:  # a dense product's K splits, added by the last of them (no zeroed float32 output)
             store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, ws_ptr, cnt_ptr, M, N,
                         pid_m, pid_n, pid_k, SPLIT_K)
+        elif SUM_SLOTS:
+            store_slot_sum(out_ptr, acc, ids, row_mask, offs_n, n_mask, rw_ptr, ws_ptr, cnt_ptr, N, pid_m, pid_n)
         else:
             store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
@@ -406,9 +413,10 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
 
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
            config: dict, moe: tuple | None = None, fuse_silu: bool = False,
-           routed_weights: torch.Tensor | None = None, x_row_div: int = 1) -> torch.Tensor:
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
     """Run the kernel. moe = (sorted_ids, block_expert, num_padded [1], num_ids): grouped mode over
-    experts; otherwise dense over x's M rows with expert 0."""
+    experts; otherwise dense over x's M rows with expert 0. sum_slots (one token, moe = (None, slot_experts)):
+    out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum)."""
     bm, bn = config["BM"], config["BN"]
     split_k = config.get("SPLIT_K", 1) if moe is None else 1
     n = pw.n // 2 if fuse_silu else pw.n
@@ -418,7 +426,11 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
     fixup = split_k > 1 and out.dtype != torch.float32  # (a zeroed float32 output takes atomic adds instead)
     assert not fixup or moe is None, "a grouped launch's K splits add into a zeroed float32 output"
-    ws, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
+    if sum_slots:
+        assert routed_weights is not None and out.shape[0] == 1
+        ws, counters = slot_sum_buffers(moe, n, grid, fuse_silu, split_k, x.device)
+    else:
+        ws, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
     _packed_matmul_kernel[grid](
         x, pw.words, pw.scales, pw.zeros if pw.zeros is not None else dummy, out,
         act_scale if act_scale is not None else dummy,
@@ -428,7 +440,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
-        EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda,
+        EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda, SUM_SLOTS=sum_slots,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 

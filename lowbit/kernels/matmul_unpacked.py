@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import act_quant, cdiv
-from lowbit.kernels.rows import grid_and_rows, moe_mode, split_buffers
+from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split_buffers
 
 KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK = 0, 1, 2
 FP8_BLOCK = 128
@@ -40,7 +40,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from lowbit.kernels.rows import gate_up_rows, program_rows, silu_mul_pairs, store_rows, store_split
+    from lowbit.kernels.rows import (gate_up_rows, program_rows, silu_mul_pairs, store_rows, store_slot_sum,
+                                     store_split)
 
     @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
@@ -83,7 +84,8 @@ if triton is not None:
                                 stride_xm, stride_om, stride_we, stride_wn, stride_wse, stride_wsn,
                                 KIND: tl.constexpr, MOE: tl.constexpr, FUSE_SILU: tl.constexpr,
                                 ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                BK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr):
+                                BK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
+                                SUM_SLOTS: tl.constexpr = False):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -91,11 +93,14 @@ if triton is not None:
             if pid_m * BM >= tl.load(npad_ptr):
                 return
         ids, row_mask, x_rows, e = program_rows(sorted_ptr, expert_ptr, pid_m, M, x_row_div, BM, MOE)
-        if MOE == 2:
-            if e < 0:  # another rank's expert: the caller zeroed its output row
-                return
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_mask = offs_n < N
+        if MOE == 2:
+            if SUM_SLOTS:  # another rank's expert: no weights read, zeros added (its program counts for the sum)
+                n_mask = n_mask & ((tl.zeros_like(offs_n) + e) >= 0)
+                e = tl.maximum(e, 0)
+            elif e < 0:  # another rank's expert: the caller zeroed its output row
+                return
         tiles = tl.cdiv(k_tiles, SPLIT_K)  # the last split may have fewer K tiles (V2-Lite's 1408 = 11 x 128)
         t_start = pid_k * tiles
         t_end = tl.minimum(t_start + tiles, k_tiles)
@@ -112,6 +117,8 @@ if triton is not None:
         if FIXUP:  # a dense product's K splits, added by the last of them (no zeroed float32 output)
             store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, part_ptr, cnt_ptr, M, N,
                         pid_m, pid_n, pid_k, SPLIT_K)
+        elif SUM_SLOTS:
+            store_slot_sum(out_ptr, acc, ids, row_mask, offs_n, n_mask, rw_ptr, part_ptr, cnt_ptr, N, pid_m, pid_n)
         else:
             store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
@@ -166,9 +173,9 @@ def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tens
 
 def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
            out: torch.Tensor, kind: int, config: dict, moe: tuple | None = None, fuse_silu: bool = False,
-           routed_weights: torch.Tensor | None = None, x_row_div: int = 1) -> torch.Tensor:
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
     """Run the kernel on already-quantized activations x (+ scales xs). w [E, N, K]; w_scale [E, N] (int8) or
-    [E, N/128, K/128] (fp8-block); moe as in matmul_packed.launch."""
+    [E, N/128, K/128] (fp8-block); moe and sum_slots as in matmul_packed.launch."""
     E, n_w, K = w.shape
     n = n_w // 2 if fuse_silu else n_w
     bm, bn, bk = config["BM"], config["BN"], config["BK"]
@@ -184,14 +191,18 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
     fixup = split_k > 1 and out.dtype != torch.float32  # (a zeroed float32 output takes atomic adds instead)
     assert not fixup or moe is None, "a grouped launch's K splits add into a zeroed float32 output"
-    part, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
+    if sum_slots:
+        assert routed_weights is not None and out.shape[0] == 1
+        part, counters = slot_sum_buffers(moe, n, grid, fuse_silu, split_k, x.device)
+    else:
+        part, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
     _unpacked_matmul_kernel[grid](
         x, xs if xs is not None else dummy, w, ws3, out,
         sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, part, counters,
         m, n, K, k_tiles, cdiv(K, FP8_BLOCK), x_row_div,
         x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
         KIND=kind, MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
-        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup, SUM_SLOTS=sum_slots,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
     return out
 

@@ -139,8 +139,10 @@ class PackedExperts:
     def config(self, m: int, n: int, k: int) -> dict:
         return tuning.packed_config(m, n, k, self.weight.bits, self.act, moe=True, paired=self.weight.paired)
 
-    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None):
-        """slot_experts [T*k]: each slot's expert (what w4a8 quantizes a slot's row with at small M)."""
+    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
+            sum_slots=False):
+        """slot_experts [T*k]: each slot's expert (what w4a8 quantizes a slot's row with at small M); sum_slots:
+        out [1, N], one token's slots summed (matmul_packed.launch)."""
         xq, xs = mp.quantize_input(x, self.act)
         act = self.act
         if act == mp.ACT_FP8_STATIC:
@@ -153,7 +155,7 @@ class PackedExperts:
                 xq = act_quant.fp8_grid_rows(x, xs, slot_experts, x_row_div)
                 act, x_row_div = mp.ACT_FP8_GRID, 1
         return mp.launch(xq, self.weight, out, act, xs, config, moe=moe, fuse_silu=fuse_silu,
-                         routed_weights=routed_weights, x_row_div=x_row_div)
+                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots)
 
 
 @dataclass
@@ -169,10 +171,11 @@ class UnpackedExperts:
     def config(self, m: int, n: int, k: int) -> dict:
         return tuning.unpacked_config(m, n, k, self.kind, moe=True)
 
-    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None):
+    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
+            sum_slots=False):
         xq, xs = mu.quantize_input(x, self.kind)
         return mu.launch(xq, xs, self.weight, self.scale, out, self.kind, config, moe=moe, fuse_silu=fuse_silu,
-                         routed_weights=routed_weights, x_row_div=x_row_div)
+                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots)
 
 
 @dataclass
@@ -187,9 +190,10 @@ class DequantizedExperts(UnpackedExperts):
         w = mp.dequantize_16bit(experts.weight, dtype, experts.act, experts.input_scale, expert=None)
         return cls(w, act=experts.act, input_scale=experts.input_scale)
 
-    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None):
+    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
+            sum_slots=False):
         rows, x_row_div = mp.activations_16bit(x, self.act, self.input_scale, slot_experts, x_row_div)
-        return super().run(rows, out, moe, config, fuse_silu, routed_weights, x_row_div, slot_experts)
+        return super().run(rows, out, moe, config, fuse_silu, routed_weights, x_row_div, slot_experts, sum_slots)
 
 
 # token slots per expert from which packed experts (every packed scheme) run dequantized, 16-bit (H100, 2026-11-24,
@@ -245,12 +249,15 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         moe = (sorted_ids, block_expert, num_padded, n)
     inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
     w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
+    routed = topk_weights.flatten().float().contiguous()
+    if T == 1 and split == 1:  # the down projection sums the token's slots itself (no moe_sum launch)
+        out = torch.empty(1, H, dtype=x.dtype, device=x.device)
+        return w2.run(inter, out, moe, cfg2, routed_weights=routed, slot_experts=slot_experts, sum_slots=True)
     if split > 1:  # the down projection's K splits add into float32 (one-token decode: more programs in flight)
         out = torch.zeros(n, H, dtype=torch.float32, device=x.device)
     else:
         out = (torch.zeros if may_skip else torch.empty)(n, H, dtype=x.dtype, device=x.device)
-    w2.run(inter, out, moe, cfg2, routed_weights=topk_weights.flatten().float().contiguous(),
-           slot_experts=slot_experts)
+    w2.run(inter, out, moe, cfg2, routed_weights=routed, slot_experts=slot_experts)
     return moe_sum(out.view(T, k, H), x.dtype)
 
 
