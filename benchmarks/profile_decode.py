@@ -3,8 +3,10 @@ weights, fewer layers), by GPU time, from torch.profiler: eager (each launch vis
 replays (by kernel, and one replay in launch order); and the wall time per decode token with CUDA graphs, steps one at
 a time and launched ahead of the host (EngineConfig.async_decode), and eager.
 
-    python benchmarks/profile_decode.py [--scheme bf16] [--layers 4] [--out DIR]
-Prints the table and writes profile-decode-<scheme>.txt to --out.
+    python benchmarks/profile_decode.py [--scheme bf16] [--layers 4] [--geometry v2-lite] [--graph-only] [--out DIR]
+Prints the table and writes profile-decode-<scheme>.txt (r1: profile-decode-r1-<scheme>.txt) to --out. --geometry r1
+takes DeepSeek-R1's widths (the first layer dense, the others MoE); --graph-only skips the step-at-a-time and eager
+runs (each loads the model again: minutes at R1's width).
 """
 from __future__ import annotations
 
@@ -91,14 +93,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--work", default="/tmp/profile-decode")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--geometry", default="v2-lite", choices=["v2-lite", "r1"])
+    ap.add_argument("--graph-only", action="store_true")
     args = ap.parse_args()
-    cfg = dict(mrc.GEOMETRIES["v2-lite"], num_hidden_layers=args.layers)
-    path = os.path.join(args.work, f"v2-lite-{args.layers}l-{args.scheme}")
+    cfg = dict(mrc.GEOMETRIES[args.geometry], num_hidden_layers=args.layers)
+    path = os.path.join(args.work, f"{args.geometry}-{args.layers}l-{args.scheme}")
     if not os.path.exists(os.path.join(path, "config.json")):
         mrc.write(cfg, path, args.scheme, device="cuda", progress=False)
     prompt = list(range(10, 42))
-    lines = [f"V2-Lite geometry, {args.layers} layers, {args.scheme}, batch 1, {torch.cuda.get_device_name()}"]
-    for async_decode in (False, True):
+    name = "V2-Lite" if args.geometry == "v2-lite" else "DeepSeek-R1"
+    lines = [f"{name} geometry, {args.layers} layers, {args.scheme}, batch 1, {torch.cuda.get_device_name()}"]
+    for async_decode in ((True,) if args.graph_only else (False, True)):
         graphed = LLM(path, device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=512,
                       async_decode=async_decode)
         wall = per_token(graphed, prompt, 64)
@@ -111,6 +116,10 @@ def main() -> None:
             kernel_lines = decode_kernels(graphed)
         del graphed
         torch.cuda.empty_cache()
+    suffix = args.scheme if args.geometry == "v2-lite" else f"r1-{args.scheme}"
+    if args.graph_only:
+        write_text(lines + kernel_lines, args.out, suffix)
+        return
     eager = LLM(path, device="cuda", dtype="bfloat16", max_num_seqs=8, max_model_len=512, enforce_eager=True)
     lines.append(f"eager: {per_token(eager, prompt, 64) * 1e3:.3f} ms per token")
     steps = 16
@@ -123,11 +132,14 @@ def main() -> None:
     lines.append(f"{steps} steps (one prefill): {launches} kernel launches, {launches / steps:.0f} per token, "
                  f"GPU busy {total / steps / 1e3:.3f} ms per token")
     lines.append(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
-    lines += kernel_lines
+    write_text(lines + kernel_lines, args.out, suffix)
+
+
+def write_text(lines: list[str], out: str, suffix: str) -> None:
     text = "\n".join(lines)
     print(text)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"profile-decode-{args.scheme}.txt"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"profile-decode-{suffix}.txt"), "w") as f:
         f.write(text + "\n")
 
 
