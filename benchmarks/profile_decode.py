@@ -75,16 +75,39 @@ def decode_kernels(llm, reps: int = 20) -> list[str]:
            f"{total:.1f} us GPU time per step",
            f"{'kernel':70s} {'us/step':>9s} {'launches':>9s} {'us each':>8s}"]
     out += [f"{k[:70]:70s} {t:9.1f} {n:9.1f} {t / n:8.2f}" for k, t, n in rows]
+    out.append("one replay in launch order: start (us from the first), kernel, GPU us")
+    out += [f"{start:9.1f}  {name[:60]:60s} {us:8.2f}" for start, name, us in replay_order(llm)]
+    return out
+
+
+def replay_order(llm) -> list[tuple[float, str, float]]:
+    """One replay of the batch-1 decode graph: (start in us from the first kernel, kernel name, GPU us) in launch
+    order."""
+    graph = llm.engine.runner.graphs.graphs[1]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
     kernels = sorted((e for e in prof.events() if str(e.device_type).endswith("CUDA")),
                      key=lambda e: e.time_range.start)
-    out.append("one replay in launch order: start (us from the first), kernel, GPU us")
     t0 = kernels[0].time_range.start if kernels else 0
-    out += [f"{e.time_range.start - t0:9.1f}  {e.name[:60]:60s} {e.time_range.end - e.time_range.start:8.2f}"
-            for e in kernels]
-    return out
+    return [(e.time_range.start - t0, e.name, e.time_range.end - e.time_range.start) for e in kernels]
+
+
+def by_layer(order: list[tuple[float, str, float]], layers: int) -> dict:
+    """A replay's GPU time split by decoder layer: every layer launches the same number of RMSNorms (input,
+    post-attention, and q_a's norm with q LoRA) and the final norm one more, so layer i starts at its first RMSNorm
+    and the head at the last one. Returns {"before": kernels ahead of the first layer (embedding), "layers": [us per
+    layer], "head": the final norm, the head and sampling}; the per-step rope table and position kernels fall in
+    the first layer."""
+    norms = [i for i, (_, name, _) in enumerate(order) if name == "_rms_norm_kernel"]
+    per = (len(norms) - 1) // layers
+    assert per * layers + 1 == len(norms), f"{len(norms)} RMSNorm launches for {layers} layers"
+    bounds = [norms[i * per] for i in range(layers)] + [norms[-1], len(order)]
+
+    def span(a, b):
+        return sum(us for _, _, us in order[a:b])
+    return {"before": span(0, bounds[0]), "layers": [span(bounds[i], bounds[i + 1]) for i in range(layers)],
+            "head": span(bounds[layers], len(order))}
 
 
 def main() -> None:

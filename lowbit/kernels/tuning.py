@@ -77,8 +77,14 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
         cfg = {"BM": 64, "BN": 128, "num_warps": 8, "num_stages": 3}
     else:  # 128 x 128 spills registers (eight unrolled planes); 128 x 64 does not
         cfg = {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3}
-    if not moe and b <= 64:
-        cfg["SPLIT_K"] = _split_k(cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]), cdiv(k, tile_k))
+    k_tiles = cdiv(k, tile_k)
+    if not moe and b <= 16 and k_tiles % 4 == 0:
+        # dense, decode rows: 64 columns in four K splits, int4 swapped, what autotuning picked on every R1 shape at
+        # M = 1..16 (benchmarks/kernels.py, H100, 2026-11-24, kernels-h100-80gb-hbm3-2026-11-24.json: o_proj 7168 x
+        # 16384 at M = 1 39.5 us, against 46.8 us for the 32-column, two-split heuristic in the decode graph)
+        cfg.update(BN=64, SPLIT_K=4, **({"SWAP": True} if bits == 4 else {}))
+    elif not moe and b <= 64:
+        cfg["SPLIT_K"] = _split_k(cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]), k_tiles)
     return cfg
 
 
