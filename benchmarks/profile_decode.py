@@ -96,13 +96,16 @@ def replay_order(llm) -> list[tuple[float, str, float]]:
 def by_layer(order: list[tuple[float, str, float]], layers: int) -> dict:
     """A replay's GPU time split by decoder layer: every layer launches the same number of RMSNorms (input,
     post-attention, and q_a's norm with q LoRA) and the final norm one more, so layer i starts at its first RMSNorm
-    and the head at the last one. Returns {"before": kernels ahead of the first layer (embedding), "layers": [us per
-    layer], "head": the final norm, the head and sampling}; the per-step rope table and position kernels fall in
-    the first layer."""
+    and the head at the last one; each layer must then hold one paged attention decode. Returns {"before": kernels
+    ahead of the first layer (embedding), "layers": [us per layer], "head": the final norm, the head and sampling};
+    the per-step rope table and position kernels fall in the first layer."""
     norms = [i for i, (_, name, _) in enumerate(order) if name == "_rms_norm_kernel"]
     per = (len(norms) - 1) // layers
     assert per * layers + 1 == len(norms), f"{len(norms)} RMSNorm launches for {layers} layers"
     bounds = [norms[i * per] for i in range(layers)] + [norms[-1], len(order)]
+    for i in range(layers):
+        attention = [name for _, name, _ in order[bounds[i]:bounds[i + 1]] if name.endswith("a_decode_kernel")]
+        assert len(attention) == 1, f"layer {i}: {len(attention)} attention decodes between its RMSNorms"
 
     def span(a, b):
         return sum(us for _, _, us in order[a:b])
