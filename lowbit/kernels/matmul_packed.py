@@ -427,8 +427,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
     fixup = split_k > 1 and out.dtype != torch.float32  # (a zeroed float32 output takes atomic adds instead)
     assert not fixup or moe is None, "a grouped launch's K splits add into a zeroed float32 output"
     if sum_slots:
-        assert routed_weights is not None and out.shape[0] == 1
-        ws, counters = slot_sum_buffers(moe, n, grid, fuse_silu, split_k, x.device)
+        ws, counters = slot_sum_buffers(moe, out, routed_weights, n, grid, fuse_silu, split_k)
     else:
         ws, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
     _packed_matmul_kernel[grid](

@@ -113,12 +113,13 @@ def split_buffers(m: int, n: int, split_k: int, tiles: int, device) -> tuple[tor
     return torch.empty(split_k, m, n, dtype=torch.float32, device=device), _COUNTERS[key]
 
 
-def slot_sum_buffers(moe: tuple | None, n: int, grid: tuple, fuse_silu: bool, split_k: int,
-                     device) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_sum_buffers(moe: tuple | None, out: torch.Tensor, routed_weights: torch.Tensor | None, n: int, grid: tuple,
+                     fuse_silu: bool, split_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(workspace [slots, n] float32, counters) for store_slot_sum: a one-token grouped launch (moe_mode 2) of a
-    projection without SiLU or K splits."""
+    projection without SiLU or K splits, its slots routed-weighted into the token's one output row."""
     assert moe_mode(moe) == 2 and not fuse_silu and split_k == 1, "slots are summed at one token, down, unsplit"
-    return split_buffers(grid[0], n, 1, grid[1], device)
+    assert routed_weights is not None and out.shape[0] == 1, "the slots' sum: routing weights, one output row"
+    return split_buffers(grid[0], n, 1, grid[1], out.device)
 
 
 def grid_and_rows(moe: tuple | None, m: int, n: int, bm: int, bn: int, split_k: int, dummy: torch.Tensor):
