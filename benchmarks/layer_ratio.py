@@ -29,7 +29,9 @@ from results_file import write_results  # noqa: E402
 
 from lowbit import LLM, SamplingParams  # noqa: E402
 
-DEPTH = {"r1": 61, "v2-lite": 27}  # the real models' layers (the first `first_k_dense_replace` dense)
+# the real models' (layers, dense layers first): DeepSeek-R1 has three dense layers, where the R1 geometry's cut has
+# one so that a few layers reach the MoE (make_random_checkpoint.GEOMETRIES)
+DEPTH = {"r1": (61, 3), "v2-lite": (27, 1)}
 
 
 def measure(geometry: str, layers: int, scheme: str, work: str, replays: int = 5) -> dict:
@@ -51,11 +53,13 @@ def measure(geometry: str, layers: int, scheme: str, work: str, replays: int = 5
     return out
 
 
-def estimate(r: dict, depth: int) -> float:
-    """us per token at the real depth: embedding + dense layers + MoE layers (their mean here) + head."""
-    dense, moe = r["layers"][:r["dense_layers"]], r["layers"][r["dense_layers"]:]
-    n_dense = r["dense_layers"]
-    return (r["before"] + sum(dense) / len(dense) * n_dense + sum(moe) / len(moe) * (depth - n_dense) + r["head"])
+def estimate(r: dict, depth: int, dense: int) -> float:
+    """us per token at the real depth of which the first `dense` layers are dense: embedding + dense layers (the cut's
+    dense layers' mean) + MoE layers (the cut's MoE layers' mean) + head."""
+    n = r["dense_layers"]
+    dense_us, moe_us = r["layers"][:n], r["layers"][n:]
+    return (r["before"] + sum(dense_us) / len(dense_us) * dense + sum(moe_us) / len(moe_us) * (depth - dense)
+            + r["head"])
 
 
 def report(results: dict, geometry: str, layers: int, device: str, out_dir: str) -> str:
@@ -64,15 +68,16 @@ def report(results: dict, geometry: str, layers: int, device: str, out_dir: str)
          "Produced by `python benchmarks/layer_ratio.py`: one replay of the batch-1 decode graph split by layer "
          "(the best of five), every scheme in the same run; ratios are bf16's time over the scheme's.", "",
          "| scheme | graph replay (us) | embedding | first layer (dense) | MoE layer (mean) | head + sampling | "
-         f"{DEPTH[geometry]} layers, estimated (us) | tok/s, estimated | vs bf16, MoE layer | vs bf16, whole model |",
+         f"{DEPTH[geometry][0]} layers ({DEPTH[geometry][1]} dense), estimated (us) | tok/s, estimated | "
+         "vs bf16, MoE layer | vs bf16, whole model |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for scheme, r in results.items():
         n = r["dense_layers"]
         moe = sum(r["layers"][n:]) / max(1, len(r["layers"][n:]))
-        est = estimate(r, DEPTH[geometry])
+        est = estimate(r, *DEPTH[geometry])
         if base:
             bmoe = sum(base["layers"][n:]) / max(1, len(base["layers"][n:]))
-            ratios = f"{bmoe / moe:.2f}x | {estimate(base, DEPTH[geometry]) / est:.2f}x"
+            ratios = f"{bmoe / moe:.2f}x | {estimate(base, *DEPTH[geometry]) / est:.2f}x"
         else:
             ratios = "- | -"
         L.append(f"| {scheme} | {r['graph_us']:.1f} | {r['before']:.1f} | {r['layers'][0]:.1f} | {moe:.1f} | "

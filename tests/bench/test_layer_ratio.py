@@ -45,5 +45,5 @@ def test_by_layer_refuses_a_split_that_does_not_fit():
 
 def test_estimate_scales_the_dense_and_moe_layers_to_the_real_depth():
     r = {"before": 2.0, "layers": [400.0, 300.0, 200.0], "head": 600.0, "dense_layers": 1}
-    # one dense layer, then 60 MoE layers at the mean of the two measured
-    assert estimate(r, 61) == pytest.approx(2.0 + 400.0 + 60 * 250.0 + 600.0)
+    # the cut's one dense layer stands for R1's three, its two MoE layers' mean for the other 58
+    assert estimate(r, 61, 3) == pytest.approx(2.0 + 3 * 400.0 + 58 * 250.0 + 600.0)
