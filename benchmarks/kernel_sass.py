@@ -117,14 +117,11 @@ def variants():
                    dict(PACKED_PTRS, x_ptr=x_t), const, warps, stages)
     const = dict(base, BITS=4, ACT=mp.ACT_NONE, BM=16, BN=64, TK=256, MOE=True, FUSE_SILU=True)
     yield "packed w4a16 fused-MoE gate_up BM=16 BN=64", mp._packed_matmul_kernel, PACKED_PTRS, const, 4, 3
-    uptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*bf16", "ws_ptr": "*fp32", "out_ptr": "*bf16",
-             "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32", "part_ptr": "*fp32",
-             "cnt_ptr": "*i32"}
     ubase = dict(MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, SPLIT_K=1, FIXUP=False)
     for name, kind, t in (("bf16", mu.KIND_BF16, "*bf16"), ("w8a8", mu.KIND_INT8_CHANNEL, "*i8"),
                           ("fp8-block", mu.KIND_FP8_BLOCK, "*fp8e4nv")):
         for bm, bn, bk, warps, stages in ((16, 64, 128, 4, 4), (128, 128, 128, 8, 4)):
-            yield (f"unpacked {name} BM={bm} BN={bn}", mu._unpacked_matmul_kernel, dict(uptrs, x_ptr=t, w_ptr=t),
+            yield (f"unpacked {name} BM={bm} BN={bn}", mu._unpacked_matmul_kernel, unpacked_ptrs(t),
                    dict(ubase, KIND=kind, BM=bm, BN=bn, BK=bk), warps, stages)
     yield ("mla_decode bf16 R=512 DR=64", md._mla_decode_kernel,
            {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i64", "lens_ptr": "*i64", "out_ptr": "*fp32",
@@ -137,6 +134,27 @@ def variants():
 
 
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have
+UNPACKED_KINDS = ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv"))
+
+
+def unpacked_ptrs(t: str, expert: str = "*i32") -> dict:
+    """_unpacked_matmul_kernel's pointer types for x and the weights of type t (expert: the router's int64 ids at one
+    token)."""
+    return {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16", "sorted_ptr": "*i32",
+            "expert_ptr": expert, "npad_ptr": "*i32", "rw_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+
+
+def fits(problems: list[str], name: str, r: dict) -> None:
+    """Note a compiled variant over Hopper's shared memory or spilling registers; print its figures."""
+    if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
+        problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
+    print(f"{name}: {r}", flush=True)
+
+
+def inspect_unpacked(t: str, const: dict, cfg: dict, expert: str = "*i32") -> dict:
+    """_unpacked_matmul_kernel compiled with constants const in launch configuration cfg, weights of type t."""
+    return inspect(compile_variant(mu._unpacked_matmul_kernel, unpacked_ptrs(t, expert), const,
+                                   cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
 
 
 def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False, moe: bool = False) -> dict:
@@ -232,16 +250,10 @@ def check_engine_configs() -> list[str]:
         # the swapped candidates autotuning may pick (tuning.candidates)
         for cfg in [c for c in tuning.candidates(True, m, K, 4) if c.get("SWAP")] if m in (1, 256) else []:
             for bits, act in ((4, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC)):
-                r = inspect_packed(bits, act, cfg)
-                name = f"packed swapped bits={bits} act={act} M={m} {cfg}"
-                if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
-                    problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
-                print(f"{name}: {r}", flush=True)
-        for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
+                fits(problems, f"packed swapped bits={bits} act={act} M={m} {cfg}", inspect_packed(bits, act, cfg))
+        for kind, t in UNPACKED_KINDS:
             cfg = tuning.unpacked_config(m, N, K, kind)
-            ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
-                    "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32",
-                    "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+            ptrs = unpacked_ptrs(t)
             if cfg.get("PERSISTENT"):  # many rows, int8 / fp8-block: the persistent kernel with descriptor loads
                 e = t[1:]
                 ptrs = {"a_desc": f"tensordesc<{e}[{cfg['BM']}, {cfg['BK']}]>",
@@ -268,24 +280,20 @@ def check_engine_configs() -> list[str]:
         for bits, act in ((4, mp.ACT_NONE), (8, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC), (4, mp.ACT_FP8_GRID),
                           (4, mp.ACT_INT8_TOKEN)):
             cfg = moe.gate_up_config(tuning.packed_config(m, 2048, 7168, bits, act, moe=True), packed=True)
-            r = inspect_packed(bits, act, cfg, moe=True)
-            name = f"MoE gate_up packed bits={bits} act={act} M={m} {cfg}"
-            if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
-                problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
-            print(f"{name}: {r}", flush=True)
-        for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
+            fits(problems, f"MoE gate_up packed bits={bits} act={act} M={m} {cfg}",
+                 inspect_packed(bits, act, cfg, moe=True))
+        for kind, t in UNPACKED_KINDS:
             cfg = moe.gate_up_config(tuning.unpacked_config(m, 2048, 7168, kind, moe=True), packed=False)
-            ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
-                    "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32",
-                    "part_ptr": "*fp32", "cnt_ptr": "*i32"}
             const = dict(KIND=kind, MOE=True, FUSE_SILU=True, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
                          BK=cfg["BK"], SPLIT_K=1, FIXUP=False)
-            r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
-                                        cfg.get("num_stages", 3)))
-            name = f"MoE gate_up unpacked kind={kind} M={m} {cfg}"
-            if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
-                problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
-            print(f"{name}: {r}", flush=True)
+            fits(problems, f"MoE gate_up unpacked kind={kind} M={m} {cfg}", inspect_unpacked(t, const, cfg))
+        if m == 1:  # one token's down projection, the slots summed by its last program (rows.store_slot_sum)
+            for kind, t in UNPACKED_KINDS:
+                cfg = tuning.unpacked_config(1, 2048, 1408, kind, moe=True)
+                const = dict(KIND=kind, MOE=2, FUSE_SILU=False, ROUTED_WEIGHT=True, BM=cfg["BM"], BN=cfg["BN"],
+                             BK=cfg["BK"], SPLIT_K=1, FIXUP=False, SUM_SLOTS=True)
+                fits(problems, f"one-token MoE down + slot sum, unpacked kind={kind} {cfg}",
+                     inspect_unpacked(t, const, cfg, expert="*i64"))
     # the decode kernels around the GEMMs: each compiles (the interpreter does not check what only the compiler does)
     from lowbit.kernels import mla_prep, norm_rope, router, split_kv
     small = [
@@ -375,25 +383,8 @@ def check_engine_configs() -> list[str]:
                 problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled, "
                                 f"{r['HGMMA']} HGMMA")
             print(f"{name}: {r}", flush=True)
-    # the one-token MoE's down projection on unpacked experts, the token's slots summed by its last program
-    for kind, t in ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv")):
-        cfg = tuning.unpacked_config(1, 2048, 1408, kind, moe=True)
-        ptrs = {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16",
-                "sorted_ptr": "*i32", "expert_ptr": "*i64", "npad_ptr": "*i32", "rw_ptr": "*fp32",
-                "part_ptr": "*fp32", "cnt_ptr": "*i32"}
-        const = dict(KIND=kind, MOE=2, FUSE_SILU=False, ROUTED_WEIGHT=True, BM=cfg["BM"], BN=cfg["BN"],
-                     BK=cfg["BK"], SPLIT_K=1, FIXUP=False, SUM_SLOTS=True)
-        r = inspect(compile_variant(mu._unpacked_matmul_kernel, ptrs, const, cfg.get("num_warps", 4),
-                                    cfg.get("num_stages", 3)))
-        name = f"one-token MoE down + slot sum, unpacked kind={kind} {cfg}"
-        if r["smem"] > SMEM_LIMIT or r["spill_bytes"]:
-            problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
-        print(f"{name}: {r}", flush=True)
     for name, fn, ptrs, const, warps, floats in small:
-        r = inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats))
-        if r["spill_bytes"] or r["smem"] > SMEM_LIMIT:
-            problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled")
-        print(f"{name}: {r}", flush=True)
+        fits(problems, name, inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats)))
     return problems
 
 
