@@ -40,8 +40,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from lowbit.kernels.rows import (gate_up_rows, program_rows, silu_mul_pairs, store_rows, store_slot_sum,
-                                     store_split)
+    from lowbit.kernels.rows import (gate_up_rows, one_token_expert, program_rows, silu_mul_pairs, store_rows,
+                                     store_slot_sum, store_split)
 
     @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
@@ -96,10 +96,8 @@ if triton is not None:
         offs_n = pid_n * BN + tl.arange(0, BN)
         n_mask = offs_n < N
         if MOE == 2:
-            if SUM_SLOTS:  # another rank's expert: no weights read, zeros added (its program counts for the sum)
-                n_mask = n_mask & ((tl.zeros_like(offs_n) + e) >= 0)
-                e = tl.maximum(e, 0)
-            elif e < 0:  # another rank's expert: the caller zeroed its output row
+            e, n_mask = one_token_expert(e, offs_n, n_mask, SUM_SLOTS)
+            if e < 0:  # another rank's expert: the caller zeroed its output row
                 return
         tiles = tl.cdiv(k_tiles, SPLIT_K)  # the last split may have fewer K tiles (V2-Lite's 1408 = 11 x 128)
         t_start = pid_k * tiles

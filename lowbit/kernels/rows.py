@@ -30,6 +30,17 @@ if triton is not None:
             return offs_m, offs_m < M, offs_m, 0
 
     @triton.jit
+    def one_token_expert(e, offs_n, n_mask, SUM_SLOTS: tl.constexpr):
+        """A one-token (MOE == 2) program's expert as the router gave it -> (the expert, its columns' mask). Another
+        rank's expert (-1) stays -1, for the program to skip (the caller zeroed its output row); with SUM_SLOTS it
+        becomes expert 0 with every column masked off: no weights read, zeros added, the program still counted for
+        the slots' sum (store_slot_sum)."""
+        if SUM_SLOTS:
+            n_mask = n_mask & ((tl.zeros_like(offs_n) + e) >= 0)
+            e = tl.maximum(e, 0)
+        return e, n_mask
+
+    @triton.jit
     def gate_up_rows(pid_n, N, BN: tl.constexpr):
         """The 2 * BN weight rows of a fused gate/up program, interleaved: gate row j at 2j, up row N + j at 2j + 1
         (the output columns pid_n * BN + j); and their mask."""
