@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
-from lowbit.kernels import moe, tuning  # noqa: E402
+from lowbit.kernels import moe, pdl, tuning  # noqa: E402
 from lowbit.kernels import matmul_unpacked as mu  # noqa: E402
 from lowbit.kernels import gqa_decode as gd  # noqa: E402
 from lowbit.kernels import mla_decode as md  # noqa: E402
@@ -37,6 +37,8 @@ NOT_DIVISIBLE = {"M", "T", "num_groups", "k_tiles", "k_groups", "x_row_div", "H"
 def compile_variant(fn, ptr_types: dict, const: dict, num_warps: int, num_stages: int, floats=("scale",)):
     # constexpr parameters left out take their defaults, as a launch does
     const = dict({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **const)
+    if "PDL" in fn.arg_names:  # as the engine launches it on a Hopper GPU (programmatic dependent launch)
+        const.setdefault("PDL", pdl.MODE or 1)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -341,7 +343,7 @@ def check_engine_configs() -> list[str]:
          dict(HALF=32, BLOCK=512, BLOCK_HALF=32, INTERLEAVED=True, NOPE=128, R=512, NOPE_P=128, BT=16, BR=64), 1,
          ("eps",)),
         ("mla_out bf16 R=512 V=128, 128 heads", mla_prep._out_kernel,
-         {"o_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(R=512, V=128, BT=16, BV=64, BK=64), 4, ()),
+         {"o_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(R=512, V=128, BT=16, BV=64, BK=64, LINES=8, STEP=64), 4, ()),
     ]
     from lowbit.kernels import act_quant, greedy
     small += [

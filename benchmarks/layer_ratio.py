@@ -6,6 +6,7 @@ DeepSeek-R1's widths), loaded with CUDA graphs; one replay of the batch-1 decode
 split by layer (profile_decode.by_layer), the best of a few replays per layer. The report gives each part's time, its
 ratio to bf16 in the same run, and the whole model at the geometry's real depth estimated from those parts
 (embedding + dense layers x their count + MoE layers x theirs + head), which needs no GPU that holds the model.
+Programmatic dependent launch is off here (kernels overlap under it, and the split needs them not to).
 
     python benchmarks/layer_ratio.py --geometry r1 --layers 2 [--schemes bf16,w4a16,w4a8] [--out benchmarks/results]
 """
@@ -28,6 +29,7 @@ from profile_decode import by_layer, graph_replay_time, replay_order  # noqa: E4
 from results_file import write_results  # noqa: E402
 
 from lowbit import LLM, SamplingParams  # noqa: E402
+from lowbit.kernels import pdl  # noqa: E402
 
 # the real models' (layers, dense layers first): DeepSeek-R1 has three dense layers, where the R1 geometry's cut has
 # one so that a few layers reach the MoE (make_random_checkpoint.GEOMETRIES)
@@ -93,6 +95,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/layer-ratio")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args()
+    # the split adds kernel durations, which must not overlap: with programmatic dependent launch a kernel placed
+    # early counts its wait (benchmarks/pdl_decode.py measures what PDL changes)
+    pdl.MODE = 0
     results = {}
     for scheme in args.schemes.split(","):
         results[scheme] = measure(args.geometry, args.layers, scheme, args.work)

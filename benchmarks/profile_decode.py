@@ -6,7 +6,8 @@ a time and launched ahead of the host (EngineConfig.async_decode), and eager.
     python benchmarks/profile_decode.py [--scheme bf16] [--layers 4] [--geometry v2-lite] [--graph-only] [--out DIR]
 Prints the table and writes profile-decode-<scheme>.txt (r1: profile-decode-r1-<scheme>.txt) to --out. --geometry r1
 takes DeepSeek-R1's widths (the first layer dense, the others MoE); --graph-only skips the step-at-a-time and eager
-runs (each loads the model again: minutes at R1's width).
+runs (each loads the model again: minutes at R1's width). Programmatic dependent launch is off here (LOWBIT_PDL=0):
+under it kernels overlap and a kernel's duration counts its wait.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import make_random_checkpoint as mrc  # noqa: E402
 
 from lowbit import LLM, SamplingParams  # noqa: E402
+from lowbit.kernels import pdl  # noqa: E402
 
 
 def per_token(llm, prompt, n) -> float:
@@ -122,6 +124,9 @@ def main() -> None:
     ap.add_argument("--geometry", default="v2-lite", choices=["v2-lite", "r1"])
     ap.add_argument("--graph-only", action="store_true")
     args = ap.parse_args()
+    # kernel durations must not overlap for the tables below: a kernel that programmatic dependent launch placed
+    # early counts its wait (benchmarks/pdl_decode.py measures what PDL changes)
+    pdl.MODE = 0
     cfg = dict(mrc.GEOMETRIES[args.geometry], num_hidden_layers=args.layers)
     path = os.path.join(args.work, f"{args.geometry}-{args.layers}l-{args.scheme}")
     if not os.path.exists(os.path.join(path, "config.json")):

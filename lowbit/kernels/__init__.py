@@ -18,6 +18,8 @@ The references are the CPU path and the oracles of the tests; the kernels run on
 - moe.py              the fused MoE: tokens sorted by expert (one launch up to 256 slots; one token needs no sort),
                       one launch per projection for all experts, a token's slots summed in one
 - norm_rope.py        RMSNorm and rotary embedding in one launch each (decode is launch-bound at batch 1)
+- pdl.py              programmatic dependent launch (Hopper): every launch's PDL keywords, the wait each kernel
+                      starts with, weights read or prefetched before it
 - rows.py             the GEMMs' shared row handling: grouped (MoE) rows, gate/up interleaving, stores
 - router.py           the MoE router: its logits (a GEMV) and what follows them (scores, bias, group-limited
                       top-k, weights), one launch each

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import cdiv
+from lowbit.kernels import cdiv, pdl
 
 FP8_MAX = 448.0
 FP8 = torch.float8_e4m3fn
@@ -57,6 +57,8 @@ def fp8_grid_rows_ref(x: torch.Tensor, scales: torch.Tensor, row_experts: torch.
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.pdl import enter
 except ImportError:  # the references above still serve the CPU
     triton = None
 
@@ -77,9 +79,10 @@ if triton is not None:
 
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, num_groups,
-                           GROUP: tl.constexpr, BLOCK: tl.constexpr, TO_FP8: tl.constexpr):
+                           GROUP: tl.constexpr, BLOCK: tl.constexpr, TO_FP8: tl.constexpr, PDL: tl.constexpr):
         """One program per (row, group): GROUP features (a whole row for per-token) -> values and one scale. A group
         that fits one BLOCK is read once and quantized from registers; a longer one in BLOCK steps, read twice."""
+        enter(PDL)
         row = tl.program_id(0)
         g = tl.program_id(1)
         start = g * GROUP
@@ -109,11 +112,12 @@ if triton is not None:
 
     @triton.jit
     def _fp8_grid_kernel(x_ptr, out_ptr, s_ptr, e_ptr, K, stride_x, stride_o, row_div,
-                         HAS_E: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_E: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """BLOCK features of one output row: x's row (row // row_div) divided by its expert's scale, rounded to e4m3
         and stored in the output's 16-bit dtype (the w4a8 GEMM at small M then runs the 16-bit path: the same exact
         products). One load per program: a decode-sized input is a few rows, and a loop over a row's blocks in one
         program waited for each block's load in turn (H100, 2026-11-24: about 8 us for one 16384-wide row)."""
+        enter(PDL)
         row = tl.program_id(0)
         e = 0
         if HAS_E:
@@ -137,7 +141,7 @@ def fp8_grid_rows(x: torch.Tensor, scales: torch.Tensor, row_experts: torch.Tens
         block = min(triton.next_power_of_2(x.shape[1]), GRID_BLOCK)
         _fp8_grid_kernel[(n, cdiv(x.shape[1], block))](
             x, out, scales, row_experts if row_experts is not None else scales, x.shape[1], x.stride(0),
-            out.stride(0), row_div, HAS_E=row_experts is not None, BLOCK=block, num_warps=4)
+            out.stride(0), row_div, HAS_E=row_experts is not None, BLOCK=block, num_warps=4, **pdl.launch(x.device))
     return out
 
 
@@ -152,7 +156,7 @@ def _quant_rows(x: torch.Tensor, group: int, to_fp8: bool) -> tuple[torch.Tensor
         if block > ONE_PASS_MAX:
             block = 1024
         _quant_rows_kernel[(M, groups)](x, q, s, K, x.stride(0), q.stride(0), groups, GROUP=group, BLOCK=block,
-                                        TO_FP8=to_fp8, num_warps=max(4, min(16, block // 1024)))
+                                        TO_FP8=to_fp8, num_warps=max(4, min(16, block // 1024)), **pdl.launch(x.device))
     return q, s
 
 

@@ -31,12 +31,14 @@ import os
 
 import torch
 
-from lowbit.kernels import cdiv
+from lowbit.kernels import cdiv, pdl
 from lowbit.kernels import matmul_packed as mp
 
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.pdl import enter, prefetch
 except ImportError:
     triton = None
 
@@ -70,7 +72,7 @@ if triton is not None:
                      MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
                      SUM_SLOTS: tl.constexpr,
                      BN: tl.constexpr, TK: tl.constexpr, TILES: tl.constexpr, SPLIT_K: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, PDL: tl.constexpr):
         PW: tl.constexpr = 32 // BITS
         PLANE: tl.constexpr = TK // PW
         MASK: tl.constexpr = (1 << BITS) - 1
@@ -82,6 +84,7 @@ if triton is not None:
         pid_k = tl.program_id(2)
         e_raw = 0
         if MOE:
+            enter(PDL)  # (the expert is the router's)
             e = tl.load(slot_expert_ptr + slot)
             e_raw = e
             if SUM_SLOTS:  # another rank's expert adds zeros (its program still counts for the sum below)
@@ -115,6 +118,12 @@ if triton is not None:
         t_end = tl.minimum(t_start + TILES, k_tiles)  # (the last split may be short)
         acc = tl.zeros([R, PLANE], dtype=tl.float32)
         nxt = tl.load(w_ptrs + t_start * PLANE, mask=n_mask[:, None], other=0)
+        if not MOE:
+            # a dense layer's first tile is read, and its next one asked of L2, while the kernel before finishes
+            LINES: tl.constexpr = PLANE // 32 if PLANE > 32 else 1
+            second = w_ptr + tl.where(n_mask, rows, 0) * stride_wn + tl.minimum(t_start + 1, t_end - 1) * PLANE
+            prefetch(second[:, None] + (tl.arange(0, LINES) * 32)[None, :], PDL)
+            enter(PDL)
         for t in range(t_start, t_end):
             words = nxt
             # the next tile's words are on their way while this one is computed (the last one is loaded twice;
@@ -229,7 +238,7 @@ def launch(x: torch.Tensor, pw: mp.PackedWeight, out: torch.Tensor, act: int, ac
         MOE=slot_experts is not None, FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         SUM_SLOTS=sum_slots,
         BN=bn, TK=pw.tile_k, TILES=tiles, SPLIT_K=split_k, EVEN_K=pw.k % pw.tile_k == 0,
-        num_warps=config.get("num_warps", 4), num_stages=1)
+        num_warps=config.get("num_warps", 4), num_stages=1, **pdl.launch(x.device))
     return out
 
 

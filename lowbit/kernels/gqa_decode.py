@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels import pdl
 from lowbit.kernels.split_kv import buffers, combine, default_splits
 from lowbit.layers.attention import gather_slots
 
@@ -32,6 +33,8 @@ def gqa_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.pdl import enter
 except ImportError:
     triton = None
 
@@ -43,7 +46,9 @@ if triton is not None:
                            H, G, scale, stride_qb, stride_qh, stride_kslot, stride_kh, stride_vslot, stride_vh,
                            stride_bt, max_blocks,
                            D: tl.constexpr, DV: tl.constexpr, D_P: tl.constexpr, DV_P: tl.constexpr,
-                           PAGE: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr):
+                           PAGE: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
+                           PDL: tl.constexpr):
+        enter(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -92,5 +97,5 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bl
             H, G, scale, q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), v_cache.stride(1),
             v_cache.stride(2), block_tables.stride(0), block_tables.shape[1],
             D=D, DV=Dv, D_P=max(16, triton.next_power_of_2(D)), DV_P=max(16, triton.next_power_of_2(Dv)),
-            PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2)
+            PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2, **pdl.launch(q.device))
     return combine(partial, lse, q.dtype)

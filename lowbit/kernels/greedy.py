@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import triton_available
+from lowbit.kernels import pdl, triton_available
 
 CHUNK = 2048  # vocabulary entries per program of the first pass
 
@@ -23,8 +23,11 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from lowbit.kernels.pdl import enter
+
     @triton.jit
-    def _chunk_max_kernel(x_ptr, max_ptr, idx_ptr, V, stride_x, num_chunks, CHUNK: tl.constexpr):
+    def _chunk_max_kernel(x_ptr, max_ptr, idx_ptr, V, stride_x, num_chunks, CHUNK: tl.constexpr, PDL: tl.constexpr):
+        enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         cols = c * CHUNK + tl.arange(0, CHUNK)
@@ -35,7 +38,8 @@ if triton_available():
         tl.store(idx_ptr + row * num_chunks + c, first)
 
     @triton.jit
-    def _pick_kernel(max_ptr, idx_ptr, out_ptr, num_chunks, C_P: tl.constexpr):
+    def _pick_kernel(max_ptr, idx_ptr, out_ptr, num_chunks, C_P: tl.constexpr, PDL: tl.constexpr):
+        enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, C_P)
         mask = c < num_chunks
@@ -56,6 +60,8 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     idx = torch.empty(B, chunks, dtype=torch.int32, device=logits.device)
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B:
-        _chunk_max_kernel[(B, chunks)](logits, maxes, idx, V, logits.stride(0), chunks, CHUNK=CHUNK, num_warps=4)
-        _pick_kernel[(B,)](maxes, idx, out, chunks, C_P=max(16, triton.next_power_of_2(chunks)), num_warps=1)
+        _chunk_max_kernel[(B, chunks)](logits, maxes, idx, V, logits.stride(0), chunks, CHUNK=CHUNK, num_warps=4,
+                                       **pdl.launch(logits.device))
+        _pick_kernel[(B,)](maxes, idx, out, chunks, C_P=max(16, triton.next_power_of_2(chunks)), num_warps=1,
+                           **pdl.launch(logits.device))
     return out

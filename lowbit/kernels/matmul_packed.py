@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from lowbit.kernels import act_quant
+from lowbit.kernels import act_quant, pdl
 from lowbit.kernels.packed_layout import (  # noqa: F401 (the packed weights' API, used through this module)
     PackedWeight, cat_rows, default_tile_k, pair, planar_words, repack, slice_rows_cols, unpack, values)
 from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split_buffers
@@ -67,6 +67,8 @@ def packed_matmul_ref(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE,
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.pdl import enter
 except ImportError:
     triton = None
 
@@ -284,7 +286,8 @@ if triton is not None:
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
                               SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
                               PAIRED: tl.constexpr = False, ASM: tl.constexpr = False,
-                              SUM_SLOTS: tl.constexpr = False):
+                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = False):
+        enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -340,8 +343,9 @@ if triton is not None:
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_we, stride_wn, stride_se, stride_oe, stride_on,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
-                        TK: tl.constexpr, PAIRED: tl.constexpr = False):
+                        TK: tl.constexpr, PAIRED: tl.constexpr = False, PDL: tl.constexpr = False):
         """One K tile of BN rows of one expert: the packed words back to (value - zero) * scale in out's dtype."""
+        enter(PDL)
         PW: tl.constexpr = 32 // BITS
         PLANE: tl.constexpr = TK // PW
         HALF: tl.constexpr = 1 << (BITS - 1)
@@ -405,7 +409,7 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
             words, scales, zeros, out, pw.n, pw.k, words.stride(0), words.stride(1), scales.stride(0),
             out.stride(0), out.stride(1),
             BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, BN=bn, TK=pw.tile_k, PAIRED=pw.paired,
-            num_warps=4)
+            num_warps=4, **pdl.launch(words.device))
     return out[0] if expert is not None else out
 
 
@@ -438,7 +442,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
         EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda, SUM_SLOTS=sum_slots,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
     return out
 
 

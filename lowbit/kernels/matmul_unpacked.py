@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import act_quant, cdiv
+from lowbit.kernels import act_quant, cdiv, pdl
 from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split_buffers
 
 KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK = 0, 1, 2
@@ -36,6 +36,8 @@ def unpacked_matmul_ref(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: to
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.pdl import enter
 except ImportError:
     triton = None
 
@@ -85,7 +87,8 @@ if triton is not None:
                                 KIND: tl.constexpr, MOE: tl.constexpr, FUSE_SILU: tl.constexpr,
                                 ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                 BK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
-                                SUM_SLOTS: tl.constexpr = False):
+                                SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = False):
+        enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -123,12 +126,13 @@ if triton is not None:
     @triton.jit
     def _persistent_matmul_kernel(a_desc, b_desc, xs_ptr, ws_ptr, out_ptr, M, N, K, k_groups, stride_om, stride_wsn,
                                   KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                  GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr):
+                                  GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, PDL: tl.constexpr):
         """A dense product of many rows (prefill), int8 (KIND 1) or fp8-block (KIND 2): one program per
         multiprocessor walking the output tiles GROUP_M row tiles at a time (their weight tiles shared in L2), the
         operands brought in by the tensor memory accelerator (descriptors: no address arithmetic in the loop, zeros
         past the edges). H100, 2026-11-24, fp8-block on R1's shapes at M = 4096: 701-824 TFLOP/s against 536-585 for
         _unpacked_matmul_kernel's 128 x 128 tiles (benchmarks/results/kernels-h100-80gb-hbm3-2026-11-24*.md)."""
+        enter(PDL)
         num_pid_m = tl.cdiv(M, BM)
         num_pid_n = tl.cdiv(N, BN)
         k_tiles = tl.cdiv(K, BK)
@@ -200,7 +204,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
         KIND=kind, MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup, SUM_SLOTS=sum_slots,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
     return out
 
 
@@ -229,7 +233,8 @@ def launch_persistent(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w_scal
             TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]), xs,
             w_scale.reshape(-1) if kind == KIND_INT8_CHANNEL else w_scale, out, M, N, K, cdiv(K, FP8_BLOCK),
             out.stride(0), w_scale.stride(0), KIND=kind, BM=bm, BN=bn, BK=bk, GROUP_M=config.get("GROUP_M", GROUP_M),
-            PROGRAMS=programs, num_warps=config.get("num_warps", 8), num_stages=config.get("num_stages", 4))
+            PROGRAMS=programs, num_warps=config.get("num_warps", 8), num_stages=config.get("num_stages", 4),
+            **pdl.launch(x.device))
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import cdiv
+from lowbit.kernels import cdiv, pdl
 from lowbit.kernels.split_kv import buffers, combine, default_splits
 from lowbit.layers.attention import gather_slots
 
@@ -31,6 +31,8 @@ def mla_decode_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.pdl import enter
 except ImportError:
     triton = None
 
@@ -41,7 +43,9 @@ if triton is not None:
     def _mla_decode_kernel(q_ptr, cache_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr,
                            H, scale, stride_qb, stride_qh, stride_cache, stride_bt, max_blocks,
                            R: tl.constexpr, DR: tl.constexpr, R_P: tl.constexpr, DR_P: tl.constexpr,
-                           PAGE: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr):
+                           PAGE: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr,
+                           PDL: tl.constexpr):
+        enter(PDL)
         b = tl.program_id(0)
         hb = tl.program_id(1)
         split = tl.program_id(2)
@@ -88,5 +92,5 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
             q, kv_cache, block_tables, context_lens, partial, lse,
             H, scale, q.stride(0), q.stride(1), kv_cache.stride(1), block_tables.stride(0), block_tables.shape[1],
             R=rank, DR=rope, R_P=max(16, triton.next_power_of_2(rank)), DR_P=max(16, triton.next_power_of_2(rope)),
-            PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2)
+            PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2, **pdl.launch(q.device))
     return combine(partial, lse, q.dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import cdiv, triton_available
+from lowbit.kernels import cdiv, pdl, triton_available
 
 
 def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -52,6 +52,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from lowbit.kernels.pdl import enter, prefetch
+
     from lowbit.kernels.split_kv import dot
 
     @triton.jit
@@ -69,7 +71,8 @@ if triton_available():
     @triton.jit
     def _store_kv_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr, N, stride_kv, stride_c, eps,
                          HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                         INTERLEAVED: tl.constexpr):
+                         INTERLEAVED: tl.constexpr, PDL: tl.constexpr):
+        enter(PDL)
         _store_kv_row(tl.program_id(0), kv_ptr, w_ptr, cos_ptr, sin_ptr, slots_ptr, cache_ptr, N, stride_kv, stride_c,
                       eps, HALF, BLOCK, BLOCK_HALF, INTERLEAVED)
 
@@ -78,11 +81,15 @@ if triton_available():
                      q_ptr, uk_ptr, out_ptr, T, stride_qt, stride_qh, stride_ot, stride_oh, H, R_BLOCKS,
                      HALF: tl.constexpr, BLOCK: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
                      NOPE: tl.constexpr, R: tl.constexpr, NOPE_P: tl.constexpr, BT: tl.constexpr,
-                     BR: tl.constexpr):
+                     BR: tl.constexpr, PDL: tl.constexpr):
         """mla_store_kv's and mla_q_prep's programs in one launch (they read different inputs and write different
         outputs): the first q-prep tiles, then one program a token for the cache."""
         pid = tl.program_id(0)
         n_q = tl.cdiv(T, BT) * H * R_BLOCKS
+        if pid < n_q:  # W_UK's [NOPE, BR] tile asked of L2 while the kernel before finishes (a 128-byte line a row)
+            k = tl.minimum(tl.arange(0, NOPE_P), NOPE - 1)
+            prefetch(uk_ptr + ((pid // R_BLOCKS) % H) * NOPE * R + k * R + (pid % R_BLOCKS) * BR, PDL)
+        enter(PDL)
         if pid < n_q:
             _q_prep_tile(pid // (H * R_BLOCKS), (pid // R_BLOCKS) % H, pid % R_BLOCKS, q_ptr, uk_ptr, cos_ptr,
                          sin_ptr, out_ptr, T, stride_qt, stride_qh, stride_ot, stride_oh, stride_c, NOPE, R, HALF,
@@ -119,7 +126,9 @@ if triton_available():
     @triton.jit
     def _q_prep_kernel(q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, T, stride_qt, stride_qh, stride_ot, stride_oh,
                        stride_c, NOPE: tl.constexpr, R: tl.constexpr, HALF: tl.constexpr, NOPE_P: tl.constexpr,
-                       BLOCK_HALF: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, INTERLEAVED: tl.constexpr):
+                       BLOCK_HALF: tl.constexpr, BT: tl.constexpr, BR: tl.constexpr, INTERLEAVED: tl.constexpr,
+                       PDL: tl.constexpr):
+        enter(PDL)
         _q_prep_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
                      T, stride_qt, stride_qh, stride_ot, stride_oh, stride_c, NOPE, R, HALF, NOPE_P, BLOCK_HALF, BT, BR,
                      INTERLEAVED)
@@ -153,15 +162,20 @@ if triton_available():
 
     @triton.jit
     def _out_kernel(o_ptr, w_ptr, out_ptr, T, stride_ot, stride_oh, stride_out, R: tl.constexpr, V: tl.constexpr,
-                    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-        """BT tokens of head h: columns h * V + [vb * BV, +BV) of the output, o_latent[:, h] @ W_UV[h]^T."""
+                    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, LINES: tl.constexpr, STEP: tl.constexpr,
+                    PDL: tl.constexpr):
+        """BT tokens of head h: columns h * V + [vb * BV, +BV) of the output, o_latent[:, h] @ W_UV[h]^T. The
+        program's W_UV rows (LINES lines of STEP elements each) are asked of L2 while the kernel before finishes."""
         tb = tl.program_id(0)
         h = tl.program_id(1)
         vb = tl.program_id(2)
-        t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
-        t_mask = t < T
         v = vb * BV + tl.arange(0, BV)
         v_mask = v < V
+        prefetch(w_ptr + (h * V + tl.where(v_mask, v, 0))[:, None] * R
+                 + tl.minimum(tl.arange(0, LINES) * STEP, R - 1)[None, :], PDL)
+        enter(PDL)
+        t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
+        t_mask = t < T
         k = tl.arange(0, BK)
         acc = tl.zeros([BT, BV], dtype=tl.float32)
         for k0 in range(0, R, BK):
@@ -215,7 +229,8 @@ def mla_store_kv(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos:
         # the warps of rms_norm's launch: the same reduction tree, so the same sum on a GPU too
         _store_kv_kernel[(T,)](kv_a, norm_weight, cos, sin, slots, cache, R, kv_a.stride(0), cos.stride(0), eps,
                                HALF=half, BLOCK=block, BLOCK_HALF=triton.next_power_of_2(half),
-                               INTERLEAVED=interleaved, num_warps=min(16, max(1, block // 512)))
+                               INTERLEAVED=interleaved, num_warps=min(16, max(1, block // 512)),
+                               **pdl.launch(kv_a.device))
 
 
 def mla_q_prep(q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -229,7 +244,8 @@ def mla_q_prep(q: torch.Tensor, w_uk: torch.Tensor, cos: torch.Tensor, sin: torc
         _q_prep_kernel[(cdiv(T, 16), H, cdiv(R, br))](
             q, w_uk, cos, sin, out, T, q.stride(0), q.stride(1), out.stride(0), out.stride(1), cos.stride(0),
             NOPE=nope, R=R, HALF=half, NOPE_P=max(16, triton.next_power_of_2(nope)),
-            BLOCK_HALF=triton.next_power_of_2(half), BT=16, BR=br, INTERLEAVED=interleaved, num_warps=4)
+            BLOCK_HALF=triton.next_power_of_2(half), BT=16, BR=br, INTERLEAVED=interleaved, num_warps=4,
+            **pdl.launch(q.device))
     return out
 
 
@@ -252,7 +268,7 @@ def mla_prep(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, cos: tor
             q, w_uk, out, T, q.stride(0), q.stride(1), out.stride(0), out.stride(1), H, r_blocks,
             HALF=half, BLOCK=block, BLOCK_HALF=triton.next_power_of_2(half), INTERLEAVED=interleaved,
             NOPE=nope, R=R, NOPE_P=max(16, triton.next_power_of_2(nope)), BT=16, BR=br,
-            num_warps=min(16, max(1, block // 512)))
+            num_warps=min(16, max(1, block // 512)), **pdl.launch(kv_a.device))
     return out
 
 
@@ -268,5 +284,7 @@ def mla_out(o_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
         bv = _tile(V, 64)
         _out_kernel[(cdiv(T, 16), H, cdiv(V, bv))](o_latent, w_uv, out, T, o_latent.stride(0), o_latent.stride(1),
                                                     out.stride(0), R=R, V=V, BT=16, BV=bv, BK=_tile(R, 64),
-                                                    num_warps=4)
+                                                    LINES=triton.next_power_of_2(cdiv(R * w_uv.element_size(), 128)),
+                                                    STEP=128 // w_uv.element_size(), num_warps=4,
+                                                    **pdl.launch(o_latent.device))
     return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import act_quant, cdiv, gemv_packed
+from lowbit.kernels import act_quant, cdiv, gemv_packed, pdl
 from lowbit.kernels import matmul_packed as mp
 from lowbit.kernels import matmul_unpacked as mu
 from lowbit.kernels import tuning
@@ -24,6 +24,8 @@ from lowbit.kernels import tuning
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.pdl import enter
 except ImportError:
     triton = None
 
@@ -57,16 +59,18 @@ def align_kernel(topk_ids: torch.Tensor, num_experts: int, block_m: int
     num_padded = torch.empty(1, dtype=torch.int32, device=flat.device)
     bn = max(16, triton.next_power_of_2(n))
     _align_kernel[(1,)](flat, sorted_ids, block_expert, num_padded, n, num_experts, capacity, capacity // block_m,
-                        BLOCK_M=block_m, BN=bn, CHUNK=32, FILL=256, num_warps=4)
+                        BLOCK_M=block_m, BN=bn, CHUNK=32, FILL=256, num_warps=4, **pdl.launch(flat.device))
     return sorted_ids, block_expert, num_padded
 
 
 if triton is not None:
     @triton.jit
     def _align_kernel(ids_ptr, sorted_ptr, expert_ptr, npad_ptr, n, E, capacity, num_blocks,
-                      BLOCK_M: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr, FILL: tl.constexpr,
+                      PDL: tl.constexpr):
         """One program: slot i of expert e goes to start(e) + (slots of e before i), start(e) the padded counts of
         the experts below e; then the blocks take their experts and the rest is padding."""
+        enter(PDL)
         i = tl.arange(0, BN)
         e_i = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
         real = e_i >= 0
@@ -289,8 +293,9 @@ def _fused_moe_one_token(x, w13: PackedExperts, w2: PackedExperts, topk_weights,
 
 if triton is not None:
     @triton.jit
-    def _moe_sum_kernel(x_ptr, out_ptr, K, H, stride_t, stride_k, stride_o, BLOCK: tl.constexpr):
+    def _moe_sum_kernel(x_ptr, out_ptr, K, H, stride_t, stride_k, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """One token, BLOCK features: the sum of its K slot rows in float32, rounded once."""
+        enter(PDL)
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < H
@@ -310,7 +315,7 @@ def moe_sum(parts: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     if T:
         block = min(1024, triton.next_power_of_2(H))
         _moe_sum_kernel[(T, triton.cdiv(H, block))](parts, out, k, H, parts.stride(0), parts.stride(1),
-                                                    out.stride(0), BLOCK=block, num_warps=4)
+                                                    out.stride(0), BLOCK=block, num_warps=4, **pdl.launch(parts.device))
     return out
 
 

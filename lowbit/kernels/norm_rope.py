@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import triton_available
+from lowbit.kernels import pdl, triton_available
 
 if triton_available():
     import triton
     import triton.language as tl
 
+    from lowbit.kernels.pdl import enter
+
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, stride_x, stride_r, stride_o, eps,
-                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
         """One row: x / sqrt(mean(x^2) + eps), rounded to x's dtype, times the weight (as the HF models do).
         HAS_RES: x + residual first, rounded to x's dtype as torch's add rounds, and written to sum_ptr."""
+        enter(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -35,9 +38,11 @@ if triton_available():
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
-                     HALF: tl.constexpr, BLOCK: tl.constexpr, BH: tl.constexpr, INTERLEAVED: tl.constexpr):
+                     HALF: tl.constexpr, BLOCK: tl.constexpr, BH: tl.constexpr, INTERLEAVED: tl.constexpr,
+                     PDL: tl.constexpr):
         """One token, BH heads: out = [x1 cos - x2 sin, x2 cos + x1 sin], x1/x2 the even/odd features
         (interleaved) or the two halves."""
+        enter(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1) * BH + tl.arange(0, BH)
         i = tl.arange(0, BLOCK)
@@ -75,7 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         block = triton.next_power_of_2(N)
         _rms_norm_kernel[(x2.shape[0],)](x2, res, summed, weight, out, N, x2.stride(0), res.stride(0),
                                          out.stride(0), eps, BLOCK=block, HAS_RES=residual is not None,
-                                         num_warps=min(16, max(1, block // 512)))
+                                         num_warps=min(16, max(1, block // 512)), **pdl.launch(x2.device))
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), summed.view(x.shape)
@@ -92,5 +97,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         bh = min(triton.next_power_of_2(H), max(1, 4096 // block))  # up to 4096 pairs a program
         _rope_kernel[(T, triton.cdiv(H, bh))](x, cos, sin, out, H, x.stride(0), x.stride(1), out.stride(0),
                                               out.stride(1), cos.stride(0), HALF=D // 2, BLOCK=block, BH=bh,
-                                              INTERLEAVED=interleaved, num_warps=4 if bh * block >= 1024 else 1)
+                                              INTERLEAVED=interleaved, num_warps=4 if bh * block >= 1024 else 1,
+                                              **pdl.launch(x.device))
     return out

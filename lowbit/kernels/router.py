@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import triton_available
+from lowbit.kernels import pdl, triton_available
 
 
 def router_logits_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -49,13 +49,17 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from lowbit.kernels.pdl import enter
+
     @triton.jit
     def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, scaling,
                       E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
                       TOPK_GROUP: tl.constexpr,
-                      SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHARED: tl.constexpr):
+                      SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHARED: tl.constexpr,
+                      PDL: tl.constexpr):
         """One token. G > 1: groups of E / G experts, scored by their best (no bias) or best two (bias) choices;
         only the TOPK_GROUP best groups' experts may be chosen. Ties go to the lower index, as in torch.topk."""
+        enter(PDL)
         t = tl.program_id(0)
         e = tl.arange(0, E_P)
         valid = e < E
@@ -107,12 +111,18 @@ if triton_available():
 
     @triton.jit
     def _logits_kernel(x_ptr, w_ptr, out_ptr, T, E, D, stride_x, stride_w,
-                       BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr):
+                       BT: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
         """out[t, e] = sum_d x[t, d] * w[e, d] in float32 for a [BT, BE] tile, D in chunks of BD. DOT (x and w of one
         16-bit dtype, BT, BE >= 16): tl.dot on the 16-bit operands, whose products are exact, accumulated in fp32;
         else the products in a [BT, BE, BD] float32 accumulator, summed over D at the end (few tokens: a GEMV)."""
         t = tl.program_id(1) * BT + tl.arange(0, BT)
         e = tl.program_id(0) * BE + tl.arange(0, BE)
+        w_rows = w_ptr + e[:, None] * stride_w
+        # the router's weights (no kernel writes them) are read a chunk ahead, the first while the kernel before
+        # finishes
+        d = tl.arange(0, BD)
+        w_next = tl.load(w_rows + d[None, :], mask=(e[:, None] < E) & (d[None, :] < D), other=0.0)  # [BE, BD]
+        enter(PDL)
         if DOT:
             acc = tl.zeros([BT, BE], dtype=tl.float32)
         else:
@@ -121,8 +131,8 @@ if triton_available():
             d = d0 + tl.arange(0, BD)
             x = tl.load(x_ptr + t[:, None] * stride_x + d[None, :], mask=(t[:, None] < T) & (d[None, :] < D),
                         other=0.0)  # [BT, BD]
-            w = tl.load(w_ptr + e[:, None] * stride_w + d[None, :], mask=(e[:, None] < E) & (d[None, :] < D),
-                        other=0.0)  # [BE, BD]
+            w = w_next
+            w_next = tl.load(w_rows + BD + d[None, :], mask=(e[:, None] < E) & (BD + d[None, :] < D), other=0.0)
             if DOT:
                 acc = tl.dot(x, tl.trans(w), acc)
             else:
@@ -161,7 +171,8 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         BT, BE = min(triton.next_power_of_2(T), 16), triton.next_power_of_2(max(1, E // 128))
         BD, dot = min(triton.next_power_of_2(D), 16384 // (BT * BE), 2048), False
     _logits_kernel[(triton.cdiv(E, BE), triton.cdiv(T, BT))](x, weight, out, T, E, D, x.stride(0), weight.stride(0),
-                                                           BT=BT, BE=BE, BD=BD, DOT=dot, num_warps=4)
+                                                           BT=BT, BE=BE, BD=BD, DOT=dot, num_warps=4,
+                                                           **pdl.launch(x.device))
     return out
 
 
@@ -178,5 +189,5 @@ def route(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmo
                             float(scaling), E_P=triton.next_power_of_2(E), K=top_k, K_P=triton.next_power_of_2(top_k), G=n_group,
                             G_P=triton.next_power_of_2(n_group),
                             TOPK_GROUP=topk_group, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORM=normalize,
-                            SHARED=shared, num_warps=4)
+                            SHARED=shared, num_warps=4, **pdl.launch(logits.device))
     return weights, ids

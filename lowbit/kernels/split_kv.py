@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
+
+    from lowbit.kernels.pdl import enter
 except ImportError:
     triton = None
 
@@ -80,8 +84,9 @@ def combine_ref(partial: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 if triton is not None:
     @triton.jit
     def _combine_kernel(partial_ptr, lse_ptr, out_ptr, rows, D, S: tl.constexpr, S_P: tl.constexpr,
-                        BR: tl.constexpr, D_P: tl.constexpr):
+                        BR: tl.constexpr, D_P: tl.constexpr, PDL: tl.constexpr):
         """BR (sequence, head) rows: their S partial outputs weighted by softmax(lse) over the splits."""
+        enter(PDL)
         r = tl.program_id(0) * BR + tl.arange(0, BR)
         r_mask = r < rows
         s = tl.arange(0, S_P)
@@ -111,5 +116,5 @@ def combine(partial: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> tor
         d_p = triton.next_power_of_2(D)
         br = max(1, min(4096 // d_p, triton.next_power_of_2(triton.cdiv(rows, 128))))  # 128+ programs when it can
         _combine_kernel[(triton.cdiv(rows, br),)](partial, lse, out, rows, D, S=S, S_P=triton.next_power_of_2(S),
-                                                   BR=br, D_P=d_p, num_warps=4)
+                                                   BR=br, D_P=d_p, num_warps=4, **pdl.launch(partial.device))
     return out
