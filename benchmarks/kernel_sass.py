@@ -34,10 +34,6 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 NOT_DIVISIBLE = {"M", "T", "num_groups", "k_tiles", "k_groups", "x_row_div", "H", "G", "max_blocks", "scale"}
 
 
-# the route kernel's stacks to prefetch (packed words, scales) as the engine passes them
-ROUTE_PF = {"pf0": "*i32", "pf1": "*fp32", "pf2": "*i32", "pf3": "*fp32"}
-
-
 def compile_variant(fn, ptr_types: dict, const: dict, num_warps: int, num_stages: int, floats=("scale",)):
     # constexpr parameters left out take their defaults, as a launch does
     const = dict({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **const)
@@ -324,13 +320,9 @@ def check_engine_configs() -> list[str]:
          {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"},
          dict(BITS=4, GROUP=128, HAS_ZP=False, BN=64, TK=256, PAIRED=True), 4, ()),
         ("router R1", router._route_kernel,
-         {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64", **ROUTE_PF},
-         dict(E_P=256, K=8, K_P=8, G=8, G_P=8, TOPK_GROUP=4, SIGMOID=True, HAS_BIAS=True, NORM=True, SHARED=1, PF=0),
-         4, ("scaling",)),
-        ("router V2-Lite, its experts asked of L2 (four stacks)", router._route_kernel,
-         {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64", **ROUTE_PF},
-         dict(E_P=64, K=6, K_P=8, G=1, G_P=1, TOPK_GROUP=1, SIGMOID=False, HAS_BIAS=False, NORM=False, SHARED=2,
-              PF=4), 4, ("scaling",)),
+         {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32", "ids_ptr": "*i64"},
+         dict(E_P=256, K=8, K_P=8, G=8, G_P=8, TOPK_GROUP=4, SIGMOID=True, HAS_BIAS=True, NORM=True, SHARED=1), 4,
+         ("scaling",)),
         ("router logits R1 T=1 (bf16 x, fp32 w)", router._logits_kernel,
          {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32"}, dict(BT=1, BE=2, BD=2048, DOT=False), 4, ()),
         ("router logits R1 T=16 block (bf16 x, fp32 w)", router._logits_kernel,

@@ -70,17 +70,6 @@ if triton_available():
                                       dtype=tl.int32, is_pure=False, pack=1)
 
 
-    @triton.jit
-    def prefetch_bytes(base, offset, nbytes):
-        """Ask L2 for nbytes (a multiple of 16, below 4 GiB) from base + offset bytes (16-byte aligned): one bulk
-        prefetch (sm_90's cp.async.bulk.prefetch.L2), issued by the program's first thread; scalars all."""
-        addr = base.to(tl.int64) + offset
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; } // dummy $0",
-            "=r,l,r", [addr, nbytes.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
 @functools.cache
 def _supported(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9

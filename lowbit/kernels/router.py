@@ -49,32 +49,16 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from lowbit.kernels.pdl import enter, prefetch_bytes
-
-    @triton.jit
-    def _prefetch_expert(e, pf0, pf1, pf2, pf3, pf_bytes0, pf_bytes1, pf_bytes2, pf_bytes3, PF: tl.constexpr):
-        if PF > 0:
-            prefetch_bytes(pf0, e * pf_bytes0, pf_bytes0)
-        if PF > 1:
-            prefetch_bytes(pf1, e * pf_bytes1, pf_bytes1)
-        if PF > 2:
-            prefetch_bytes(pf2, e * pf_bytes2, pf_bytes2)
-        if PF > 3:
-            prefetch_bytes(pf3, e * pf_bytes3, pf_bytes3)
+    from lowbit.kernels.pdl import enter
 
     @triton.jit
     def _route_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, scaling,
                       E_P: tl.constexpr, K: tl.constexpr, K_P: tl.constexpr, G: tl.constexpr, G_P: tl.constexpr,
                       TOPK_GROUP: tl.constexpr,
                       SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, SHARED: tl.constexpr,
-                      pf0, pf1, pf2, pf3, pf_bytes0, pf_bytes1, pf_bytes2, pf_bytes3, PF: tl.constexpr,
                       PDL: tl.constexpr):
         """One token. G > 1: groups of E / G experts, scored by their best (no bias) or best two (bias) choices;
-        only the TOPK_GROUP best groups' experts may be chosen. Ties go to the lower index, as in torch.topk.
-        PF > 0: each chosen expert's slice of the first PF stacks pf0.. (pf_bytes an expert) is asked of L2 as soon
-        as it is chosen, the shared experts' before the wait (route's docstring)."""
-        for j in tl.static_range(SHARED):
-            _prefetch_expert(E + j, pf0, pf1, pf2, pf3, pf_bytes0, pf_bytes1, pf_bytes2, pf_bytes3, PF)
+        only the TOPK_GROUP best groups' experts may be chosen. Ties go to the lower index, as in torch.topk."""
         enter(PDL)
         t = tl.program_id(0)
         e = tl.arange(0, E_P)
@@ -117,7 +101,6 @@ if triton_available():
             top_w = tl.where(k_idx == r, w, top_w)
             top_i = tl.where(k_idx == r, i.to(tl.int64), top_i)
             choice = tl.where(e == i, float("-inf"), choice)
-            _prefetch_expert(i.to(tl.int64), pf0, pf1, pf2, pf3, pf_bytes0, pf_bytes1, pf_bytes2, pf_bytes3, PF)
         if NORM:
             top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)
         tl.store(w_ptr + t * (K + SHARED) + k_idx, top_w * scaling, mask=k_idx < K)
@@ -195,31 +178,16 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def route(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
           bias: torch.Tensor | None, normalize: bool, scaling: float,
-          shared: int = 0, prefetch: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel of route_ref: (weights [T, K + shared] float32, expert ids [T, K + shared] int64).
-
-    prefetch: up to four expert stacks [E + shared, ...] (contiguous; the fused MoE's packed weights and scales):
-    where programmatic dependent launch is on (Hopper), each chosen expert's slice is asked of L2 in one bulk
-    prefetch as soon as the expert is chosen, and the shared experts' before the kernel waits for the logits, so
-    that the experts' reads from memory overlap the routing, the MoE's launch and its first projection (the down
-    projection's weights arrive while gate_up runs). The caller keeps it to what L2 holds (Experts.l2_prefetch)."""
+          shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel of route_ref: (weights [T, K + shared] float32, expert ids [T, K + shared] int64)."""
     T, E = logits.shape
     assert logits.stride(1) == 1 and E % n_group == 0 and top_k <= E, f"logits {tuple(logits.shape)}"
-    targets = list(prefetch or []) if pdl.on(logits.device) else []
-    assert len(targets) <= 4, "at most four stacks to prefetch"
-    for t in targets:
-        assert t.is_contiguous() and t.shape[0] >= E + shared and (t.stride(0) * t.element_size()) % 16 == 0 \
-            and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() < 1 << 32, "a stack L2 can take in bulk"
-    pf = {f"pf{i}": t for i, t in enumerate(targets + [logits] * (4 - len(targets)))}
-    pf.update({f"pf_bytes{i}": t.stride(0) * t.element_size() if i < len(targets) else 16
-               for i, t in enumerate(targets + [logits] * (4 - len(targets)))})
     weights = torch.empty(T, top_k + shared, dtype=torch.float32, device=logits.device)
     ids = torch.empty(T, top_k + shared, dtype=torch.int64, device=logits.device)
     if T:
         _route_kernel[(T,)](logits, bias if bias is not None else logits, weights, ids, E, logits.stride(0),
-                            float(scaling), E_P=triton.next_power_of_2(E), K=top_k, K_P=triton.next_power_of_2(top_k),
-                            G=n_group, G_P=triton.next_power_of_2(n_group),
+                            float(scaling), E_P=triton.next_power_of_2(E), K=top_k, K_P=triton.next_power_of_2(top_k), G=n_group,
+                            G_P=triton.next_power_of_2(n_group),
                             TOPK_GROUP=topk_group, SIGMOID=sigmoid, HAS_BIAS=bias is not None, NORM=normalize,
-                            SHARED=shared, **pf, PF=len(targets), num_warps=4,
-                            **pdl.launch(logits.device))
+                            SHARED=shared, num_warps=4, **pdl.launch(logits.device))
     return weights, ids

@@ -7,8 +7,6 @@ the CPU path and the reference for the fused MoE kernel.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -16,12 +14,6 @@ from lowbit.engine import parallel
 from lowbit.kernels.linear import kernels_enabled
 from lowbit.kernels.router import logits_kernel_fits, route, route_ref, router_logits
 from lowbit.layers.mlp import GatedMLP
-
-
-# at one token the router asks L2 for the chosen experts' packed weights and scales (Experts.l2_prefetch): all,
-# gate_up or down only, or none; only where a token's experts take at most LOWBIT_MOE_PREFETCH_MB of the GPU's L2
-L2_PREFETCH = os.environ.get("LOWBIT_MOE_PREFETCH", "none")
-L2_PREFETCH_BYTES = int(float(os.environ.get("LOWBIT_MOE_PREFETCH_MB", "40")) * (1 << 20))
 
 
 def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -33,14 +25,12 @@ def gate_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def select_experts(logits: torch.Tensor, top_k: int, n_group: int, topk_group: int, sigmoid: bool,
-                   bias: torch.Tensor | None, normalize: bool, scaling: float, shared: int = 0,
-                   prefetch: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   bias: torch.Tensor | None, normalize: bool, scaling: float,
+                   shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The router after its logits [T, E]: (weights [T, K + shared] float32, expert ids [T, K + shared]), see
-    kernels/router.py; one launch on a GPU (which asks L2 for the chosen experts' slices of the stacks in
-    prefetch), the torch reference elsewhere."""
-    if logits.is_cuda and kernels_enabled(logits.device):
-        return route(logits, top_k, n_group, topk_group, sigmoid, bias, normalize, scaling, shared, prefetch)
-    return route_ref(logits, top_k, n_group, topk_group, sigmoid, bias, normalize, scaling, shared)
+    kernels/router.py; one launch on a GPU, the torch reference elsewhere."""
+    choose = route if logits.is_cuda and kernels_enabled(logits.device) else route_ref
+    return choose(logits, top_k, n_group, topk_group, sigmoid, bias, normalize, scaling, shared)
 
 
 class Experts(nn.ModuleDict):
@@ -115,26 +105,6 @@ class Experts(nn.ModuleDict):
         self._fused = fused
         for layer in layers:  # the stacked copies are the weights from now on
             layer.release_weights()
-
-    def l2_prefetch(self, tokens: int, slots: int) -> list[torch.Tensor] | None:
-        """The fused MoE's packed expert stacks (words and scales of gate_up and down, as L2_PREFETCH says) for the
-        router to ask of L2 as it chooses the experts (kernels/router.py route), where one token's `slots` experts
-        take at most L2_PREFETCH_BYTES; None elsewhere (more tokens, 16-bit or 8-bit experts of a size L2 cannot
-        hold a token's worth of, expert parallel)."""
-        from lowbit.kernels.moe import PackedExperts
-        fused = getattr(self, "_fused", None)
-        if fused is None or tokens != 1 or self.expert_parallel or L2_PREFETCH == "none":
-            return None
-        stacks = []
-        for name, st in zip(("gate_up", "down"), fused, strict=True):
-            if not isinstance(st, PackedExperts):
-                return None
-            if L2_PREFETCH in ("all", name):
-                stacks += [st.weight.words, st.weight.scales]
-        if not all(t.is_contiguous() for t in stacks):
-            return None
-        total = slots * sum(t.stride(0) * t.element_size() for t in stacks)
-        return stacks if total <= L2_PREFETCH_BYTES else None
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], topk_ids / topk_weights [T, K] -> sum_k weight_k * expert_k(x) [T, D], over all ranks (ids

@@ -116,16 +116,14 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor, shared: int = 0,
-                prefetch: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> (weights [T, K] float32, expert ids [T, K]); shared > 0 appends that many slots of weight 1
-        for the shared experts, numbered after the routed ones; prefetch: expert stacks to ask L2 for
-        (select_experts)."""
+        for the shared experts, numbered after the routed ones."""
         logits = gate_logits(x, self.weight)  # [T, E] float32
         grouped = self.n_group > 1 and self.topk_method in ("group_limited_greedy", "noaux_tc")
         return select_experts(logits, self.top_k, self.n_group if grouped else 1, self.topk_group,
                               self.scoring_func == "sigmoid", self.e_score_correction_bias,
-                              self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor, shared, prefetch)
+                              self.norm_topk_prob and self.top_k > 1, self.routed_scaling_factor, shared)
 
 
 class MoE(nn.Module):
@@ -142,7 +140,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = self.experts.num_shared  # the shared experts run inside the fused MoE
-        weights, ids = self.gate(x, fused, self.experts.l2_prefetch(x.shape[0], self.gate.top_k + fused))
+        weights, ids = self.gate(x, fused)
         y = self.experts(x, ids, weights)
         if self.shared_experts is not None and not fused:
             y = y + self.shared_experts(x)

@@ -118,22 +118,3 @@ def test_graph_of_dependent_kernels_matches_without_pdl(mode, monkeypatch):
     assert all(torch.isfinite(t.float()).all() for t in off)
     assert all(torch.equal(a, b) for a, b in zip(off, on, strict=True))
 
-
-
-@pytest.mark.gpu
-@hopper
-def test_route_asking_l2_for_the_chosen_experts_routes_the_same(monkeypatch):
-    """The router's bulk prefetches of the chosen experts' stacks (V2-Lite-like: 64 experts top-6 + 2 shared,
-    packed words and scales) leave its weights and ids as they are, with PDL on."""
-    from lowbit.kernels import router
-    monkeypatch.setattr(pdl, "MODE", 3)
-    g = torch.Generator().manual_seed(1)
-    dev = torch.device("cuda")
-    logits = torch.randn(1, 64, generator=g).to(dev)
-    words = torch.randint(0, 1 << 30, (66, 2816, 256), generator=g, dtype=torch.int32).to(dev)
-    scales = torch.rand(66, 16, 2816, generator=g).to(dev)
-    want = router.route(logits, 6, 1, 1, False, None, False, 1.0, shared=2)
-    got = router.route(logits, 6, 1, 1, False, None, False, 1.0, shared=2, prefetch=[words, scales, words, scales])
-    torch.cuda.synchronize()
-    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
-    assert got[1][0, 6:].tolist() == [64, 65]
