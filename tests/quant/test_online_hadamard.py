@@ -234,14 +234,26 @@ def test_w8a8_round_trip(tiny_llama, tmp_path, capsys, how):
     llm = LLM(str(out), device="cpu", num_kv_blocks=16)
     ref = LLM(str(ref_dir), device="cpu", num_kv_blocks=16)
     quantize_reference_inputs(ref.engine.runner.model, llm.engine.runner.model)
+    inputs = {}  # each down_proj's input in the runtime's forward
     for name, m in ref.engine.runner.model.named_modules():
         if name.endswith("down_proj"):  # its int8 quantization acts on x H, turned back for the unfolded weight
             m._forward_pre_hooks.clear()
             q = llm.engine.runner.model.get_submodule(name)
             m.register_forward_pre_hook(lambda mod, args, _q=q: (
                 turn(_q.quant_method.act_quant(_q, turn(args[0], block)), block),))
+            q.register_forward_pre_hook(lambda mod, args, _n=name: inputs.setdefault(_n, args[0].detach().clone()))
     q, r = llm.logits(ids), ref.logits(ids)
-    assert (q - r).abs().max().item() < 1e-4
+    # the whole model: the two agree to float rounding until an int8 code rounds the other way (a value within a few
+    # float32 steps of a rounding boundary, x H summed in another order: a few in a run, on some CPUs), and after
+    # it, through attention, only as closely as the quantization error; so the whole model is checked loosely here
+    # and each down_proj tightly below
+    assert ((q - r).norm() / r.norm()).item() < 0.05  # measured 0.003-0.004 with a flip or two; untransformed: 1.0
+    for name, x in inputs.items():  # each down_proj on the runtime's own input: per token, as the reference computes
+        y_q = llm.engine.runner.model.get_submodule(name)(x)
+        y_r = ref.engine.runner.model.get_submodule(name)(x)
+        err = (y_q - y_r).abs().amax(1) / y_r.abs().amax(1)  # [tokens]
+        assert (err < 1e-4).float().mean().item() >= 0.9, (name, err)  # a flipped code moves its token's row only
+        assert err.max().item() < 0.05, (name, err)
     # the weights as stored, read without the transform, are another model: the check above can fail
     other = LLM(str(unturned_dir), device="cpu", num_kv_blocks=16).logits(ids)
     assert (q - other).abs().max().item() > 1e-2
