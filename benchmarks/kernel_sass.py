@@ -173,7 +173,9 @@ def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False, moe: bo
 def engine_moe_config(act: int, proj: str, paired: bool) -> dict:
     """The launch configuration of the fused MoE's projection at one token on V2-Lite-sized experts."""
     gate_up = proj == "gate_up"
-    cfg = tuning.packed_config(1, 1408 if gate_up else 2048, 2048 if gate_up else 1408, 4, act, moe=True,
+    # (the engine picks w4a8's by its scheme's static FP8 activations, then runs them on the FP8 grid at one token)
+    scheme_act = mp.ACT_FP8_STATIC if act == mp.ACT_FP8_GRID else act
+    cfg = tuning.packed_config(1, 1408 if gate_up else 2048, 2048 if gate_up else 1408, 4, scheme_act, moe=True,
                                paired=paired)
     return moe.gate_up_config(cfg, packed=True) if gate_up else cfg
 
@@ -379,11 +381,14 @@ def check_engine_configs() -> list[str]:
     # the one-token MoE on paired int4 experts (LOWBIT_INT4_PAIRED=1; its inline PTX compiles only here)
     for act in (mp.ACT_NONE, mp.ACT_FP8_GRID):
         for proj in ("gate_up", "down"):
-            r = one_token_moe(act, proj, True, engine_moe_config(act, proj, paired=True))
-            name = f"one-token MoE {proj} act={act} paired"
-            if r["spill_bytes"] or r["smem"] > SMEM_LIMIT or r["HGMMA"] == 0:
+            cfg = engine_moe_config(act, proj, paired=True)
+            r = one_token_moe(act, proj, True, cfg)
+            name = f"one-token MoE {proj} act={act} paired{' swapped' if cfg.get('SWAP') else ''}"
+            # swapped, the weights are the warpgroup MMA's first operand; unswapped (w4a8's gate_up) 16 token rows
+            # take the warp-level MMA
+            if r["spill_bytes"] or r["smem"] > SMEM_LIMIT or r["HGMMA" if cfg.get("SWAP") else "HMMA"] == 0:
                 problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled, "
-                                f"{r['HGMMA']} HGMMA")
+                                f"{r['HGMMA']} HGMMA, {r['HMMA']} HMMA")
             print(f"{name}: {r}", flush=True)
     for name, fn, ptrs, const, warps, floats in small:
         fits(problems, name, inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats)))
