@@ -36,9 +36,10 @@ NOT_DIVISIBLE = {"M", "T", "num_groups", "k_tiles", "k_groups", "x_row_div", "H"
 
 def compile_variant(fn, ptr_types: dict, const: dict, num_warps: int, num_stages: int, floats=("scale",)):
     # constexpr parameters left out take their defaults, as a launch does
+    if "PDL" in fn.arg_names and "PDL" not in const:  # as the engine launches it on a Hopper GPU (programmatic
+        # dependent launch), also where the kernel's own default is off
+        const = dict(const, PDL=pdl.MODE or 1)
     const = dict({p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **const)
-    if "PDL" in fn.arg_names:  # as the engine launches it on a Hopper GPU (programmatic dependent launch)
-        const.setdefault("PDL", pdl.MODE or 1)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in const:
@@ -104,7 +105,8 @@ def inspect(k) -> dict:
 
 PACKED_PTRS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "out_ptr": "*bf16",
                "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-               "xs_ptr": "*fp32", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
+               "xs_ptr": "*fp32", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32",
+               "pf_ptr": "*i32"}
 
 
 def variants():
@@ -187,7 +189,10 @@ def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = F
     # (down sums the token's slots, as fused_moe launches it at one token)
     const = dict(BITS=4, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=2, FUSE_SILU=gate_up, ROUTED_WEIGHT=not gate_up,
                  BM=16, BN=cfg["BN"], TK=256, SPLIT_K=1, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up, FIXUP=False,
-                 PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up)
+                 PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up,
+                 # gate_up asks L2 for its share of the down projection's words (fused_moe: 2048 x 176 words an
+                 # expert over 44 programs, 256 lines each)
+                 PF_LINES=256 if gate_up and moe.PREFETCH_DOWN else 0)
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
     r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const, cfg["num_warps"],
                                 cfg["num_stages"]))
