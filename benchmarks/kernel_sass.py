@@ -105,8 +105,7 @@ def inspect(k) -> dict:
 
 PACKED_PTRS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "out_ptr": "*bf16",
                "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-               "xs_ptr": "*fp32", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32",
-               "pf_ptr": "*i32"}
+               "xs_ptr": "*fp32", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
 
 
 def variants():
@@ -189,10 +188,7 @@ def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = F
     # (down sums the token's slots, as fused_moe launches it at one token)
     const = dict(BITS=4, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=2, FUSE_SILU=gate_up, ROUTED_WEIGHT=not gate_up,
                  BM=16, BN=cfg["BN"], TK=256, SPLIT_K=1, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up, FIXUP=False,
-                 PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up,
-                 # gate_up asks L2 for its share of the down projection's words (fused_moe: 2048 x 176 words an
-                 # expert over 44 programs, 256 lines each)
-                 PF_LINES=256 if gate_up and moe.PREFETCH_DOWN else 0)
+                 PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up)
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
     r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const, cfg["num_warps"],
                                 cfg["num_stages"]))

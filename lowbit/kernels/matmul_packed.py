@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from lowbit.kernels import act_quant, cdiv, pdl
+from lowbit.kernels import act_quant, pdl
 from lowbit.kernels.packed_layout import (  # noqa: F401 (the packed weights' API, used through this module)
     PackedWeight, cat_rows, default_tile_k, pair, planar_words, repack, slice_rows_cols, unpack, values)
 from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split_buffers
@@ -68,7 +68,7 @@ try:
     import triton
     import triton.language as tl
 
-    from lowbit.kernels.pdl import enter, prefetch
+    from lowbit.kernels.pdl import enter
 except ImportError:
     triton = None
 
@@ -280,14 +280,13 @@ if triton is not None:
     def _packed_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, xs_ptr,
                               sorted_ptr, expert_ptr, npad_ptr, rw_ptr, ws_ptr, cnt_ptr,
                               M, N, K, num_groups, k_tiles, x_row_div,
-                              stride_xm, stride_om, stride_we, stride_wn, stride_se, pf_ptr, pf_elems, pf_share,
+                              stride_xm, stride_om, stride_we, stride_wn, stride_se,
                               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                               MOE: tl.constexpr, FUSE_SILU: tl.constexpr, ROUTED_WEIGHT: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
                               SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
                               PAIRED: tl.constexpr = False, ASM: tl.constexpr = False,
-                              SUM_SLOTS: tl.constexpr = False, PF_LINES: tl.constexpr = 0,
-                              PDL: tl.constexpr = False):
+                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = False):
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -302,11 +301,6 @@ if triton is not None:
             e, n_mask = one_token_expert(e, offs_n, n_mask, SUM_SLOTS)
             if e < 0:  # another rank's expert: the caller zeroed its output row
                 return
-            if PF_LINES > 0:
-                # one token's gate_up: the program asks L2 for its share (pf_share words) of the expert's weights in
-                # the next projection (pf_ptr, pf_elems words an expert), which arrive while this one runs
-                off = pid_n * pf_share + tl.arange(0, PF_LINES) * 32
-                prefetch(pf_ptr + e * pf_elems + tl.minimum(off, pf_elems - 1), PDL)
         n_total = 2 * N if FUSE_SILU else N
         tiles = k_tiles // SPLIT_K  # the host splits K evenly
         t_start = pid_k * tiles
@@ -421,13 +415,10 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
 
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
            config: dict, moe: tuple | None = None, fuse_silu: bool = False,
-           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False,
-           prefetch: torch.Tensor | None = None) -> torch.Tensor:
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
     """Run the kernel. moe = (sorted_ids, block_expert, num_padded [1], num_ids): grouped mode over
     experts; otherwise dense over x's M rows with expert 0. sum_slots (one token, moe = (None, slot_experts)):
-    out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum). prefetch (one token, with
-    programmatic dependent launch): the next projection's packed words [E, ...], each slot's expert's asked of L2
-    by this launch's programs, a share each."""
+    out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum)."""
     bm, bn = config["BM"], config["BN"]
     split_k = config.get("SPLIT_K", 1) if moe is None else 1
     n = pw.n // 2 if fuse_silu else pw.n
@@ -441,23 +432,17 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         ws, counters = slot_sum_buffers(moe, out, routed_weights, n, grid, fuse_silu, split_k)
     else:
         ws, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
-    pf_lines, pf_share = 0, 32
-    if prefetch is not None and moe_mode(moe) == 2 and pdl.on(x.device):
-        pf_share = cdiv(cdiv(prefetch.stride(0), grid[1]), 32) * 32  # words a program asks for, whole 128-byte lines
-        pf_lines = triton.next_power_of_2(pf_share // 32)
     _packed_matmul_kernel[grid](
         x, pw.words, pw.scales, pw.zeros if pw.zeros is not None else dummy, out,
         act_scale if act_scale is not None else dummy,
         sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, ws, counters,
         m, n, pw.k, pw.scales.shape[1], k_tiles, x_row_div,
         x.stride(0), out.stride(0), pw.words.stride(0), pw.words.stride(1), pw.scales.stride(0),
-        prefetch if pf_lines else pw.words, prefetch.stride(0) if pf_lines else 32, pf_share,
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
         EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda, SUM_SLOTS=sum_slots,
-        PF_LINES=pf_lines, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
-        **pdl.launch(x.device))
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
     return out
 
 

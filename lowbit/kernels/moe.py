@@ -12,7 +12,6 @@ the id `-1` by the caller and skipped.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +30,6 @@ except ImportError:
     triton = None
 
 
-# at one token the packed gate_up's programs ask L2 for the down projection's weights of their experts, a share each,
-# with programmatic dependent launch, where LOWBIT_MOE_PREFETCH_DOWN=1 (measured slower: off)
-PREFETCH_DOWN = os.environ.get("LOWBIT_MOE_PREFETCH_DOWN", "0") == "1"
 ALIGN_KERNEL_MAX_SLOTS = 256  # decode batches (32 tokens x top-8): one launch; larger ones take the torch ops
 
 
@@ -148,10 +144,9 @@ class PackedExperts:
         return tuning.packed_config(m, n, k, self.weight.bits, self.act, moe=True, paired=self.weight.paired)
 
     def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
-            sum_slots=False, prefetch=None):
+            sum_slots=False):
         """slot_experts [T*k]: each slot's expert (what w4a8 quantizes a slot's row with at small M); sum_slots:
-        out [1, N], one token's slots summed; prefetch: the next projection's words to ask L2 for
-        (matmul_packed.launch)."""
+        out [1, N], one token's slots summed (matmul_packed.launch)."""
         xq, xs = mp.quantize_input(x, self.act)
         act = self.act
         if act == mp.ACT_FP8_STATIC:
@@ -164,7 +159,7 @@ class PackedExperts:
                 xq = act_quant.fp8_grid_rows(x, xs, slot_experts, x_row_div)
                 act, x_row_div = mp.ACT_FP8_GRID, 1
         return mp.launch(xq, self.weight, out, act, xs, config, moe=moe, fuse_silu=fuse_silu,
-                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots, prefetch=prefetch)
+                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots)
 
 
 @dataclass
@@ -257,11 +252,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
         moe = (sorted_ids, block_expert, num_padded, n)
     inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
-    # one token: gate_up's programs ask L2 for the down projection's packed weights of their experts
-    ahead = w2.weight.words if PREFETCH_DOWN and T == 1 and isinstance(w13, PackedExperts) \
-        and isinstance(w2, PackedExperts) else None
-    w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts,
-            **({"prefetch": ahead} if ahead is not None else {}))
+    w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
     routed = topk_weights.flatten().float().contiguous()
     if T == 1 and split == 1:  # the down projection sums the token's slots itself (no moe_sum launch)
         out = torch.empty(1, H, dtype=x.dtype, device=x.device)
