@@ -18,7 +18,8 @@ that one after the one before it, so each launch sees everything launched earlie
 waiting could let the next one overtake it.
 
 Where a kernel signals (MODE), measured in one run (H100, 2026-11-24, benchmarks/pdl_decode.py, V2-Lite widths, the
-batch-1 decode graph of four layers, before the weight reads ahead; pdl-decode-v2-lite-h100-80gb-hbm3-2026-11-24.md):
+batch-1 decode graph of four layers, before the weight reads ahead; results/pdl-decode-v2-lite-h100-80gb-hbm3-
+2026-11-24-before-prefetch.md, and with them pdl-decode-v2-lite-h100-80gb-hbm3-2026-11-24.md):
   1  never (it counts as signalled when its last program exits): bf16 567.9 -> 563.1 us, w4a16 456.4 -> 449.9,
      w4a8 488.4 -> 481.1;
   2  at its start, before its wait: bf16 547.8, but w4a16 468.8 and w4a8 502.0, slower than without PDL. A guess, not
