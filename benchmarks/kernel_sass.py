@@ -346,7 +346,8 @@ def check_engine_configs() -> list[str]:
          dict(HALF=32, BLOCK=512, BLOCK_HALF=32, INTERLEAVED=True, NOPE=128, R=512, NOPE_P=128, BT=16, BR=64), 1,
          ("eps",)),
         ("mla_out bf16 R=512 V=128, 128 heads", mla_prep._out_kernel,
-         {"o_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}, dict(R=512, V=128, BT=16, BV=64, BK=64, LINES=8, STEP=64), 4, ()),
+         {"o_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
+         dict(R=512, V=128, BT=16, BV=64, BK=64, LINES=8, STEP=64), 4, ()),
     ]
     from lowbit.kernels import act_quant, greedy
     small += [

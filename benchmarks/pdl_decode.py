@@ -34,19 +34,6 @@ from lowbit.kernels import pdl  # noqa: E402
 PROMPT = list(range(10, 42))
 
 
-def recapture(llm) -> None:
-    """The runner's decode graphs captured again (batch 1 only) under the current pdl.MODE."""
-    from lowbit.engine.cuda_graphs import DecodeGraphs
-    runner = llm.engine.runner
-    old = runner.graphs
-    runner.graphs = None
-    del old
-    gc.collect()
-    torch.cuda.empty_cache()
-    runner.graphs = DecodeGraphs(runner.model, [1], -(-runner.engine_cfg.max_model_len // runner.block_size),
-                                 runner.block_size, runner.num_blocks, runner.device)
-
-
 def measure(geometry: str, layers: int, scheme: str, modes: list[int], work: str) -> dict:
     cfg = dict(mrc.GEOMETRIES[geometry], num_hidden_layers=layers)
     path = os.path.join(work, f"{geometry}-{layers}l-{scheme}")
@@ -57,7 +44,7 @@ def measure(geometry: str, layers: int, scheme: str, modes: list[int], work: str
     out = {}
     for mode in modes:
         pdl.MODE = mode
-        recapture(llm)
+        llm.engine.runner.capture_graphs([1])  # batch 1 only, under the mode just set
         tokens = llm.generate([PROMPT], params)[0].token_ids  # the graph's inputs: a real step's, 96 tokens in
         times = [graph_replay_time(llm) * 1e6 for _ in range(5)]
         out[mode] = {"graph_us": statistics.median(times), "spread_us": max(times) - min(times), "tokens": tokens}

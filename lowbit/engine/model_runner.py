@@ -57,13 +57,21 @@ class ModelRunner:
         self.graphs = None
         self.greedy_ids: torch.Tensor | None = None  # the last graph step's argmax ids, on the host
         if device.type == "cuda":
-            from lowbit.engine.cuda_graphs import DecodeGraphs, capturable, graph_batch_sizes, warm_up_prefill
+            from lowbit.engine.cuda_graphs import capturable, graph_batch_sizes, warm_up_prefill
             # compile every prefill size bucket now, not in the first requests
             warm_up_prefill(self.model, engine_cfg.max_num_batched_tokens, self.num_blocks, self.block_size, device)
             if not engine_cfg.enforce_eager and capturable(self.model):
-                self.graphs = DecodeGraphs(self.model, graph_batch_sizes(engine_cfg.max_num_seqs),
-                                           -(-engine_cfg.max_model_len // self.block_size), self.block_size,
-                                           self.num_blocks, device)
+                self.capture_graphs(graph_batch_sizes(engine_cfg.max_num_seqs))
+
+    def capture_graphs(self, batch_sizes: list[int]) -> None:
+        """Capture the decode CUDA graphs for these batch sizes, in place of any captured before (benchmarks capture
+        again after changing a launch setting)."""
+        from lowbit.engine.cuda_graphs import DecodeGraphs
+        if self.graphs is not None:  # the old graphs' memory pool goes before the new one is taken
+            self.graphs = None
+            torch.cuda.empty_cache()
+        self.graphs = DecodeGraphs(self.model, batch_sizes, -(-self.engine_cfg.max_model_len // self.block_size),
+                                   self.block_size, self.num_blocks, self.device)
 
     # ------------------------------------------------------------------ cache
     def kv_bytes_per_block(self) -> int:

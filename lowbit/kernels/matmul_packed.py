@@ -286,7 +286,7 @@ if triton is not None:
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
                               SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
                               PAIRED: tl.constexpr = False, ASM: tl.constexpr = False,
-                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = False):
+                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = 0):
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -343,7 +343,7 @@ if triton is not None:
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_we, stride_wn, stride_se, stride_oe, stride_on,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
-                        TK: tl.constexpr, PAIRED: tl.constexpr = False, PDL: tl.constexpr = False):
+                        TK: tl.constexpr, PAIRED: tl.constexpr = False, PDL: tl.constexpr = 0):
         """One K tile of BN rows of one expert: the packed words back to (value - zero) * scale in out's dtype."""
         enter(PDL)
         PW: tl.constexpr = 32 // BITS

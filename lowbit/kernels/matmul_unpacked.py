@@ -87,7 +87,7 @@ if triton is not None:
                                 KIND: tl.constexpr, MOE: tl.constexpr, FUSE_SILU: tl.constexpr,
                                 ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                 BK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
-                                SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = False):
+                                SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = 0):
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
