@@ -43,8 +43,16 @@ import torch
 
 from lowbit.kernels import interpreting, triton_available
 
-# 0 off; 1 wait, never signal; 2 signal, then wait; 3 wait, then signal (see above)
-MODE = int(os.environ.get("LOWBIT_PDL", "3"))
+MODES = {"0": 0, "1": 1, "2": 2, "3": 3}  # off; wait, never signal; signal, then wait; wait, then signal (see above)
+
+
+def mode_from(text: str) -> int:
+    if text not in MODES:
+        raise ValueError(f"LOWBIT_PDL={text!r}: 0 (off), 1, 2 or 3 (the default; see lowbit/kernels/pdl.py)")
+    return MODES[text]
+
+
+MODE = mode_from(os.environ.get("LOWBIT_PDL", "3"))
 
 if triton_available():
     import triton

@@ -59,6 +59,12 @@ def test_every_pdl_kernel_enters_before_it_stores():
             f"{name}: {fn.name} stores or returns before enter(PDL)"
 
 
+def test_a_mode_other_than_0_to_3_is_refused():
+    assert [pdl.mode_from(m) for m in "0123"] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="LOWBIT_PDL='on': 0 \\(off\\), 1, 2 or 3"):
+        pdl.mode_from("on")
+
+
 def test_launch_keywords_off_the_gpu(monkeypatch):
     assert pdl.launch(torch.device("cpu")) == {"PDL": 0}
     monkeypatch.setattr(pdl, "MODE", 0)
