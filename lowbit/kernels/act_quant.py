@@ -64,17 +64,22 @@ except ImportError:  # the references above still serve the CPU
 
 if triton is not None:
     @triton.jit
+    def int8_codes(v, scale):
+        """float32 v / scale -> int8, rounded half to even, as torch.round and vLLM's int8 kernels: a scale that is a
+        power of two puts many 16-bit inputs exactly on a half (H100, 2026-11-23: 47 of 640 codes differed rounding
+        up). What every int8 per-token quantization here computes (the GEMM quantizing its own row too)."""
+        v = tl.div_rn(v, scale)
+        r = tl.floor(v + 0.5)
+        r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
+        return tl.clamp(r, -128.0, 127.0).to(tl.int8)
+
+    @triton.jit
     def _quant_group(v, mask, q_ptr, TO_FP8: tl.constexpr, scale):
         """v / scale -> int8 (round half to even) or e4m3, stored where mask."""
-        v = tl.div_rn(v, scale)
         if TO_FP8:
-            q = tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv)
+            q = tl.clamp(tl.div_rn(v, scale), -448.0, 448.0).to(tl.float8e4nv)
         else:
-            # round half to even, as torch.round and vLLM's int8 kernels: a scale that is a power of two puts
-            # many 16-bit inputs exactly on a half (H100, 2026-11-23: 47 of 640 codes differed rounding up)
-            r = tl.floor(v + 0.5)
-            r = tl.where((r - v == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
-            q = tl.clamp(r, -128.0, 127.0).to(tl.int8)
+            q = int8_codes(v, scale)
         tl.store(q_ptr, q, mask=mask)
 
     @triton.jit
@@ -160,8 +165,19 @@ def _quant_rows(x: torch.Tensor, group: int, to_fp8: bool) -> tuple[torch.Tensor
     return q, s
 
 
+def attach_int8_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+    """Give x [M, K] its int8 per-token quantization (q [M, K], s [M]), computed by the kernel that wrote x (an
+    RMSNorm's): int8_per_token(x) returns it instead of a launch of its own. It stays with this tensor object only
+    (a view, a copy or a new tensor is quantized anew), so it cannot go stale: layers do not write their inputs."""
+    assert q.shape == x.shape and s.shape == (x.shape[0],)
+    x._int8_rows = (q, s)
+
+
 def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel of int8_per_token_ref: int8 [M, K], float32 scales [M]."""
+    done = getattr(x, "_int8_rows", None)
+    if done is not None:
+        return done
     q, s = _quant_rows(x, x.shape[1], to_fp8=False)
     return q, s.view(-1)
 

@@ -73,6 +73,28 @@ class UnpackedLinear:
         return self.weight.float()
 
 
+@dataclass
+class ColumnParts:
+    """Layers merged along their outputs whose block scales restart at each part (fp8-block gate and up of 10944
+    rows each, V2-Lite's dense MLP: a 128-row block would straddle the two), each part its own UnpackedLinear: the
+    activations quantized once, each part's product written into its columns of one output."""
+    parts: list[UnpackedLinear]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        xq, xs = mu.quantize_input(x, self.parts[0].kind)
+        sizes = [p.weight.shape[0] for p in self.parts]
+        out = torch.empty(x.shape[0], sum(sizes), dtype=x.dtype, device=x.device)
+        start = 0
+        for p, n in zip(self.parts, sizes, strict=True):
+            mu.quantized_matmul(xq, xs, p.weight, p.kind, p.scale, out[:, start:start + n])
+            start += n
+        return out
+
+    def dequantized(self) -> torch.Tensor:
+        return torch.cat([p.dequantized() for p in self.parts])
+
+
 def activation_kind(input_activations) -> int | None:
     """The packed kernel's activation mode for a scheme's input activations (None: no kernel for them)."""
     a = input_activations
@@ -113,10 +135,22 @@ def int8_linear(weight: torch.Tensor, scale: torch.Tensor, weights, input_activa
     return UnpackedLinear(weight.data.contiguous(), mu.KIND_INT8_CHANNEL, scale.data.float().reshape(-1, 1).contiguous())
 
 
-def fp8_block_linear(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> UnpackedLinear | None:
+def fp8_block_linear(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                     part_sizes: list[int] | None = None) -> UnpackedLinear | ColumnParts | None:
+    """part_sizes: the rows of merged layers (gate, up) where a part before the last is not a multiple of the block,
+    so each part's block scales start a row of their own: a ColumnParts of one UnpackedLinear each."""
     if tuple(block) != (mu.FP8_BLOCK, mu.FP8_BLOCK):
         return None
-    return UnpackedLinear(weight.data.contiguous(), mu.KIND_FP8_BLOCK, scale.data.float().contiguous())
+    if part_sizes is None or all(n % mu.FP8_BLOCK == 0 for n in part_sizes[:-1]):
+        # (a last part of a partial block ends the scales' last row: row // 128 indexes them as it is)
+        return UnpackedLinear(weight.data.contiguous(), mu.KIND_FP8_BLOCK, scale.data.float().contiguous())
+    parts, row, block_row = [], 0, 0
+    for n in part_sizes:
+        blocks = cdiv(n, mu.FP8_BLOCK)
+        parts.append(UnpackedLinear(weight.data[row:row + n].contiguous(), mu.KIND_FP8_BLOCK,
+                                    scale.data[block_row:block_row + blocks].float().contiguous()))
+        row, block_row = row + n, block_row + blocks
+    return ColumnParts(parts)
 
 
 def _packed_alike(p, first: PackedLinear) -> bool:
@@ -232,6 +266,8 @@ def split_shared(gate_up, down, n: int) -> tuple[list, list] | None:
     """A shared MLP n experts wide (gate_up [2S, H], down [H, S], as kernel parts) -> n gate_up parts [2S/n, H] and
     n down parts [H, S/n], each piece an expert's shape, for the fused MoE to run as n more experts (SGLang's
     shared-experts fusion); None where a cut is off the weights' scale grid."""
+    if not all(isinstance(p, (torch.Tensor, PackedLinear, UnpackedLinear)) for p in (gate_up, down)):
+        return None  # (a ColumnParts: no expert's shape)
     if n == 1:
         return [gate_up], [down]
     two_s = gate_up.shape[0] if isinstance(gate_up, torch.Tensor) else (

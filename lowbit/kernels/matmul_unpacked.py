@@ -42,13 +42,16 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from lowbit.kernels.act_quant import int8_codes
     from lowbit.kernels.rows import (gate_up_rows, one_token_expert, program_rows, silu_mul_pairs, store_rows,
                                      store_slot_sum, store_split)
 
     @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                       n_rows, n_mask, K, k_groups, t_start, t_end,
-                      KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      QUANT_IN: tl.constexpr = False, in_scale=1.0):
+        """QUANT_IN (int8): x is the 16-bit rows, quantized here with the row's scale in_scale."""
         offs_k = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         acc_i = tl.zeros([BM, BN], dtype=tl.int32)
@@ -64,6 +67,8 @@ if triton is not None:
                 else:
                     acc += tl.dot(a, tl.trans(b))
             elif KIND == 1:
+                if QUANT_IN:
+                    a = int8_codes(a.to(tl.float32), in_scale)
                 acc_i += tl.dot(a, tl.trans(b))
             else:
                 xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
@@ -74,7 +79,10 @@ if triton is not None:
                 # wait and a second accumulator: 386 TFLOP/s
                 acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
         if KIND == 1:
-            xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
+            if QUANT_IN:
+                xs = tl.zeros([BM], dtype=tl.float32) + in_scale
+            else:
+                xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
             ws = tl.load(ws_base + n_rows, mask=n_mask, other=0.0)
             acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
         return acc
@@ -87,7 +95,11 @@ if triton is not None:
                                 KIND: tl.constexpr, MOE: tl.constexpr, FUSE_SILU: tl.constexpr,
                                 ROUTED_WEIGHT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                 BK: tl.constexpr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
-                                SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = 0):
+                                SUM_SLOTS: tl.constexpr = False, QUANT_IN: tl.constexpr = False,
+                                KP: tl.constexpr = 16, PDL: tl.constexpr = 0):
+        """QUANT_IN (int8, one row a program: M = 1 or one token's slots): x is that row in 16 bits, K <= KP, its
+        per-token int8 scale taken from the whole row read at once, its codes made in the K loop: what
+        act_quant.int8_per_token's launch would give, without the launch."""
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -102,6 +114,12 @@ if triton is not None:
             e, n_mask = one_token_expert(e, offs_n, n_mask, SUM_SLOTS)
             if e < 0:  # another rank's expert: the caller zeroed its output row
                 return
+        in_scale = 1.0
+        if QUANT_IN:
+            kk = tl.arange(0, KP)
+            xr = tl.max(tl.where(row_mask, x_rows, 0), axis=0)  # (the program's one row)
+            v = tl.load(x_ptr + xr * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+            in_scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-10) / 127.0
         tiles = tl.cdiv(k_tiles, SPLIT_K)  # the last split may have fewer K tiles (V2-Lite's 1408 = 11 x 128)
         t_start = pid_k * tiles
         t_end = tl.minimum(t_start + tiles, k_tiles)
@@ -110,11 +128,12 @@ if triton is not None:
         if FUSE_SILU:  # gate row j and up row j (N + j) side by side: one loop, one pipeline for both
             w_rows, w_mask = gate_up_rows(pid_n, N, BN)
             acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
-                                w_rows, w_mask, K, k_groups, t_start, t_end, KIND, BM, 2 * BN, BK)
+                                w_rows, w_mask, K, k_groups, t_start, t_end, KIND, BM, 2 * BN, BK, QUANT_IN,
+                                in_scale)
             acc = silu_mul_pairs(acc, BM, BN)
         else:
             acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
-                                offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK)
+                                offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK, QUANT_IN, in_scale)
         if FIXUP:  # a dense product's K splits, added by the last of them (no zeroed float32 output)
             store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, part_ptr, cnt_ptr, M, N,
                         pid_m, pid_n, pid_k, SPLIT_K)
@@ -173,11 +192,29 @@ def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tens
     return x, None
 
 
+# one-row int8 products whose K is at most this quantize their row themselves (QUANT_IN: the row read at once, in
+# registers; R1's o_proj, K = 16384, keeps the launch)
+QUANT_IN_MAX_K = 4096
+
+
+def kernel_input(x: torch.Tensor, kind: int, one_row: bool) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """-> (the rows the kernel reads, their scales, QUANT_IN): an int8 product whose programs each own one row
+    (one_row: M = 1, or one token's slots) of K <= QUANT_IN_MAX_K takes the 16-bit row and quantizes it itself,
+    one launch fewer at batch-1 decode, unless the row comes quantized already (the norm before it did it:
+    act_quant.attach_int8_rows)."""
+    if (kind == KIND_INT8_CHANNEL and one_row and x.shape[1] <= QUANT_IN_MAX_K
+            and getattr(x, "_int8_rows", None) is None):
+        return x, None, True
+    return (*quantize_input(x, kind), False)
+
+
 def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
            out: torch.Tensor, kind: int, config: dict, moe: tuple | None = None, fuse_silu: bool = False,
-           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
-    """Run the kernel on already-quantized activations x (+ scales xs). w [E, N, K]; w_scale [E, N] (int8) or
-    [E, N/128, K/128] (fp8-block); moe and sum_slots as in matmul_packed.launch."""
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False,
+           quant_in: bool = False) -> torch.Tensor:
+    """Run the kernel on already-quantized activations x (+ scales xs), or (quant_in: kernel_input's) on 16-bit
+    rows it quantizes itself. w [E, N, K]; w_scale [E, N] (int8) or [E, N/128, K/128] (fp8-block); moe and
+    sum_slots as in matmul_packed.launch."""
     E, n_w, K = w.shape
     n = n_w // 2 if fuse_silu else n_w
     bm, bn, bk = config["BM"], config["BN"], config["BK"]
@@ -190,6 +227,9 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
     if w_scale is None:
         w_scale = torch.empty(E, 1, 1, device=w.device)
     ws3 = w_scale.view(E, w_scale.shape[1], -1)
+    if quant_in:
+        assert kind == KIND_INT8_CHANNEL and xs is None and K <= QUANT_IN_MAX_K
+        assert (moe is not None and moe[0] is None) or (moe is None and x.shape[0] == 1), "one row a program"
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
     fixup = split_k > 1 and out.dtype != torch.float32  # (a zeroed float32 output takes atomic adds instead)
     assert not fixup or moe is None, "a grouped launch's K splits add into a zeroed float32 output"
@@ -203,7 +243,8 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         m, n, K, k_tiles, cdiv(K, FP8_BLOCK), x_row_div,
         x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
         KIND=kind, MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
-        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup, SUM_SLOTS=sum_slots,
+        BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup, SUM_SLOTS=sum_slots, QUANT_IN=quant_in,
+        KP=triton.next_power_of_2(K) if quant_in else 16,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
     return out
 
@@ -241,15 +282,27 @@ def launch_persistent(x: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w_scal
 def unpacked_matmul(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: torch.Tensor | None = None,
                     config: dict | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] (bf16 / fp16) @ w[N, K]^T for one dense layer -> [M, N] in x's dtype (or out_dtype)."""
-    from lowbit.kernels import tuning
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1] and x.stride(1) == 1, \
         f"x {tuple(x.shape)} vs w {tuple(w.shape)}"
+    from lowbit.kernels import tuning
     out_dtype = out_dtype or x.dtype
     config = config or tuning.unpacked_config(x.shape[0], w.shape[0], w.shape[1], kind)
-    xq, xs = quantize_input(x, kind)
+    xq, xs, quant_in = kernel_input(x, kind, x.shape[0] == 1 and not config.get("PERSISTENT"))
     # (a float32 output takes the K splits' atomic adds: zeroed)
     out = (torch.zeros if out_dtype == torch.float32 else torch.empty)(x.shape[0], w.shape[0], dtype=out_dtype,
                                                                         device=x.device)
+    return quantized_matmul(xq, xs, w, kind, w_scale, out, config, quant_in)
+
+
+def quantized_matmul(xq: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, kind: int,
+                     w_scale: torch.Tensor | None, out: torch.Tensor, config: dict | None = None,
+                     quant_in: bool = False) -> torch.Tensor:
+    """One dense layer's product on activations quantize_input already quantized (or, quant_in, on the 16-bit row
+    kernel_input let through), into out [M, N] (a view of wider rows too: the kernels store through its row
+    stride)."""
+    from lowbit.kernels import tuning
+    config = config or tuning.unpacked_config(xq.shape[0], w.shape[0], w.shape[1], kind)
     if config.get("PERSISTENT"):
         return launch_persistent(xq, xs, w, w_scale, out, kind, config)
-    return launch(xq, xs, w.unsqueeze(0), None if w_scale is None else w_scale.unsqueeze(0), out, kind, config)
+    return launch(xq, xs, w.unsqueeze(0), None if w_scale is None else w_scale.unsqueeze(0), out, kind, config,
+                  quant_in=quant_in)

@@ -177,9 +177,10 @@ class UnpackedExperts:
 
     def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
             sum_slots=False):
-        xq, xs = mu.quantize_input(x, self.kind)
+        # one token (a program row per slot): int8 experts quantize their slot's row themselves
+        xq, xs, quant_in = mu.kernel_input(x, self.kind, moe is not None and moe[0] is None)
         return mu.launch(xq, xs, self.weight, self.scale, out, self.kind, config, moe=moe, fuse_silu=fuse_silu,
-                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots)
+                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots, quant_in=quant_in)
 
 
 @dataclass

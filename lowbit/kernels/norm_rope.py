@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.kernels import pdl, triton_available
+from lowbit.kernels import act_quant, pdl, triton_available
 
 if triton_available():
     import triton
@@ -16,11 +16,16 @@ if triton_available():
 
     from lowbit.kernels.pdl import enter
 
+    from lowbit.kernels.act_quant import _quant_group
+
     @triton.jit
-    def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, N, stride_x, stride_r, stride_o, eps,
-                         BLOCK: tl.constexpr, HAS_RES: tl.constexpr, PDL: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, q_ptr, s_ptr, N, stride_x, stride_r, stride_o,
+                         eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, INT8_ROWS: tl.constexpr,
+                         PDL: tl.constexpr):
         """One row: x / sqrt(mean(x^2) + eps), rounded to x's dtype, times the weight (as the HF models do).
-        HAS_RES: x + residual first, rounded to x's dtype as torch's add rounds, and written to sum_ptr."""
+        HAS_RES: x + residual first, rounded to x's dtype as torch's add rounds, and written to sum_ptr.
+        INT8_ROWS: the output row also quantized to int8 per token (act_quant's _quant_rows_kernel on the rounded
+        output: the same codes and scale) into q_ptr [rows, N] and s_ptr [rows]."""
         enter(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -34,7 +39,13 @@ if triton_available():
         inv = 1.0 / tl.sqrt_rn(tl.sum(xf * xf, axis=0) / N + eps)
         y = (xf * inv).to(x.dtype).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+        o = (w * y).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * stride_o + cols, o, mask=mask)
+        if INT8_ROWS:
+            v = tl.where(mask, o.to(tl.float32), 0.0)
+            scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-10) / 127.0
+            tl.store(s_ptr + row, scale)
+            _quant_group(v, mask, q_ptr + row * N + cols, False, scale)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
@@ -62,11 +73,13 @@ if triton_available():
         tl.store(ob + HALF, (x2 * c + x1 * s).to(ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             int8_rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [..., N] (rows with unit stride) -> the same shape, in the dtype `weight * x` has in torch. With a residual
     (the decoder's running sum, same shape and dtype): (the norm of x + residual, x + residual), one launch where
-    the add and the norm were two."""
+    the add and the norm were two. int8_rows (x [T, N]): the output also quantized to int8 per token in the same
+    launch, what act_quant.int8_per_token returns for it (act_quant.attach_int8_rows): the int8 layers reading it
+    (w8a8, w4a8-int8) then skip their own quantization launch."""
     N = x.shape[-1]
     assert weight.shape == (N,) and x.stride(-1) == 1, f"x {tuple(x.shape)} vs weight {tuple(weight.shape)}"
     x2 = x.reshape(-1, N)
@@ -76,14 +89,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(-1) == 1
         res = residual.reshape(-1, N)
         summed = torch.empty_like(x2)
+    int8_rows = int8_rows and x.dim() == 2
+    q = s = out
+    if int8_rows:
+        q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+        s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(N)
-        _rms_norm_kernel[(x2.shape[0],)](x2, res, summed, weight, out, N, x2.stride(0), res.stride(0),
+        _rms_norm_kernel[(x2.shape[0],)](x2, res, summed, weight, out, q, s, N, x2.stride(0), res.stride(0),
                                          out.stride(0), eps, BLOCK=block, HAS_RES=residual is not None,
-                                         num_warps=min(16, max(1, block // 512)), **pdl.launch(x2.device))
+                                         INT8_ROWS=int8_rows, num_warps=min(16, max(1, block // 512)),
+                                         **pdl.launch(x2.device))
+    normed = out.view(x.shape)
+    if int8_rows:
+        act_quant.attach_int8_rows(normed, q, s)
     if residual is None:
-        return out.view(x.shape)
-    return out.view(x.shape), summed.view(x.shape)
+        return normed
+    return normed, summed.view(x.shape)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:

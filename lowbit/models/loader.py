@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.config import ConfigError, ModelConfig
+from lowbit.layers.norm import RMSNorm
 from lowbit.quant.config import quant_config_for
 
 INCOMPLETE_MARKER = ".lowbit-incomplete"
@@ -272,6 +273,17 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> No
         hook = getattr(module, "process_weights_after_loading", None)
         if hook is not None:
             hook()
+    # where layers take int8 per-token activations (w8a8, w4a8-int8), the norms before them quantize their output in
+    # their own launch (norm_rope.rms_norm): one launch a norm fewer at decode
+    int8 = any(_int8_token_inputs(getattr(m, "quant_method", None)) for m in model.modules())
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.int8_rows = int8
+
+
+def _int8_token_inputs(quant_method) -> bool:
+    a = getattr(quant_method, "input_activations", None)
+    return a is not None and a.type == "int" and a.num_bits == 8 and a.dynamic and a.strategy == "token"
 
 
 def _check_complete(model, params: dict, loaded: set, ckpt: Checkpoint) -> None:

@@ -235,9 +235,9 @@ class Fp8BlockLinearMethod(QuantizedLinearMethod):
         dst.copy_(loaded)
 
     def kernel_weight(self, layer: LinearBase):
-        if self.uneven:  # block-scale rows restart at each merged part: the kernel indexes them by row // 128
-            return None
-        return kl.fp8_block_linear(layer.weight, getattr(layer, self.scale_name), self.block_size)
+        # where block-scale rows restart at each merged part, each part runs as a product of its own
+        return kl.fp8_block_linear(layer.weight, getattr(layer, self.scale_name), self.block_size,
+                                   list(layer.output_partition_sizes) if self.uneven else None)
 
     def dequantized_weight(self, layer: LinearBase) -> torch.Tensor:
         if getattr(layer, "_kernel", None) is not None:

@@ -59,6 +59,9 @@ def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
     assert fused, "the routed experts run in the fused MoE"
     assert all(model.get_submodule(n).experts.num_shared == 2 for n in fused), "and the shared experts with them"
     assert scheme == "bf16" or kernels, "quantized linears run in the GPU kernels"
+    # the norms quantize their output for int8 per-token layers (on CUDA: the CPU runs the torch norm)
+    from lowbit.layers.norm import RMSNorm
+    assert {m.int8_rows for m in model.modules() if isinstance(m, RMSNorm)} == {scheme in ("w8a8", "w4a8-int8")}
     attention = [m for m in model.modules() if hasattr(m, "_q_kv_a")]
     # q_a_proj and kv_a_proj_with_mqa in one product (w4a8 only where their calibrated input scales agree)
     assert attention and (scheme == "w4a8" or all(m._q_kv_a is not None for m in attention))

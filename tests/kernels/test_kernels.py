@@ -201,6 +201,28 @@ def test_unpacked_matmul(kind, M, N, K):
         assert rel(out, ref) < BOUND, config
 
 
+@pytest.mark.parametrize("N,K", [(96, 640), (200, 1408)])
+def test_one_int8_row_quantized_in_the_product_is_the_launch_bit_for_bit(N, K, monkeypatch):
+    """w8a8 at one row (K <= QUANT_IN_MAX_K): the product quantizes its 16-bit row itself (QUANT_IN) and gives
+    exactly what quantizing it in act_quant's launch first gives; a row the norm quantized comes as it is."""
+    w, ws = random_unpacked(mu.KIND_INT8_CHANNEL, N, K, seed=N)
+    x = (torch.randn(1, K, generator=gen(K)) * 3).to(DTYPE).to(DEV)
+    w, ws = w.to(DEV), ws.to(DEV)
+    launches = []
+    monkeypatch.setattr(aq, "_quant_rows", lambda *a, f=aq._quant_rows, **kw: launches.append(1) or f(*a, **kw))
+    for config in (None, dict(BM=16, BN=64, BK=128, SPLIT_K=-(-K // 128))):
+        fused = mu.unpacked_matmul(x, w, mu.KIND_INT8_CHANNEL, ws, config=config)
+        assert not launches
+        monkeypatch.setattr(mu, "QUANT_IN_MAX_K", 0)
+        assert torch.equal(fused, mu.unpacked_matmul(x, w, mu.KIND_INT8_CHANNEL, ws, config=config)) and launches
+        monkeypatch.setattr(mu, "QUANT_IN_MAX_K", 4096)
+        launches.clear()
+    assert rel(fused, mu.unpacked_matmul_ref(x.cpu().float(), w.cpu(), mu.KIND_INT8_CHANNEL, ws.cpu())) < BOUND
+    q, s = aq.int8_per_token(x)
+    aq.attach_int8_rows(x, q, s)  # (as the norm does)
+    assert mu.kernel_input(x, mu.KIND_INT8_CHANNEL, True) == (q, s, False)
+
+
 @pytest.mark.parametrize("kind", [mu.KIND_INT8_CHANNEL, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)])
 @pytest.mark.parametrize("M,N,K", [(70, 200, 384), (300, 136, 400)])
 def test_persistent_kernel_for_many_rows(kind, M, N, K):
@@ -331,7 +353,7 @@ def test_fused_moe(scheme, T):
         assert rel(out, ref) < bound
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a16", "w4a8-int8", pytest.param("w4a8", marks=gpu_only)])
+@pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a16", "w4a8-int8", "w8a8", pytest.param("w4a8", marks=gpu_only)])
 @pytest.mark.parametrize("gemv_moe", [False, True])
 def test_one_token_moe_sorts_nothing(scheme, gemv_moe, monkeypatch):
     """One token: no align launch (a program row per slot, its expert read from the router's ids) and no moe_sum
@@ -354,6 +376,10 @@ def test_one_token_moe_sorts_nothing(scheme, gemv_moe, monkeypatch):
     ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
     assert out.shape == (1, H) and rel(out, ref) < BOUND * (3 if fq is not None else 1)
     assert calls == []
+    if scheme == "w8a8":  # int8 experts quantize each slot's row in the product: no launch of their own
+        monkeypatch.setattr(aq, "_quant_rows", lambda *a, **kw: calls.append("quant"))
+        assert torch.equal(out, moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), may_skip=True))
+        assert calls == []
     assert all(int(c.abs().sum()) == 0 for c in rows._COUNTERS.values())
 
 

@@ -55,6 +55,29 @@ def test_add_rms_norm_equals_the_torch_layer(dtype, rows, n):
     assert ((out.double().cpu() - ref_out.double()).abs() <= 2 * ULP[dtype] * ref_out.double().abs() + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,residual", [(1, 64, False), (5, 2048, True), (3, 1000, True)])
+def test_int8_rows_are_what_int8_per_token_gives_the_output(dtype, rows, n, residual):
+    """int8_rows: the norm's output unchanged, and its int8 per-token codes and scales (attached to it, read back by
+    int8_per_token without a launch) equal to those act_quant's own kernel computes from that output."""
+    from lowbit.kernels import act_quant
+    x = (torch.randn(rows, n, generator=gen(n)) * 3).to(dtype).to(DEV)
+    w = (torch.rand(n, generator=gen(n + 1)) + 0.5).to(dtype).to(DEV)
+    r = (torch.randn(rows, n, generator=gen(n + 2)) * 3).to(dtype).to(DEV) if residual else None
+    plain = rms_norm(x, w, 1e-6, r)
+    fused = rms_norm(x, w, 1e-6, r, int8_rows=True)
+    if residual:
+        assert torch.equal(plain[1], fused[1])
+        plain, fused = plain[0], fused[0]
+    assert torch.equal(plain, fused) and not hasattr(plain, "_int8_rows")
+    q, s = act_quant.int8_per_token(fused)
+    assert q is fused._int8_rows[0] and s is fused._int8_rows[1]  # the attached pair itself: no launch
+    q_ref, s_ref = act_quant.int8_per_token(fused.clone())  # a copy carries nothing: quantized by its own kernel
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    q64, s64 = act_quant.int8_per_token_ref(fused)
+    assert torch.equal(q.cpu(), q64.cpu()) and torch.allclose(s.cpu(), s64.cpu(), rtol=1e-6)
+
+
 def rope_ref(x, cos, sin, interleaved):
     xd, c, s = x.double(), cos.double()[:, None, :], sin.double()[:, None, :]
     x1, x2 = (xd[..., 0::2], xd[..., 1::2]) if interleaved else xd.chunk(2, dim=-1)

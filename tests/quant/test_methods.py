@@ -124,3 +124,51 @@ def test_fp8_blocks_of_merged_parts_not_multiple_of_the_block():
             params[local].weight_loader(params[local], t, shard)
     assert layer.weight_scale.shape == (4, 2)
     assert torch.equal(layer.quant_method.dequantized_weight(layer), torch.cat([dequantize(q) for q in qws]))
+
+
+def _merged_fp8_block(sizes, device, dtype):
+    """A merged fp8-block layer of parts `sizes` rows (K = 256), its weights loaded part by part, and the parts'
+    dequantized weights."""
+    scheme, cfg = _config("fp8-block")
+    from lowbit.layers.linear import MergedColumnParallelLinear
+    with torch.device(device):
+        layer = MergedColumnParallelLinear(256, list(sizes), quant_method=cfg.linear_method("mlp.gate_up_proj"),
+                                           params_dtype=dtype, prefix="mlp.gate_up_proj")
+    torch.manual_seed(0)
+    qws = [rtn_quantize(torch.randn(n, 256) * 0.05, scheme.weights, torch.float32) for n in sizes]
+    params = dict(layer.named_parameters())
+    for shard, qw in enumerate(qws):
+        for local, t in compress(qw, scheme.format).items():
+            params[local].weight_loader(params[local], t, shard)
+    return layer, torch.cat([dequantize(q) for q in qws])
+
+
+def test_fp8_block_parts_off_the_block_grid_become_a_product_each():
+    """gate and up of 192 rows each (V2-Lite's dense MLP: 10944): a 128-row block would straddle them, so the kernel
+    weight is one product per part, each with its own rows of block scales; [256, 64] (q_a and kv_a) stays one."""
+    from lowbit.kernels import linear as kl
+    layer, w = _merged_fp8_block((192, 192), "cpu", torch.float32)
+    kern = kl.fp8_block_linear(layer.weight, layer.weight_scale, (128, 128), [192, 192])
+    assert isinstance(kern, kl.ColumnParts) and [p.scale.shape[0] for p in kern.parts] == [2, 2]
+    assert torch.equal(kern.dequantized(), w)
+    layer, w = _merged_fp8_block((256, 64), "cpu", torch.float32)
+    kern = kl.fp8_block_linear(layer.weight, layer.weight_scale, (128, 128), [256, 64])
+    assert isinstance(kern, kl.UnpackedLinear) and torch.equal(kern.dequantized(), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FP8 kernels need a GPU")
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_fp8_block_parts_off_the_block_grid_run_in_the_kernels(monkeypatch, rows):
+    """The merged layer of 192 + 192 rows on the kernel path: the per-token-group FP8 input times the parts'
+    weights, every part's columns written (one row: decode; 300: the persistent prefill kernel)."""
+    monkeypatch.setenv("LOWBIT_KERNELS", "1")
+    from lowbit.kernels import linear as kl
+    layer, w = _merged_fp8_block((192, 192), "cuda", torch.bfloat16)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert isinstance(layer._kernel, kl.ColumnParts)
+    x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+    expected = fake_quant_fp8_per_token_group(x.float(), 128) @ w.cuda().t()
+    out = layer(x).float()
+    assert out.shape == (rows, 384)
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-2
