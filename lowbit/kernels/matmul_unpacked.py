@@ -50,15 +50,21 @@ if triton is not None:
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                       n_rows, n_mask, K, k_groups, t_start, t_end,
                       KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      QUANT_IN: tl.constexpr = False, in_scale=1.0):
-        """QUANT_IN (int8): x is the 16-bit rows, quantized here with the row's scale in_scale."""
+                      QUANT_IN: tl.constexpr = False, in_scale=1.0, x_row=0):
+        """QUANT_IN (int8): x's one row x_row of this program in 16 bits, quantized here with its scale in_scale (a
+        K tile's codes made once, as a vector, and put in the tile's row of the program's one real row: the
+        whole tile's took 2-4x the product's time, H100, 2026-11-25)."""
         offs_k = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         acc_i = tl.zeros([BM, BN], dtype=tl.int32)
         for t in range(t_start, t_end):
             cols = t * BK + offs_k
-            a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
-                        mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+            if QUANT_IN:
+                v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+                a = tl.where(row_mask[:, None], int8_codes(v, in_scale)[None, :], 0).to(tl.int8)
+            else:
+                a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
+                            mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
             b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
                         mask=n_mask[:, None] & (cols[None, :] < K), other=0.0)
             if KIND == 0:
@@ -67,8 +73,6 @@ if triton is not None:
                 else:
                     acc += tl.dot(a, tl.trans(b))
             elif KIND == 1:
-                if QUANT_IN:
-                    a = int8_codes(a.to(tl.float32), in_scale)
                 acc_i += tl.dot(a, tl.trans(b))
             else:
                 xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
@@ -115,6 +119,7 @@ if triton is not None:
             if e < 0:  # another rank's expert: the caller zeroed its output row
                 return
         in_scale = 1.0
+        xr = 0
         if QUANT_IN:
             kk = tl.arange(0, KP)
             xr = tl.max(tl.where(row_mask, x_rows, 0), axis=0)  # (the program's one row)
@@ -129,11 +134,12 @@ if triton is not None:
             w_rows, w_mask = gate_up_rows(pid_n, N, BN)
             acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                                 w_rows, w_mask, K, k_groups, t_start, t_end, KIND, BM, 2 * BN, BK, QUANT_IN,
-                                in_scale)
+                                in_scale, xr)
             acc = silu_mul_pairs(acc, BM, BN)
         else:
             acc = _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
-                                offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK, QUANT_IN, in_scale)
+                                offs_n, n_mask, K, k_groups, t_start, t_end, KIND, BM, BN, BK, QUANT_IN, in_scale,
+                                xr)
         if FIXUP:  # a dense product's K splits, added by the last of them (no zeroed float32 output)
             store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, part_ptr, cnt_ptr, M, N,
                         pid_m, pid_n, pid_k, SPLIT_K)
