@@ -140,10 +140,13 @@ SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have
 UNPACKED_KINDS = ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv"))
 
 
-def unpacked_ptrs(t: str, expert: str = "*i32") -> dict:
-    """_unpacked_matmul_kernel's pointer types for x and the weights of type t (expert: the router's int64 ids at one
-    token)."""
-    return {"x_ptr": t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16", "sorted_ptr": "*i32",
+NORM_PTRS = {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}
+
+
+def unpacked_ptrs(t: str, expert: str = "*i32", x: str | None = None) -> dict:
+    """_unpacked_matmul_kernel's pointer types for x (x, t by default) and the weights of type t (expert: the router's
+    int64 ids at one token)."""
+    return {"x_ptr": x or t, "xs_ptr": "*fp32", "w_ptr": t, "ws_ptr": "*fp32", "out_ptr": "*bf16", "sorted_ptr": "*i32",
             "expert_ptr": expert, "npad_ptr": "*i32", "rw_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
 
 
@@ -154,9 +157,9 @@ def fits(problems: list[str], name: str, r: dict) -> None:
     print(f"{name}: {r}", flush=True)
 
 
-def inspect_unpacked(t: str, const: dict, cfg: dict, expert: str = "*i32") -> dict:
+def inspect_unpacked(t: str, const: dict, cfg: dict, expert: str = "*i32", x: str | None = None) -> dict:
     """_unpacked_matmul_kernel compiled with constants const in launch configuration cfg, weights of type t."""
-    return inspect(compile_variant(mu._unpacked_matmul_kernel, unpacked_ptrs(t, expert), const,
+    return inspect(compile_variant(mu._unpacked_matmul_kernel, unpacked_ptrs(t, expert, x), const,
                                    cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
 
 
@@ -299,15 +302,25 @@ def check_engine_configs() -> list[str]:
                              BK=cfg["BK"], SPLIT_K=1, FIXUP=False, SUM_SLOTS=True)
                 fits(problems, f"one-token MoE down + slot sum, unpacked kind={kind} {cfg}",
                      inspect_unpacked(t, const, cfg, expert="*i64"))
+                if kind == mu.KIND_INT8_CHANNEL:  # w8a8: each slot's 16-bit row quantized in the product
+                    const = dict(const, QUANT_IN=True, KP=2048)
+                    fits(problems, f"one-token MoE down + slot sum, int8 quantizing its rows {cfg}",
+                         inspect_unpacked(t, const, cfg, expert="*i64", x="*bf16"))
+    # w8a8 at one row, the 16-bit row quantized in the product: the widest K it takes, in four K splits
+    cfg = dict(tuning.unpacked_config(1, 4096, mu.QUANT_IN_MAX_K, mu.KIND_INT8_CHANNEL), SPLIT_K=4)
+    const = dict(KIND=mu.KIND_INT8_CHANNEL, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"],
+                 BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=4, FIXUP=True, QUANT_IN=True, KP=mu.QUANT_IN_MAX_K)
+    fits(problems, f"unpacked int8 M=1 quantizing its row, K={mu.QUANT_IN_MAX_K} {cfg}",
+         inspect_unpacked("*i8", const, cfg, x="*bf16"))
     # the decode kernels around the GEMMs: each compiles (the interpreter does not check what only the compiler does)
     from lowbit.kernels import mla_prep, norm_rope, router, split_kv
     small = [
-        ("rms_norm bf16 7168", norm_rope._rms_norm_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16",
-                                                             "w_ptr": "*bf16", "out_ptr": "*bf16"},
-         dict(BLOCK=8192, HAS_RES=False), 16, ("eps",)),
-        ("residual add + rms_norm bf16 7168", norm_rope._rms_norm_kernel,
-         {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
-         dict(BLOCK=8192, HAS_RES=True), 16, ("eps",)),
+        ("rms_norm bf16 7168", norm_rope._rms_norm_kernel, dict(NORM_PTRS, q_ptr="*bf16", s_ptr="*bf16"),
+         dict(BLOCK=8192, HAS_RES=False, INT8_ROWS=False), 16, ("eps",)),
+        ("residual add + rms_norm bf16 7168", norm_rope._rms_norm_kernel, dict(NORM_PTRS, q_ptr="*bf16", s_ptr="*bf16"),
+         dict(BLOCK=8192, HAS_RES=True, INT8_ROWS=False), 16, ("eps",)),
+        ("residual add + rms_norm bf16 7168 + int8 rows", norm_rope._rms_norm_kernel,
+         dict(NORM_PTRS, q_ptr="*i8", s_ptr="*fp32"), dict(BLOCK=8192, HAS_RES=True, INT8_ROWS=True), 16, ("eps",)),
         ("split-KV combine, 16 splits x 512", split_kv._combine_kernel,
          {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}, dict(S=16, S_P=16, BR=1, D_P=512), 4, ()),
         ("rope bf16 interleaved 64, 128 heads", norm_rope._rope_kernel,
