@@ -7,6 +7,8 @@ function of `lowbit.quant.formats` for that format, and activations are fake-qua
 """
 from __future__ import annotations
 
+import logging
+import re
 from typing import Callable
 
 import torch
@@ -18,6 +20,22 @@ from lowbit.layers.linear import LinearBase, LinearMethod
 from lowbit.quant.formats import (FP8_MAX, dequant_float_quantized, dequant_int_quantized, dequant_pack_quantized,
                                   unpack_int32)
 from lowbit.quant.schemes import QuantArgs
+
+
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_torch_path(layer: LinearBase, method: str) -> None:
+    """Say once per layer kind (its name with the numbers starred, and its method) that no kernel takes its
+    weights: the reference path dequantizes them on every call, tens of times slower at decode, and nothing
+    else would show it (V2-Lite's fp8-block dense gate_up ran so for eight sessions)."""
+    kind = re.sub(r"\.\d+\.", ".*.", f".{layer.prefix}.")[1:-1]
+    if (kind, method) in _WARNED:
+        return
+    _WARNED.add((kind, method))
+    log.warning("%s (%s, %d x %d): no GPU kernel takes these weights; the torch reference path dequantizes them on "
+                "every call (slow)", kind, method, layer.out_per_partition, layer.in_per_partition)
 
 
 def fp8_block_dequant(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -121,6 +139,7 @@ class QuantizedLinearMethod(LinearMethod):
                     if name != "bias":
                         p.data = p.data.new_empty(0)
                 return
+            _warn_torch_path(layer, type(self).__name__)
         if device.type == "cpu":
             # the CPU has no low-bit matmul: keep the dequantized weight in the compute dtype
             layer._dequant = self.dequantized_weight(layer).to(layer.params_dtype)

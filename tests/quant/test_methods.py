@@ -172,3 +172,30 @@ def test_fp8_block_parts_off_the_block_grid_run_in_the_kernels(monkeypatch, rows
     out = layer(x).float()
     assert out.shape == (rows, 384)
     assert ((out - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_a_layer_no_kernel_takes_is_named_once(monkeypatch, caplog):
+    """Where kernels run, a quantized layer no kernel takes (w4a16 in groups of 16: the packed kernels' planes are
+    32 wide) says so at load, once for all layers of its kind, as its decode would otherwise be slow unseen."""
+    import logging
+
+    pytest.importorskip("triton")  # (kernels_enabled: where Triton imports)
+    from lowbit.quant import methods
+    monkeypatch.setenv("LOWBIT_KERNELS", "1")
+    monkeypatch.setattr(methods, "_WARNED", set())
+    scheme, cfg = _config("w4a16", group_size=16)
+    for i in range(2):
+        prefix = f"model.layers.{i}.self_attn.o_proj"
+        layer = ReplicatedLinear(256, 64, quant_method=cfg.linear_method(prefix), params_dtype=torch.float32,
+                                 prefix=prefix)
+        with caplog.at_level(logging.WARNING, logger="lowbit.quant.methods"):
+            layer.quant_method.process_weights_after_loading(layer)
+        assert getattr(layer, "_kernel", None) is None
+    warned = [r.getMessage() for r in caplog.records if "reference path" in r.getMessage()]
+    assert warned == ["model.layers.*.self_attn.o_proj (PackedLinearMethod, 64 x 256): no GPU kernel takes these "
+                      "weights; the torch reference path dequantizes them on every call (slow)"]
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")  # the torch path by choice: nothing to say
+    caplog.clear()
+    methods._WARNED.clear()
+    layer.quant_method.process_weights_after_loading(layer)
+    assert not caplog.records
