@@ -4,7 +4,8 @@ Hugging Face transformers `generate` on the same bf16 weights and against the HB
 weights one token reads / the copy bandwidth measured in the same run).
 
 Each scheme is its own step, so a lease's 10-minute calls can split the work; results accumulate in
-<work>/e2e.json and --report writes benchmarks/results/e2e-<device>-<date>.md from them:
+<work>/e2e.json and --report writes benchmarks/results/e2e-<device>-<date>.md from them. A checkpoint is deleted
+after the last step of the call that reads it (--keep-checkpoints keeps them: the next call then skips writing it):
 
     python benchmarks/e2e.py --work /tmp/e2e --steps ceilings,hf,bf16,w4a16      # build checkpoints, measure
     python benchmarks/e2e.py --work /tmp/e2e --steps w4a8,w8a8,w8a16,w4a8-int8,fp8-block,serve
@@ -20,6 +21,7 @@ import datetime
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +39,22 @@ SCHEMES = ["bf16", "w4a16", "w4a8", "w4a8-int8", "w8a16", "w8a8", "fp8-block"]
 TARGETS = {"w4a16": 2.0, "w4a8": 2.0, "w8a16": 1.5, "w8a8": 1.5}  # batch-1 decode over lowbit's own bf16
 PROMPT_LEN, DECODE_TOKENS = 32, 128
 OFFLINE = (256, 512, 256)  # requests, tokens in, tokens out
+
+
+def checkpoint_needs(step: str) -> set[str]:
+    """The checkpoints (by scheme) a step reads."""
+    if step == "hf":
+        return {"bf16"}
+    if step == "serve":
+        return {"w4a8"}
+    return {step} if step in SCHEMES else set()
+
+
+def checkpoints_done(steps: list[str], i: int) -> set[str]:
+    """The checkpoints step i reads that no later step of this invocation reads: deleted after step i unless
+    --keep-checkpoints (V2-Lite's take 9-32 GB each; a 64 GB disk held three of them, not four: 2026-11-25)."""
+    later = set().union(*(checkpoint_needs(s) for s in steps[i + 1:]))
+    return checkpoint_needs(steps[i]) - later
 
 
 def load_results(work: str) -> dict:
@@ -296,6 +314,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to check the script on a tiny geometry")
     ap.add_argument("--offline", type=int, nargs=3, default=[256, 512, 256], metavar=("REQUESTS", "IN", "OUT"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each checkpoint under --work after the last step of this call that reads it")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     global DEVICE, OFFLINE
@@ -305,7 +325,8 @@ def main() -> None:
         with open(path) as f:
             results.update(json.load(f))
     cfg = dict(mrc.GEOMETRIES[args.geometry])
-    for step in filter(None, args.steps.split(",")):
+    steps = list(filter(None, args.steps.split(",")))
+    for i, step in enumerate(steps):
         print(f"== {step}", flush=True)
         if step == "ceilings":
             results["ceilings"] = ceilings()
@@ -318,6 +339,9 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown step {step!r}")
         save_results(args.work, results)
+        if not args.keep_checkpoints:
+            for scheme in checkpoints_done(steps, i):
+                shutil.rmtree(os.path.join(args.work, f"{args.geometry}-{scheme}"), ignore_errors=True)
     if args.report:
         os.makedirs(args.out, exist_ok=True)
         path = report(results, args.out, args.geometry)
