@@ -17,7 +17,8 @@ The references are the CPU path and the oracles of the tests; the kernels run on
                       launch), W_UV
 - moe.py              the fused MoE: tokens sorted by expert (one launch up to 256 slots; one token needs no sort),
                       one launch per projection for all experts, a token's slots summed in one
-- norm_rope.py        RMSNorm and rotary embedding in one launch each (decode is launch-bound at batch 1)
+- norm_rope.py        RMSNorm and rotary embedding in one launch each (decode is launch-bound at batch 1); the
+                      norm also quantizes its output to int8 per token where int8 layers read it
 - pdl.py              programmatic dependent launch (Hopper): every launch's PDL keywords, the wait each kernel
                       starts with, weights read or prefetched before it
 - rows.py             the GEMMs' shared row handling: grouped (MoE) rows, gate/up interleaving, stores

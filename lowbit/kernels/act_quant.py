@@ -74,6 +74,19 @@ if triton is not None:
         return tl.clamp(r, -128.0, 127.0).to(tl.int8)
 
     @triton.jit
+    def absmax_scale(v, QMAX: tl.constexpr):
+        """A group's scale from its float32 values (0 where masked off): absmax / QMAX (127 int8, 448 e4m3), at least
+        1e-10 / QMAX. The one formula of every kernel that quantizes activations here or in the GEMMs."""
+        return tl.maximum(tl.max(tl.abs(v), axis=0), 1e-10) / QMAX
+
+    @triton.jit
+    def quant_group_once(v, mask, q_ptr, s_ptr, TO_FP8: tl.constexpr):
+        """A group held in registers (float32 v, 0 where masked off) -> its scale at s_ptr, its codes at q_ptr."""
+        scale = absmax_scale(v, 448.0 if TO_FP8 else 127.0)
+        tl.store(s_ptr, scale)
+        _quant_group(v, mask, q_ptr, TO_FP8, scale)
+
+    @triton.jit
     def _quant_group(v, mask, q_ptr, TO_FP8: tl.constexpr, scale):
         """v / scale -> int8 (round half to even) or e4m3, stored where mask."""
         if TO_FP8:
@@ -91,14 +104,11 @@ if triton is not None:
         row = tl.program_id(0)
         g = tl.program_id(1)
         start = g * GROUP
-        qmax = 448.0 if TO_FP8 else 127.0
         if BLOCK >= GROUP:
             cols = start + tl.arange(0, BLOCK)
             mask = (cols < K) & (cols < start + GROUP)
             v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-10) / qmax
-            tl.store(s_ptr + row * num_groups + g, scale)
-            _quant_group(v, mask, q_ptr + row * stride_q + cols, TO_FP8, scale)
+            quant_group_once(v, mask, q_ptr + row * stride_q + cols, s_ptr + row * num_groups + g, TO_FP8)
         else:
             amax = tl.zeros([BLOCK], dtype=tl.float32)
             for off in range(0, GROUP, BLOCK):
@@ -106,7 +116,7 @@ if triton is not None:
                 mask = (cols < K) & (cols < start + GROUP)
                 v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.abs(v))
-            scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / qmax
+            scale = absmax_scale(amax, 448.0 if TO_FP8 else 127.0)
             tl.store(s_ptr + row * num_groups + g, scale)
             for off in range(0, GROUP, BLOCK):
                 cols = start + off + tl.arange(0, BLOCK)
@@ -173,9 +183,14 @@ def attach_int8_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
     x._int8_rows = (q, s)
 
 
+def attached_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What attach_int8_rows gave x, or None."""
+    return getattr(x, "_int8_rows", None)
+
+
 def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel of int8_per_token_ref: int8 [M, K], float32 scales [M]."""
-    done = getattr(x, "_int8_rows", None)
+    done = attached_int8_rows(x)
     if done is not None:
         return done
     q, s = _quant_rows(x, x.shape[1], to_fp8=False)

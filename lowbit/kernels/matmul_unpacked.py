@@ -42,7 +42,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
-    from lowbit.kernels.act_quant import int8_codes
+    from lowbit.kernels.act_quant import absmax_scale, int8_codes
     from lowbit.kernels.rows import (gate_up_rows, one_token_expert, program_rows, silu_mul_pairs, store_rows,
                                      store_slot_sum, store_split)
 
@@ -124,7 +124,7 @@ if triton is not None:
             kk = tl.arange(0, KP)
             xr = tl.max(tl.where(row_mask, x_rows, 0), axis=0)  # (the program's one row)
             v = tl.load(x_ptr + xr * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            in_scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-10) / 127.0
+            in_scale = absmax_scale(v, 127.0)
         tiles = tl.cdiv(k_tiles, SPLIT_K)  # the last split may have fewer K tiles (V2-Lite's 1408 = 11 x 128)
         t_start = pid_k * tiles
         t_end = tl.minimum(t_start + tiles, k_tiles)
@@ -209,7 +209,7 @@ def kernel_input(x: torch.Tensor, kind: int, one_row: bool) -> tuple[torch.Tenso
     one launch fewer at batch-1 decode, unless the row comes quantized already (the norm before it did it:
     act_quant.attach_int8_rows)."""
     if (kind == KIND_INT8_CHANNEL and one_row and x.shape[1] <= QUANT_IN_MAX_K
-            and getattr(x, "_int8_rows", None) is None):
+            and act_quant.attached_int8_rows(x) is None):
         return x, None, True
     return (*quantize_input(x, kind), False)
 

@@ -14,9 +14,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from lowbit.kernels.act_quant import quant_group_once
     from lowbit.kernels.pdl import enter
-
-    from lowbit.kernels.act_quant import _quant_group
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, q_ptr, s_ptr, N, stride_x, stride_r, stride_o,
@@ -42,10 +41,7 @@ if triton_available():
         o = (w * y).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + row * stride_o + cols, o, mask=mask)
         if INT8_ROWS:
-            v = tl.where(mask, o.to(tl.float32), 0.0)
-            scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-10) / 127.0
-            tl.store(s_ptr + row, scale)
-            _quant_group(v, mask, q_ptr + row * N + cols, False, scale)
+            quant_group_once(tl.where(mask, o.to(tl.float32), 0.0), mask, q_ptr + row * N + cols, s_ptr + row, False)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from lowbit.config import ConfigError, ModelConfig
+from lowbit.kernels.linear import activation_kind
+from lowbit.kernels.matmul_packed import ACT_INT8_TOKEN
 from lowbit.layers.norm import RMSNorm
 from lowbit.quant.config import quant_config_for
 
@@ -275,15 +277,11 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> No
             hook()
     # where layers take int8 per-token activations (w8a8, w4a8-int8), the norms before them quantize their output in
     # their own launch (norm_rope.rms_norm): one launch a norm fewer at decode
-    int8 = any(_int8_token_inputs(getattr(m, "quant_method", None)) for m in model.modules())
+    int8 = any(activation_kind(getattr(m.quant_method, "input_activations", None)) == ACT_INT8_TOKEN
+               for m in model.modules() if getattr(m, "quant_method", None) is not None)
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.int8_rows = int8
-
-
-def _int8_token_inputs(quant_method) -> bool:
-    a = getattr(quant_method, "input_activations", None)
-    return a is not None and a.type == "int" and a.num_bits == 8 and a.dynamic and a.strategy == "token"
 
 
 def _check_complete(model, params: dict, loaded: set, ckpt: Checkpoint) -> None:
