@@ -104,7 +104,7 @@ def inspect(k) -> dict:
 
 
 PACKED_PTRS = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*i32", "out_ptr": "*bf16",
-               "ws_ptr": "*fp32", "cnt_ptr": "*i32", "gs_ptr": "*fp32",
+               "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                "xs_ptr": "*fp32", "sorted_ptr": "*i32", "expert_ptr": "*i32", "npad_ptr": "*i32", "rw_ptr": "*fp32"}
 
 
@@ -177,8 +177,7 @@ def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False, moe: bo
 def engine_moe_config(act: int, proj: str, paired: bool) -> dict:
     """The launch configuration of the fused MoE's projection at one token on V2-Lite-sized experts."""
     gate_up = proj == "gate_up"
-    # (the engine picks w4a8's by its scheme's static FP8 activations; at one token the product puts its row on the
-    # FP8 grid itself, where a launch did it before: ACT_FP8_GRID is that older form)
+    # (the engine picks w4a8's by its scheme's static FP8 activations, then runs them on the FP8 grid at one token)
     scheme_act = mp.ACT_FP8_STATIC if act == mp.ACT_FP8_GRID else act
     cfg = tuning.packed_config(1, 1408 if gate_up else 2048, 2048 if gate_up else 1408, 4, scheme_act, moe=True,
                                paired=paired)
@@ -208,8 +207,7 @@ def paired_rows() -> list[str]:
     engine keeps weights with zero points and w4a8-int8's planar)."""
     lines = ["| scheme | projection | zero points | layout | weight rows | weights as | main-loop instructions | "
              "per weight | regs | smem |", "| --- " * 10 + "|"]
-    for name, act in (("w4a16", mp.ACT_NONE), ("w4a8 (its row on the FP8 grid in the product)", mp.ACT_FP8_STATIC),
-                      ("w4a8 (rows on the FP8 grid by a launch before)", mp.ACT_FP8_GRID),
+    for name, act in (("w4a16", mp.ACT_NONE), ("w4a8 (rows on the FP8 grid)", mp.ACT_FP8_GRID),
                       ("w4a8-int8", mp.ACT_INT8_TOKEN)):
         for proj in ("gate_up", "down"):
             for has_zp in ((False, True) if act == mp.ACT_NONE and proj == "gate_up" else (False,)):
@@ -396,7 +394,7 @@ def check_engine_configs() -> list[str]:
                           dict(base, MOE=True, FUSE_SILU=silu, ROUTED_WEIGHT=not silu, SUM_SLOTS=not silu,
                                BN=cfg["BN"], TILES=1 << 20, SPLIT_K=1), cfg["num_warps"], ()))
     # the one-token MoE on paired int4 experts (LOWBIT_INT4_PAIRED=1; its inline PTX compiles only here)
-    for act in (mp.ACT_NONE, mp.ACT_FP8_STATIC):
+    for act in (mp.ACT_NONE, mp.ACT_FP8_GRID):
         for proj in ("gate_up", "down"):
             cfg = engine_moe_config(act, proj, paired=True)
             r = one_token_moe(act, proj, True, cfg)

@@ -64,12 +64,6 @@ except ImportError:  # the references above still serve the CPU
 
 if triton is not None:
     @triton.jit
-    def fp8_grid(v, scale):
-        """float32 v / scale -> e4m3, saturated: static FP8 activations (w4a8) on their grid, unscaled. What
-        fp8_grid_rows computes and the one-token MoE's product computes for its row (matmul_packed ROW_GRID)."""
-        return tl.clamp(tl.div_rn(v, scale), -448.0, 448.0).to(tl.float8e4nv)
-
-    @triton.jit
     def int8_codes(v, scale):
         """float32 v / scale -> int8, rounded half to even, as torch.round and vLLM's int8 kernels: a scale that is a
         power of two puts many 16-bit inputs exactly on a half (H100, 2026-11-23: 47 of 640 codes differed rounding
@@ -147,7 +141,8 @@ if triton is not None:
         src = (row // row_div).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + src * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_o + cols, fp8_grid(v, s).to(out_ptr.dtype.element_ty), mask=cols < K)
+        q = tl.clamp(tl.div_rn(v, s), -448.0, 448.0).to(tl.float8e4nv)
+        tl.store(out_ptr + row * stride_o + cols, q.to(out_ptr.dtype.element_ty), mask=cols < K)
 
 
 def fp8_grid_rows(x: torch.Tensor, scales: torch.Tensor, row_experts: torch.Tensor | None = None,

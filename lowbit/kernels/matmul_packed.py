@@ -68,7 +68,6 @@ try:
     import triton
     import triton.language as tl
 
-    from lowbit.kernels.act_quant import fp8_grid
     from lowbit.kernels.pdl import enter
 except ImportError:
     triton = None
@@ -151,16 +150,11 @@ if triton is not None:
                     K, num_groups, n_total, t_start, t_end, inv_in_scale,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SWAP: tl.constexpr,
-                    EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr,
-                    ROW_GRID: tl.constexpr = False, in_scale=1.0, x_row=0):
+                    EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr):
         """sum over K tiles [t_start, t_end) of x[x_rows] @ W[n_rows]^T, group scales applied, in float32: [BM, BN],
         or with SWAP its transpose [BN, BM], computed as W @ x^T so that the dequantized weights are the matrix
         product's first operand, which Hopper's warpgroup MMA takes from registers (the second one it reads from
-        shared memory, where the weights would otherwise be stored again after dequantization).
-
-        ROW_GRID (static FP8, one real row a program: the one-token MoE): x's row x_row put on the FP8 grid of
-        in_scale here, a plane's values once as a vector (as act_quant.fp8_grid_rows does it, bit for bit), then
-        the 16-bit product of ACT_FP8_GRID; in place of a launch of fp8_grid_rows before the product."""
+        shared memory, where the weights would otherwise be stored again after dequantization)."""
         PW: tl.constexpr = 32 // BITS
         PLANE: tl.constexpr = TK // PW
         MASK: tl.constexpr = (1 << BITS) - 1
@@ -183,14 +177,7 @@ if triton is not None:
             for j in tl.static_range(PW):
                 k0 = t * TK + j * PLANE
                 cols = k0 + offs_w
-                if ROW_GRID:
-                    if EVEN_K:
-                        v = tl.load(x_ptr + x_row * stride_xm + cols)
-                    else:
-                        v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0)
-                    v = fp8_grid(v.to(tl.float32), in_scale).to(v.dtype)
-                    xj = tl.where(row_mask[:, None], v[None, :], 0.0).to(v.dtype)
-                elif EVEN_K:  # K a multiple of the tile: no column mask
+                if EVEN_K:  # K a multiple of the tile: no column mask
                     xj = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :], mask=row_mask[:, None],
                                  other=0.0)
                 else:
@@ -224,7 +211,7 @@ if triton is not None:
                 else:
                     z = HALF
                     zr = HALF
-                if ACT == 0 or ACT == 4 or ROW_GRID:
+                if ACT == 0 or ACT == 4:
                     if PAIRED:
                         wm = _paired_weights(wh, SH, zr, xj.dtype, HAS_ZP, BN, PLANE, SWAP, ASM).to(xj.dtype)
                     elif xj.dtype == tl.float32:
@@ -291,7 +278,7 @@ if triton is not None:
 
     @triton.jit
     def _packed_matmul_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, xs_ptr,
-                              sorted_ptr, expert_ptr, npad_ptr, rw_ptr, ws_ptr, cnt_ptr, gs_ptr,
+                              sorted_ptr, expert_ptr, npad_ptr, rw_ptr, ws_ptr, cnt_ptr,
                               M, N, K, num_groups, k_tiles, x_row_div,
                               stride_xm, stride_om, stride_we, stride_wn, stride_se,
                               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
@@ -299,10 +286,7 @@ if triton is not None:
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
                               SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
                               PAIRED: tl.constexpr = False, ASM: tl.constexpr = False,
-                              SUM_SLOTS: tl.constexpr = False, GRID_OUT: tl.constexpr = False,
-                              PDL: tl.constexpr = 0):
-        """GRID_OUT (one token's gate_up): the output row of each slot on the FP8 grid of gs_ptr[its expert], the
-        static input scale of the down projection's expert, in 16 bits (as fp8_grid_rows would put the stored row)."""
+                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = 0):
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -322,27 +306,21 @@ if triton is not None:
         t_start = pid_k * tiles
         t_end = t_start + tiles
         inv_in_scale = 1.0
-        in_scale = 1.0
         if ACT == 1 or ACT == 4:  # static input scale, one per expert
             in_scale = tl.load(xs_ptr + e)
             inv_in_scale = 1.0 / in_scale
         w_base = w_ptr + e * stride_we
         s_base = s_ptr + e * stride_se
         z_base = z_ptr + e * stride_se
-        # one token's static FP8 rows: each program puts its slot's row on its expert's grid itself
-        ROW_GRID: tl.constexpr = ACT == 1 and MOE == 2
-        x_row = pid_m // x_row_div
         if FUSE_SILU:  # gate row j and up row j (N + j) side by side: one loop, one pipeline for both
             w_rows, w_mask = gate_up_rows(pid_n, N, BN)
             acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, w_rows, w_mask,
                               K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K, PAIRED, ASM,
-                              ROW_GRID, in_scale, x_row)
+                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K, PAIRED, ASM)
         else:
             acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
                               K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K, PAIRED, ASM,
-                              ROW_GRID, in_scale, x_row)
+                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K, PAIRED, ASM)
         if SWAP:
             acc = tl.trans(acc)
         if ACT == 1 or ACT == 4:
@@ -352,8 +330,6 @@ if triton is not None:
             acc = acc * xs[:, None]
         if FUSE_SILU:
             acc = silu_mul_pairs(acc, BM, BN)
-        if GRID_OUT:
-            acc = fp8_grid(acc.to(out_ptr.dtype.element_ty).to(tl.float32), tl.load(gs_ptr + e)).to(tl.float32)
         if FIXUP:  # a dense product's K splits, added by the last of them (no zeroed float32 output)
             store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, ws_ptr, cnt_ptr, M, N,
                         pid_m, pid_n, pid_k, SPLIT_K)
@@ -439,13 +415,10 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
 
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
            config: dict, moe: tuple | None = None, fuse_silu: bool = False,
-           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False,
-           grid_out: torch.Tensor | None = None) -> torch.Tensor:
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
     """Run the kernel. moe = (sorted_ids, block_expert, num_padded [1], num_ids): grouped mode over
     experts; otherwise dense over x's M rows with expert 0. sum_slots (one token, moe = (None, slot_experts)):
-    out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum). grid_out [E] (one token): each
-    slot's output row on the FP8 grid of its expert's scale there (the next projection's static input scales)."""
-    assert grid_out is None or moe_mode(moe) == 2, "grid_out is one token's"
+    out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum)."""
     bm, bn = config["BM"], config["BN"]
     split_k = config.get("SPLIT_K", 1) if moe is None else 1
     n = pw.n // 2 if fuse_silu else pw.n
@@ -463,13 +436,13 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         x, pw.words, pw.scales, pw.zeros if pw.zeros is not None else dummy, out,
         act_scale if act_scale is not None else dummy,
         sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, ws, counters,
-        grid_out if grid_out is not None else dummy, m, n, pw.k, pw.scales.shape[1], k_tiles, x_row_div,
+        m, n, pw.k, pw.scales.shape[1], k_tiles, x_row_div,
         x.stride(0), out.stride(0), pw.words.stride(0), pw.words.stride(1), pw.scales.stride(0),
         BITS=pw.bits, GROUP=pw.group_size, HAS_ZP=pw.zeros is not None, ACT=act,
         MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
         EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda, SUM_SLOTS=sum_slots,
-        GRID_OUT=grid_out is not None, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
     return out
 
 

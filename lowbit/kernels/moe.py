@@ -12,7 +12,6 @@ the id `-1` by the caller and skipped.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -129,12 +128,6 @@ def align_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int
 
 
 FP8_TENSOR_CORES_FROM_BM = 64  # w4a8 experts: smaller blocks take their rows on the FP8 grid in 16 bits
-# w4a8 (static FP8 inputs) at one token, where each slot's row goes onto its expert's FP8 grid: "launch"
-# (act_quant.fp8_grid_rows before each projection), "row" (each program of the product puts its row there:
-# matmul_packed ROW_GRID), "epilogue" (gate_up's input by the launch, down's by gate_up's epilogue: GRID_OUT), or
-# "row-epilogue" (gate_up's input in its programs, down's in gate_up's epilogue: no launch)
-W4A8_ONE_TOKEN = os.environ.get("LOWBIT_W4A8_ONE_TOKEN", "row-epilogue")
-assert W4A8_ONE_TOKEN in ("launch", "row", "epilogue", "row-epilogue"), W4A8_ONE_TOKEN
 
 
 @dataclass
@@ -150,32 +143,23 @@ class PackedExperts:
     def config(self, m: int, n: int, k: int) -> dict:
         return tuning.packed_config(m, n, k, self.weight.bits, self.act, moe=True, paired=self.weight.paired)
 
-    def static_scales(self) -> torch.Tensor:
-        """w4a8: the static input scale of every expert, float32 [E]."""
-        xs = self.input_scale.float().reshape(-1)
-        return xs.expand(self.weight.num_experts).contiguous() if xs.numel() == 1 else xs
-
     def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
-            sum_slots=False, grid_out=None, x_on_grid=False):
+            sum_slots=False):
         """slot_experts [T*k]: each slot's expert (what w4a8 quantizes a slot's row with at small M); sum_slots:
-        out [1, N], one token's slots summed; grid_out [E]: one token's output rows on these scales' FP8 grid
-        (matmul_packed.launch); x_on_grid: one token's slot rows already on this projection's grid (w4a8)."""
+        out [1, N], one token's slots summed (matmul_packed.launch)."""
         xq, xs = mp.quantize_input(x, self.act)
         act = self.act
         if act == mp.ACT_FP8_STATIC:
-            xs = self.static_scales()
-            one_token = moe is not None and moe[0] is None
-            if x_on_grid:
-                act = mp.ACT_FP8_GRID
-            elif config["BM"] < FP8_TENSOR_CORES_FROM_BM and slot_experts is not None and not (
-                    one_token and W4A8_ONE_TOKEN in ("row", "row-epilogue")):
+            xs = self.input_scale.float().reshape(-1)
+            if xs.numel() == 1:
+                xs = xs.expand(self.weight.num_experts).contiguous()
+            if config["BM"] < FP8_TENSOR_CORES_FROM_BM and slot_experts is not None:
                 # each slot's row on its expert's FP8 grid once, in 16 bits, then the 16-bit product (the FP8 tensor
-                # cores only pay from BM = 64; quantizing in the GEMM repeats it in every N tile). One token's
-                # programs (a slot each) may put their row on the grid themselves (matmul_packed ROW_GRID)
+                # cores only pay from BM = 64; quantizing in the GEMM repeats it in every N tile)
                 xq = act_quant.fp8_grid_rows(x, xs, slot_experts, x_row_div)
                 act, x_row_div = mp.ACT_FP8_GRID, 1
         return mp.launch(xq, self.weight, out, act, xs, config, moe=moe, fuse_silu=fuse_silu,
-                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots, grid_out=grid_out)
+                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots)
 
 
 @dataclass
@@ -269,20 +253,11 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
         moe = (sorted_ids, block_expert, num_padded, n)
     inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
-    on_grid = {}
-    if (T == 1 and W4A8_ONE_TOKEN in ("epilogue", "row-epilogue") and isinstance(w13, PackedExperts)
-            and isinstance(w2, PackedExperts) and w2.act == mp.ACT_FP8_STATIC):
-        # one token's intermediate rows on the down experts' FP8 grid as gate_up stores them (no launch between)
-        on_grid = dict(x_on_grid=True)
-        w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts,
-                grid_out=w2.static_scales())
-    else:
-        w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
+    w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
     routed = topk_weights.flatten().float().contiguous()
     if T == 1 and split == 1:  # the down projection sums the token's slots itself (no moe_sum launch)
         out = torch.empty(1, H, dtype=x.dtype, device=x.device)
-        return w2.run(inter, out, moe, cfg2, routed_weights=routed, slot_experts=slot_experts, sum_slots=True,
-                      **on_grid)
+        return w2.run(inter, out, moe, cfg2, routed_weights=routed, slot_experts=slot_experts, sum_slots=True)
     if split > 1:  # the down projection's K splits add into float32 (one-token decode: more programs in flight)
         out = torch.zeros(n, H, dtype=torch.float32, device=x.device)
     else:

@@ -557,32 +557,6 @@ def test_w4a8_dense_grid_path_equals_quantizing_in_the_gemm(M, monkeypatch):
     assert calls and rel(grid, in_gemm.double().cpu()) < BOUND
 
 
-@pytest.mark.parametrize("mode,launches", [("row", 0), ("epilogue", 1), ("row-epilogue", 0)])
-def test_w4a8_one_token_moe_puts_its_rows_on_the_grid_in_the_products(mode, launches, monkeypatch):
-    """One token, static FP8 experts: the products' programs put their slot's row on their expert's grid themselves
-    (ROW_GRID; "row" in both projections) and/or gate_up stores its output rows on the down experts' grid
-    (GRID_OUT), in place of an fp8_grid_rows launch before each projection: bit for bit the launches' result, with a different input scale for
-    every expert and another rank's expert (-1) among the slots. (Under the interpreter, whose float8 conversion is
-    wrong, both sides convert alike: this checks the rows, the scales and the grid's place.)"""
-    E, H, inter, k = 6, 256, 128, 4
-    w13, _, _ = make_experts("w4a8", E, 2 * inter, H, seed=31)
-    w2, _, _ = make_experts("w4a8", E, H, inter, seed=32)
-    w13.input_scale = (torch.rand(E, generator=gen(33)) * 0.03 + 0.005).to(DEV)
-    w2.input_scale = (torch.rand(E, generator=gen(34)) * 0.03 + 0.005).to(DEV)
-    x = torch.randn(1, H, generator=gen(35)).to(DTYPE).to(DEV)
-    topk = torch.randperm(E, generator=gen(36))[:k][None]
-    topk[0, 1] = -1
-    weights = torch.rand(1, k, generator=gen(37)).to(DEV)
-    calls = []
-    monkeypatch.setattr(aq, "fp8_grid_rows", lambda *a, f=aq.fp8_grid_rows: calls.append(1) or f(*a))
-    monkeypatch.setattr(moe, "W4A8_ONE_TOKEN", "launch")
-    launched = moe.fused_moe(x, w13, w2, weights, topk.to(DEV), may_skip=True)
-    assert len(calls) == 2
-    monkeypatch.setattr(moe, "W4A8_ONE_TOKEN", mode)
-    assert torch.equal(launched, moe.fused_moe(x, w13, w2, weights, topk.to(DEV), may_skip=True))
-    assert len(calls) == 2 + launches
-
-
 @gpu_only
 @pytest.mark.parametrize("T", [1, 9])
 def test_w4a8_moe_small_m_path_equals_the_fp8_tensor_core_path(T):
