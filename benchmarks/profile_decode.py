@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -29,19 +28,10 @@ from lowbit.kernels import pdl  # noqa: E402
 
 
 def per_token(llm, prompt, n) -> float:
-    """Seconds per decode step at batch 1: a generation of n + 1 tokens less one of a single token (the prefill), over
-    n; the better of two each."""
-    def timed(tokens: int) -> float:
-        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-        best = float("inf")
-        for _ in range(2):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            llm.generate([prompt], params)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        return best
-    return (timed(n + 1) - timed(1)) / n
+    """Seconds per decode step at batch 1: the decode steps of n + 1 tokens alone, the prefill stepped through first
+    (e2e.decode_rate: a generation less a one-token one carried the host-bound prefill's spread), the best of two."""
+    from e2e import decode_rate
+    return 1.0 / max(decode_rate(llm, [prompt], n + 1) for _ in range(2))
 
 
 def graph_replay_time(llm, reps: int = 50) -> float:
