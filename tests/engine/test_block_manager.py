@@ -136,3 +136,20 @@ def test_reserve_next_takes_the_block_the_token_after_next_needs():
     # b's index 8 needs a third block of its own and none is free: nothing is reserved, for any sequence
     assert not bm.reserve_next([a, b])
     assert len(a.block_table) == 1 and len(b.block_table) == 2 and bm.num_free_blocks == 0
+
+
+def test_a_step_ahead_stays_valid_when_the_next_reservation_takes_a_block():
+    """A decode step launched ahead is taken by the next call when its key matches (engine/cuda_graphs.py): the key
+    holds the blocks the step reads and writes, not the one the next call reserves for its own step ahead at a block
+    boundary (that one was in the key, and the step ahead was dropped and run again at every boundary)."""
+    from lowbit.engine.cuda_graphs import _batch_key
+    bm = BlockManager(num_blocks=4, block_size=4)
+    s = seq(7)
+    bm.allocate(s)  # indices 0..6 in two blocks; this step decodes index 6
+    assert bm.reserve_next([s]) and len(s.block_table) == 2  # the step ahead's index 7 is in the second block
+    launched = _batch_key([s], 1, 4)
+    s.append_token(9)  # the host takes this step's token: the sequence is what the step ahead computed on
+    assert bm.reserve_next([s]) and len(s.block_table) == 3  # the next step ahead's index 8 starts a third block
+    assert _batch_key([s], 0, 4) == launched
+    s.block_table[1] = 3  # a block the step read is another one (preempted, given others): not the same inputs
+    assert _batch_key([s], 0, 4) != launched

@@ -95,6 +95,17 @@ def test_async_decode_as_one_step_at_a_time(tiny_checkpoints, variant):
     assert free == free_blocks  # every block reserved ahead came back
 
 
+def test_every_step_ahead_is_taken_across_block_boundaries(tiny_checkpoints):
+    """One greedy request through four 16-token block boundaries: each step launched ahead is the step the next call
+    asks for (the next step ahead's block reservation does not change its key), so none runs twice."""
+    path, _ = tiny_checkpoints["deepseek_v3"]
+    llm = LLM(path, device="cuda", dtype="float32", max_num_seqs=8)
+    graphs = llm.engine.runner.graphs
+    out = llm.generate([list(range(3, 10))], SamplingParams(temperature=0, max_tokens=70, ignore_eos=True))
+    assert len(out[0].token_ids) == 70
+    assert graphs.ahead_launched > 60 and graphs.ahead_taken == graphs.ahead_launched
+
+
 def test_default_model_greedy_gpu_equals_cpu():
     """Issue #6: greedy generations of the default model agree on the GPU path and the CPU reference for 32 tokens."""
     # the GGUF (94 MB) is over what travels to a lent GPU machine (64 MiB); there the test has no model to run
