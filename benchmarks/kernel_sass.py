@@ -137,7 +137,9 @@ def variants():
 
 
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have
-UNPACKED_KINDS = ((mu.KIND_BF16, "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"), (mu.KIND_FP8_BLOCK, "*fp8e4nv"))
+# (kind, weight type, activation type)
+UNPACKED_KINDS = ((mu.KIND_BF16, "*bf16", "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8", "*i8"),
+                  (mu.KIND_FP8_BLOCK, "*fp8e4nv", "*fp8e4nv"), (mu.KIND_INT8_W16, "*i8", "*bf16"))
 
 
 NORM_PTRS = {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}
@@ -259,9 +261,11 @@ def check_engine_configs() -> list[str]:
         for cfg in [c for c in tuning.candidates(True, m, K, 4) if c.get("SWAP")] if m in (1, 256) else []:
             for bits, act in ((4, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC)):
                 fits(problems, f"packed swapped bits={bits} act={act} M={m} {cfg}", inspect_packed(bits, act, cfg))
-        for kind, t in UNPACKED_KINDS:
+        for kind, t, x_t in UNPACKED_KINDS:
+            if kind == mu.KIND_INT8_W16:  # only the MoE's experts take it (kernels/linear.py stack_experts)
+                continue
             cfg = tuning.unpacked_config(m, N, K, kind)
-            ptrs = unpacked_ptrs(t)
+            ptrs = unpacked_ptrs(t, x=x_t)
             if cfg.get("PERSISTENT"):  # many rows, int8 / fp8-block: the persistent kernel with descriptor loads
                 e = t[1:]
                 ptrs = {"a_desc": f"tensordesc<{e}[{cfg['BM']}, {cfg['BK']}]>",
@@ -290,18 +294,19 @@ def check_engine_configs() -> list[str]:
             cfg = moe.gate_up_config(tuning.packed_config(m, 2048, 7168, bits, act, moe=True), packed=True)
             fits(problems, f"MoE gate_up packed bits={bits} act={act} M={m} {cfg}",
                  inspect_packed(bits, act, cfg, moe=True))
-        for kind, t in UNPACKED_KINDS:
+        for kind, t, x_t in UNPACKED_KINDS:
             cfg = moe.gate_up_config(tuning.unpacked_config(m, 2048, 7168, kind, moe=True), packed=False)
             const = dict(KIND=kind, MOE=True, FUSE_SILU=True, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
                          BK=cfg["BK"], SPLIT_K=1, FIXUP=False)
-            fits(problems, f"MoE gate_up unpacked kind={kind} M={m} {cfg}", inspect_unpacked(t, const, cfg))
+            fits(problems, f"MoE gate_up unpacked kind={kind} M={m} {cfg}",
+                 inspect_unpacked(t, const, cfg, x=x_t))
         if m == 1:  # one token's down projection, the slots summed by its last program (rows.store_slot_sum)
-            for kind, t in UNPACKED_KINDS:
+            for kind, t, x_t in UNPACKED_KINDS:
                 cfg = tuning.unpacked_config(1, 2048, 1408, kind, moe=True)
                 const = dict(KIND=kind, MOE=2, FUSE_SILU=False, ROUTED_WEIGHT=True, BM=cfg["BM"], BN=cfg["BN"],
                              BK=cfg["BK"], SPLIT_K=1, FIXUP=False, SUM_SLOTS=True)
                 fits(problems, f"one-token MoE down + slot sum, unpacked kind={kind} {cfg}",
-                     inspect_unpacked(t, const, cfg, expert="*i64"))
+                     inspect_unpacked(t, const, cfg, expert="*i64", x=x_t))
                 if kind == mu.KIND_INT8_CHANNEL:  # w8a8: each slot's 16-bit row quantized in the product
                     const = dict(const, QUANT_IN=True, KP=2048)
                     fits(problems, f"one-token MoE down + slot sum, int8 quantizing its rows {cfg}",

@@ -17,6 +17,11 @@ import torch
 from lowbit.kernels import cdiv, matmul_packed as mp, matmul_unpacked as mu, moe, triton_available
 
 
+# w8a16's experts (int8 per channel, 16-bit activations) unpacked, [E, N, K] int8 on the unpacked kernel
+# (KIND_INT8_W16), in place of the packed kernel's 8-bit planes (LOWBIT_W8A16_UNPACKED=0 keeps them packed)
+W8A16_UNPACKED_EXPERTS = os.environ.get("LOWBIT_W8A16_UNPACKED", "1") == "1"
+
+
 def kernels_enabled(device: torch.device) -> bool:
     env = os.environ.get("LOWBIT_KERNELS")
     if env == "0" or not triton_available():
@@ -172,6 +177,12 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
         if not all(_packed_alike(p, first) and p.weight.n == first.weight.n for p in parts):
             return None
         w = first.weight
+        if (W8A16_UNPACKED_EXPERTS and w.bits == 8 and w.group_size == 0 and w.zeros is None
+                and first.act == mp.ACT_NONE):
+            # int8 per channel, 16-bit activations: the values as they are and one float32 scale a channel
+            vals = [mp.values(p.weight) for p in parts]
+            return moe.UnpackedExperts(torch.cat([v for v, _, _ in vals]).contiguous(), mu.KIND_INT8_W16,
+                                       torch.cat([sc.reshape(1, -1) for _, sc, _ in vals]).float().contiguous())
         # the experts' layout (LOWBIT_INT4_PAIRED) expert by expert: no second copy of a whole layer's words
         laid = [mp.experts_layout(p.weight, first.act) for p in parts]
         pw = mp.PackedWeight(torch.cat([e.words for e in laid]), torch.cat([e.scales for e in laid]),

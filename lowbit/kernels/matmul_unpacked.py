@@ -1,7 +1,9 @@
 """GEMM over one-byte-or-wider weights stored as they are: bf16 (the MoE's unquantized experts), int8 per channel
-with int8 per-token activations (w8a8: int8 tensor cores, int32 accumulation), and FP8 e4m3 with 128x128 block
-scales and per-token-group FP8 activations (fp8-block, DeepSeek's `fp8_gemm`: one FP8 product per 128 input
-features, scaled by the activation group's and the weight block's scales).
+with int8 per-token activations (w8a8: int8 tensor cores, int32 accumulation), int8 per channel with 16-bit
+activations (w8a16's experts: each int8 tile turned into the activations' dtype, exactly, for the 16-bit tensor
+cores; the channel's scale applied at the end), and FP8 e4m3 with 128x128 block scales and per-token-group FP8
+activations (fp8-block, DeepSeek's `fp8_gemm`: one FP8 product per 128 input features, scaled by the activation
+group's and the weight block's scales).
 
 Weights are [E, N, K], K contiguous (the operand order FP8 and int8 tensor cores want); dense layers use E = 1.
 The grouped (MOE) and FUSE_SILU modes are those of matmul_packed.
@@ -13,7 +15,7 @@ import torch
 from lowbit.kernels import act_quant, cdiv, pdl
 from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split_buffers
 
-KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK = 0, 1, 2
+KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK, KIND_INT8_W16 = 0, 1, 2, 3
 FP8_BLOCK = 128
 GROUP_M = 8  # row tiles the persistent kernel walks together (their weight tiles shared in L2)
 
@@ -24,6 +26,8 @@ def unpacked_matmul_ref(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: to
     if kind == KIND_BF16:
         return x.double() @ w.double().t()
     N, K = w.shape
+    if kind == KIND_INT8_W16:
+        return x.double() @ (w.double() * w_scale.double().reshape(N, 1)).t()
     if kind == KIND_INT8_CHANNEL:
         q, s = act_quant.int8_per_token_ref(x)
         return (q.double() * s.double()[:, None]) @ (w.double() * w_scale.double().reshape(N, 1)).t()
@@ -67,7 +71,9 @@ if triton is not None:
                             mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
             b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
                         mask=n_mask[:, None] & (cols[None, :] < K), other=0.0)
-            if KIND == 0:
+            if KIND == 0 or KIND == 3:
+                if KIND == 3:  # int8 values are exact in 16 bits (and in float32)
+                    b = b.to(a.dtype)
                 if a.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
                     acc += tl.dot(a, tl.trans(b), input_precision="ieee")
                 else:
@@ -89,6 +95,8 @@ if triton is not None:
                 xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
             ws = tl.load(ws_base + n_rows, mask=n_mask, other=0.0)
             acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
+        elif KIND == 3:
+            acc = acc * tl.load(ws_base + n_rows, mask=n_mask, other=0.0)[None, :]
         return acc
 
     @triton.jit

@@ -166,7 +166,7 @@ class PackedExperts:
 class UnpackedExperts:
     weight: torch.Tensor  # [E, N, K]
     kind: int = mu.KIND_BF16
-    scale: torch.Tensor | None = None  # [E, N] (int8) or [E, N/128, K/128] (fp8-block)
+    scale: torch.Tensor | None = None  # [E, N] (int8, either kind) or [E, N/128, K/128] (fp8-block)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -176,14 +176,14 @@ def test_float32_rows_take_the_k_splits(packed):
 
 
 # ---------------------------------------------------------------------------------------------- unpacked GEMMs
-UNPACKED = [mu.KIND_BF16, mu.KIND_INT8_CHANNEL, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)]
+UNPACKED = [mu.KIND_BF16, mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)]
 
 
 def random_unpacked(kind, N, K, seed):
     g = gen(seed)
     if kind == mu.KIND_BF16:
         return (torch.randn(N, K, generator=g) * 0.05).to(DTYPE), None
-    if kind == mu.KIND_INT8_CHANNEL:
+    if kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16):
         return torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8), torch.rand(N, 1, generator=g) * 1e-3
     w = (torch.randn(N, K, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     return w, torch.rand(-(-N // 128), -(-K // 128), generator=g) * 1e-3 + 1e-4
@@ -288,12 +288,23 @@ def test_align_kernel_matches_torch(T, k, E, block_m):
 MOE_SCHEMES = {  # name -> (make experts from (E, N, K, seed), reference dequantized weights, activation fake-quant)
     "bf16": "unpacked", "w8a8": "unpacked", "fp8-block": "unpacked",
     "w4a16": "packed", "w8a16": "packed", "w4a8-int8": "packed", "w4a8": "packed",
+    "w8a16-unpacked": "unpacked",  # w8a16's per-expert layers as the loader stacks them (KIND_INT8_W16)
 }
 
 
 def make_experts(scheme, E, N, K, seed):
     """(kernel experts, float dequantized weights [E, N, K], activation fake-quantizer or None)."""
     g = gen(seed)
+    if scheme == "w8a16-unpacked":
+        from lowbit.kernels import linear
+        packed, deq, _ = make_experts("w8a16", E, N, K, seed)
+        w = packed.weight
+        parts = [linear.PackedLinear(mp.PackedWeight(w.words[e:e + 1], w.scales[e:e + 1], None, w.bits,
+                                                     w.group_size, w.n, w.k, w.tile_k), mp.ACT_NONE, None)
+                 for e in range(E)]
+        stacked = linear.stack_experts(parts)
+        assert isinstance(stacked, moe.UnpackedExperts) and stacked.kind == mu.KIND_INT8_W16
+        return stacked, deq, None
     if scheme in ("w4a16", "w8a16", "w4a8-int8", "w4a8"):
         bits = 8 if scheme == "w8a16" else 4
         values, scale, zp = random_packed(E, N, K, bits, 0 if bits == 8 else 128, False, seed)
@@ -353,7 +364,8 @@ def test_fused_moe(scheme, T):
         assert rel(out, ref) < bound
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a16", "w4a8-int8", "w8a8", pytest.param("w4a8", marks=gpu_only)])
+@pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a16", "w8a16-unpacked", "w4a8-int8", "w8a8",
+                                    pytest.param("w4a8", marks=gpu_only)])
 @pytest.mark.parametrize("gemv_moe", [False, True])
 def test_one_token_moe_sorts_nothing(scheme, gemv_moe, monkeypatch):
     """One token: no align launch (a program row per slot, its expert read from the router's ids) and no moe_sum
@@ -418,7 +430,7 @@ def test_fused_moe_on_paired_experts(scheme, T, monkeypatch):
                        moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), config=cfg))
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "w8a8", pytest.param("fp8-block", marks=gpu_only)])
+@pytest.mark.parametrize("scheme", ["bf16", "w8a8", "w8a16-unpacked", pytest.param("fp8-block", marks=gpu_only)])
 @pytest.mark.parametrize("split", [2, 3])
 def test_fused_moe_splits_the_down_projections_k_for_one_token(scheme, split, monkeypatch):
     """One token: the down projection's K tiles split over `split` programs per output tile (3 does not divide the
