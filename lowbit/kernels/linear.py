@@ -18,8 +18,9 @@ from lowbit.kernels import cdiv, matmul_packed as mp, matmul_unpacked as mu, moe
 
 
 # w8a16's experts (int8 per channel, 16-bit activations) unpacked, [E, N, K] int8 on the unpacked kernel
-# (KIND_INT8_W16), in place of the packed kernel's 8-bit planes (LOWBIT_W8A16_UNPACKED=0 keeps them packed)
-W8A16_UNPACKED_EXPERTS = os.environ.get("LOWBIT_W8A16_UNPACKED", "1") == "1"
+# (KIND_INT8_W16), in place of the packed kernel's 8-bit planes: LOWBIT_W8A16_UNPACKED=1. Off until timed on a GPU
+# (written in session 15, 2026-11-25, after its device time was spent; tested under Triton's interpreter only)
+W8A16_UNPACKED_EXPERTS = os.environ.get("LOWBIT_W8A16_UNPACKED", "0") == "1"
 
 
 def kernels_enabled(device: torch.device) -> bool:

@@ -302,7 +302,11 @@ def make_experts(scheme, E, N, K, seed):
         parts = [linear.PackedLinear(mp.PackedWeight(w.words[e:e + 1], w.scales[e:e + 1], None, w.bits,
                                                      w.group_size, w.n, w.k, w.tile_k), mp.ACT_NONE, None)
                  for e in range(E)]
-        stacked = linear.stack_experts(parts)
+        default, linear.W8A16_UNPACKED_EXPERTS = linear.W8A16_UNPACKED_EXPERTS, True  # (LOWBIT_W8A16_UNPACKED=1)
+        try:
+            stacked = linear.stack_experts(parts)
+        finally:
+            linear.W8A16_UNPACKED_EXPERTS = default
         assert isinstance(stacked, moe.UnpackedExperts) and stacked.kind == mu.KIND_INT8_W16
         return stacked, deq, None
     if scheme in ("w4a16", "w8a16", "w4a8-int8", "w4a8"):
