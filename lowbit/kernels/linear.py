@@ -18,9 +18,12 @@ from lowbit.kernels import cdiv, matmul_packed as mp, matmul_unpacked as mu, moe
 
 
 # w8a16's experts (int8 per channel, 16-bit activations) unpacked, [E, N, K] int8 on the unpacked kernel
-# (KIND_INT8_W16), in place of the packed kernel's 8-bit planes: LOWBIT_W8A16_UNPACKED=1. Off until timed on a GPU
-# (written in session 15, 2026-11-25, after its device time was spent; tested under Triton's interpreter only)
-W8A16_UNPACKED_EXPERTS = os.environ.get("LOWBIT_W8A16_UNPACKED", "0") == "1"
+# (KIND_INT8_W16), in place of the packed kernel's 8-bit planes (LOWBIT_W8A16_UNPACKED=0 keeps the planes). H100,
+# 2026-11-25, pdl-decode-v2-lite-h100-80gb-hbm3-2026-11-25-w8a16-unpacked.md, batch-1 decode graph: V2-Lite's MoE
+# layer 87.1 -> 76.7 us; R1's (layer_ratio) 1.49x bf16, as the planes' 1.48x
+W8A16_UNPACKED_EXPERTS = os.environ.get("LOWBIT_W8A16_UNPACKED", "1") == "1"
+# w8a16's dense layers on the same kernel (an UnpackedLinear of KIND_INT8_W16): LOWBIT_W8A16_UNPACKED_DENSE=1
+W8A16_UNPACKED_DENSE = os.environ.get("LOWBIT_W8A16_UNPACKED_DENSE", "0") == "1"
 
 
 def kernels_enabled(device: torch.device) -> bool:
@@ -65,12 +68,15 @@ class UnpackedLinear:
     scale: torch.Tensor | None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == mu.KIND_INT8_W16 and x.shape[0] > DEQUANT_ABOVE_ROWS:
+            # prefill: the 16-bit weights in a transient buffer and the matrix library, as PackedLinear does
+            return torch.nn.functional.linear(x, (self.weight.to(torch.float32) * self.scale).to(x.dtype))
         return mu.unpacked_matmul(x.contiguous(), self.weight, self.kind, self.scale)
 
     def dequantized(self) -> torch.Tensor:
         from lowbit.quant.formats import dequantize_values
         from lowbit.quant.schemes import QuantArgs
-        if self.kind == mu.KIND_INT8_CHANNEL:
+        if self.kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16):
             return dequantize_values(self.weight, self.scale, None, QuantArgs(8, "int", "channel"))
         if self.kind == mu.KIND_FP8_BLOCK:
             block = (mu.FP8_BLOCK, mu.FP8_BLOCK)
@@ -125,6 +131,11 @@ def packed_linear(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     group = weights.group_size if weights.strategy == "group" else 0
     if weights.strategy not in ("group", "channel"):
         return None
+    if (W8A16_UNPACKED_DENSE and act == mp.ACT_NONE and weights.num_bits == 8 and not group
+            and zero_point is None):
+        # int8 per channel, 16-bit activations: the values as they are and one float32 scale a channel
+        return UnpackedLinear(values.to(torch.int8).contiguous(), mu.KIND_INT8_W16,
+                              scale.data.float().reshape(-1, 1).contiguous())
     plane = mp.default_tile_k(weights.num_bits) // (32 // weights.num_bits)
     if group % plane:
         return None
@@ -198,7 +209,7 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
                    for p in parts):
             return None
         scale = None if first.scale is None else torch.stack([p.scale for p in parts])
-        if first.kind == mu.KIND_INT8_CHANNEL:
+        if first.kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16):
             scale = scale.reshape(len(parts), -1)
         return moe.UnpackedExperts(torch.stack([p.weight for p in parts]).contiguous(), first.kind, scale)
     return None
@@ -252,7 +263,7 @@ def _rows_cols(part, rows: slice, cols: slice):
         return None if pw is None else PackedLinear(pw, part.act, part.input_scale)
     if isinstance(part, UnpackedLinear):
         w, scale = part.weight[rows, cols], part.scale
-        if part.kind == mu.KIND_INT8_CHANNEL:
+        if part.kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16):
             scale = scale[rows]
         elif part.kind == mu.KIND_FP8_BLOCK:
             b = mu.FP8_BLOCK

@@ -19,7 +19,8 @@ from tests.quant.conftest import make_deepseek  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", "bfloat16") if GPU else ("cpu", "float16")
-CPU_SCHEMES = ["bf16", "w4a16", "w8a16", "w4a8-int8", "w8a8"]
+# w8a16:dense-unpacked: w8a16 with its dense layers on the unpacked kernel too (LOWBIT_W8A16_UNPACKED_DENSE=1)
+CPU_SCHEMES = ["bf16", "w4a16", "w8a16", "w8a16:dense-unpacked", "w4a8-int8", "w8a8"]
 SCHEMES = CPU_SCHEMES + ["w4a8", "fp8-block"]
 # Where activations are quantized, the kernel and the reference quantize bf16 inputs that already differ in their
 # last bits, so some values round to the neighbouring int8 / FP8 code: per-layer errors scale with the code's step
@@ -34,7 +35,11 @@ def source(tmp_path_factory):
     return make_deepseek(tmp_path_factory.mktemp("src"), mtp=False, n_shared_experts=2)
 
 
-def quantized(source, tmp_path, scheme):
+def quantized(source, tmp_path, scheme, monkeypatch=None):
+    scheme, _, variant = scheme.partition(":")
+    if variant == "dense-unpacked":
+        from lowbit.kernels import linear
+        monkeypatch.setattr(linear, "W8A16_UNPACKED_DENSE", True)
     if scheme == "bf16":
         return source
     out = tmp_path / scheme
@@ -46,7 +51,7 @@ def quantized(source, tmp_path, scheme):
 @pytest.mark.parametrize("scheme", [s if s in CPU_SCHEMES else pytest.param(s, marks=pytest.mark.skipif(
     not GPU, reason="FP8 kernels need a GPU")) for s in SCHEMES])
 def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
-    path = quantized(source, tmp_path, scheme)
+    path = quantized(source, tmp_path, scheme, monkeypatch)
     ids = list(range(5, 30))
     monkeypatch.setenv("LOWBIT_KERNELS", "0")
     ref_llm = LLM(path, device=DEV, dtype=DTYPE, num_kv_blocks=16)
@@ -59,6 +64,12 @@ def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
     assert fused, "the routed experts run in the fused MoE"
     assert all(model.get_submodule(n).experts.num_shared == 2 for n in fused), "and the shared experts with them"
     assert scheme == "bf16" or kernels, "quantized linears run in the GPU kernels"
+    if scheme.startswith("w8a16"):  # int8 experts unpacked (the default), dense layers too where asked
+        from lowbit.kernels import linear, matmul_unpacked as mu, moe
+        assert all(isinstance(model.get_submodule(n).experts._fused[0], moe.UnpackedExperts)
+                   and model.get_submodule(n).experts._fused[0].kind == mu.KIND_INT8_W16 for n in fused)
+        dense = {type(m._kernel) for m in model.modules() if getattr(m, "_kernel", None) is not None}
+        assert dense == {linear.UnpackedLinear if scheme.endswith("dense-unpacked") else linear.PackedLinear}
     # the norms quantize their output for int8 per-token layers (on CUDA: the CPU runs the torch norm)
     from lowbit.layers.norm import RMSNorm
     assert {m.int8_rows for m in model.modules() if isinstance(m, RMSNorm)} == {scheme in ("w8a8", "w4a8-int8")}
@@ -106,7 +117,7 @@ def test_gpu_path_matches_cpu_reference(source, tmp_path, monkeypatch, scheme):
     activations are quantized, bf16 rounding moves some values to the neighbouring int8 / FP8 code and the tiny
     random model amplifies that (H100, 2026-11-23: w4a8 kernels 0.75 top-1 agreement), so a fixed bound would
     measure the model rather than the kernels."""
-    path = quantized(source, tmp_path, scheme)
+    path = quantized(source, tmp_path, scheme, monkeypatch)
     ids = list(range(5, 60))
     ref = LLM(path, device="cpu", dtype="float32", num_kv_blocks=16).logits(ids)
 

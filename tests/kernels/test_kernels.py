@@ -487,6 +487,28 @@ def test_large_m_packed_layer_takes_the_dequantized_path(act, monkeypatch):
     assert rel(layer(x.to(DEV)), ref) < BOUND and calls
 
 
+@pytest.mark.parametrize("M", [1, 20])
+def test_w8a16_dense_layer_unpacked(M, monkeypatch):
+    """LOWBIT_W8A16_UNPACKED_DENSE: an int8-per-channel weight-only layer is an UnpackedLinear of KIND_INT8_W16, the
+    unpacked kernel at decode rows, the matrix library on its 16-bit weights above DEQUANT_ABOVE_ROWS; dequantized
+    gives the checkpoint's weights back."""
+    from lowbit.kernels import linear
+    from lowbit.quant.schemes import QuantArgs
+    values, scale, _ = random_packed(1, 96, 640, 8, 0, False, seed=M)
+    monkeypatch.setattr(linear, "W8A16_UNPACKED_DENSE", True)
+    monkeypatch.setattr(linear, "DEQUANT_ABOVE_ROWS", 8)
+    layer = linear.packed_linear(values[0].to(DEV), scale[0].to(DEV), None, QuantArgs(8, "int", "channel"), None,
+                                 None)
+    assert isinstance(layer, linear.UnpackedLinear) and layer.kind == mu.KIND_INT8_W16
+    want = values[0].double() * scale[0].double()
+    assert torch.allclose(layer.dequantized().double().cpu(), want, rtol=1e-6, atol=0)
+    x = torch.randn(M, 640, generator=gen(M)).to(DTYPE)
+    calls = []
+    monkeypatch.setattr(mu, "unpacked_matmul", lambda *a, f=mu.unpacked_matmul, **kw: calls.append(1) or f(*a, **kw))
+    assert rel(layer(x.to(DEV)), x.double() @ want.t()) < BOUND
+    assert bool(calls) == (M <= 8)
+
+
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a8-int8", pytest.param("w4a8", marks=gpu_only)])
 @pytest.mark.parametrize("expert_scales", [False, True])
 def test_fused_moe_with_many_rows_runs_packed_experts_dequantized(scheme, expert_scales, monkeypatch):
