@@ -17,13 +17,13 @@ import torch
 from lowbit.kernels import cdiv, matmul_packed as mp, matmul_unpacked as mu, moe, triton_available
 
 
-# w8a16's experts (int8 per channel, 16-bit activations) unpacked, [E, N, K] int8 on the unpacked kernel
-# (KIND_INT8_W16), in place of the packed kernel's 8-bit planes (LOWBIT_W8A16_UNPACKED=0 keeps the planes). H100,
-# 2026-11-25, pdl-decode-v2-lite-h100-80gb-hbm3-2026-11-25-w8a16-unpacked.md, batch-1 decode graph: V2-Lite's MoE
-# layer 87.1 -> 76.7 us; R1's (layer_ratio) 1.49x bf16, as the planes' 1.48x
-W8A16_UNPACKED_EXPERTS = os.environ.get("LOWBIT_W8A16_UNPACKED", "1") == "1"
-# w8a16's dense layers on the same kernel (an UnpackedLinear of KIND_INT8_W16): LOWBIT_W8A16_UNPACKED_DENSE=1
-W8A16_UNPACKED_DENSE = os.environ.get("LOWBIT_W8A16_UNPACKED_DENSE", "0") == "1"
+# w8a16 (int8 per channel, 16-bit activations) unpacked: the int8 values as they are, [N, K] / the experts' [E, N, K],
+# on the unpacked kernel (KIND_INT8_W16: each tile turned into the activations' dtype, exactly, for the 16-bit tensor
+# cores; the channel scale at the end) in place of the packed kernel's 8-bit planes; LOWBIT_W8A16_UNPACKED=0 keeps
+# the planes. H100, 2026-11-25, batch-1 decode graph (pdl-decode-v2-lite-...-2026-11-25-w8a16-unpacked.md,
+# layer-ratio-r1-...-2026-11-25-w8a16-unpacked.md): V2-Lite's MoE layer 87.1 -> 76.7 us with the experts unpacked,
+# 75.1 with the dense layers too; R1's 307.0 -> 297.3 us, 1.48x -> 1.54x bf16's
+W8A16_UNPACKED = os.environ.get("LOWBIT_W8A16_UNPACKED", "1") == "1"
 
 
 def kernels_enabled(device: torch.device) -> bool:
@@ -131,7 +131,7 @@ def packed_linear(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     group = weights.group_size if weights.strategy == "group" else 0
     if weights.strategy not in ("group", "channel"):
         return None
-    if (W8A16_UNPACKED_DENSE and act == mp.ACT_NONE and weights.num_bits == 8 and not group
+    if (W8A16_UNPACKED and act == mp.ACT_NONE and weights.num_bits == 8 and not group
             and zero_point is None):
         # int8 per channel, 16-bit activations: the values as they are and one float32 scale a channel
         return UnpackedLinear(values.to(torch.int8).contiguous(), mu.KIND_INT8_W16,
@@ -189,12 +189,6 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
         if not all(_packed_alike(p, first) and p.weight.n == first.weight.n for p in parts):
             return None
         w = first.weight
-        if (W8A16_UNPACKED_EXPERTS and w.bits == 8 and w.group_size == 0 and w.zeros is None
-                and first.act == mp.ACT_NONE):
-            # int8 per channel, 16-bit activations: the values as they are and one float32 scale a channel
-            vals = [mp.values(p.weight) for p in parts]
-            return moe.UnpackedExperts(torch.cat([v for v, _, _ in vals]).contiguous(), mu.KIND_INT8_W16,
-                                       torch.cat([sc.reshape(1, -1) for _, sc, _ in vals]).float().contiguous())
         # the experts' layout (LOWBIT_INT4_PAIRED) expert by expert: no second copy of a whole layer's words
         laid = [mp.experts_layout(p.weight, first.act) for p in parts]
         pw = mp.PackedWeight(torch.cat([e.words for e in laid]), torch.cat([e.scales for e in laid]),

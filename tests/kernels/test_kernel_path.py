@@ -19,8 +19,8 @@ from tests.quant.conftest import make_deepseek  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", "bfloat16") if GPU else ("cpu", "float16")
-# w8a16:dense-unpacked: w8a16 with its dense layers on the unpacked kernel too (LOWBIT_W8A16_UNPACKED_DENSE=1)
-CPU_SCHEMES = ["bf16", "w4a16", "w8a16", "w8a16:dense-unpacked", "w4a8-int8", "w8a8"]
+# w8a16:planes: w8a16 on the packed kernel's 8-bit planes (LOWBIT_W8A16_UNPACKED=0), not its unpacked int8
+CPU_SCHEMES = ["bf16", "w4a16", "w8a16", "w8a16:planes", "w4a8-int8", "w8a8"]
 SCHEMES = CPU_SCHEMES + ["w4a8", "fp8-block"]
 # Where activations are quantized, the kernel and the reference quantize bf16 inputs that already differ in their
 # last bits, so some values round to the neighbouring int8 / FP8 code: per-layer errors scale with the code's step
@@ -37,9 +37,9 @@ def source(tmp_path_factory):
 
 def quantized(source, tmp_path, scheme, monkeypatch=None):
     scheme, _, variant = scheme.partition(":")
-    if variant == "dense-unpacked":
+    if variant == "planes":
         from lowbit.kernels import linear
-        monkeypatch.setattr(linear, "W8A16_UNPACKED_DENSE", True)
+        monkeypatch.setattr(linear, "W8A16_UNPACKED", False)
     if scheme == "bf16":
         return source
     out = tmp_path / scheme
@@ -64,12 +64,13 @@ def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
     assert fused, "the routed experts run in the fused MoE"
     assert all(model.get_submodule(n).experts.num_shared == 2 for n in fused), "and the shared experts with them"
     assert scheme == "bf16" or kernels, "quantized linears run in the GPU kernels"
-    if scheme.startswith("w8a16"):  # int8 experts unpacked (the default), dense layers too where asked
+    if scheme.startswith("w8a16"):  # int8 unpacked (the default: dense layers and experts) or in planes
         from lowbit.kernels import linear, matmul_unpacked as mu, moe
-        assert all(isinstance(model.get_submodule(n).experts._fused[0], moe.UnpackedExperts)
-                   and model.get_submodule(n).experts._fused[0].kind == mu.KIND_INT8_W16 for n in fused)
+        planes = scheme.endswith("planes")
+        experts = [model.get_submodule(n).experts._fused[0] for n in fused]
+        assert all(isinstance(e, moe.PackedExperts) if planes else e.kind == mu.KIND_INT8_W16 for e in experts)
         dense = {type(m._kernel) for m in model.modules() if getattr(m, "_kernel", None) is not None}
-        assert dense == {linear.UnpackedLinear if scheme.endswith("dense-unpacked") else linear.PackedLinear}
+        assert dense == {linear.PackedLinear if planes else linear.UnpackedLinear}
     # the norms quantize their output for int8 per-token layers (on CUDA: the CPU runs the torch norm)
     from lowbit.layers.norm import RMSNorm
     assert {m.int8_rows for m in model.modules() if isinstance(m, RMSNorm)} == {scheme in ("w8a8", "w4a8-int8")}

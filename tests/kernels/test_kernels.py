@@ -297,18 +297,14 @@ def make_experts(scheme, E, N, K, seed):
     g = gen(seed)
     if scheme == "w8a16-unpacked":
         from lowbit.kernels import linear
-        packed, deq, _ = make_experts("w8a16", E, N, K, seed)
-        w = packed.weight
-        parts = [linear.PackedLinear(mp.PackedWeight(w.words[e:e + 1], w.scales[e:e + 1], None, w.bits,
-                                                     w.group_size, w.n, w.k, w.tile_k), mp.ACT_NONE, None)
+        from lowbit.quant.schemes import QuantArgs
+        _, deq, _ = make_experts("w8a16", E, N, K, seed)
+        values, scale, _ = random_packed(E, N, K, 8, 0, False, seed)  # (make_experts' w8a16 draws these)
+        parts = [linear.packed_linear(values[e], scale[e], None, QuantArgs(8, "int", "channel"), None, None)
                  for e in range(E)]
-        default, linear.W8A16_UNPACKED_EXPERTS = linear.W8A16_UNPACKED_EXPERTS, True  # (LOWBIT_W8A16_UNPACKED=1)
-        try:
-            stacked = linear.stack_experts(parts)
-        finally:
-            linear.W8A16_UNPACKED_EXPERTS = default
+        stacked = linear.stack_experts(parts)
         assert isinstance(stacked, moe.UnpackedExperts) and stacked.kind == mu.KIND_INT8_W16
-        return stacked, deq, None
+        return moe.UnpackedExperts(stacked.weight.to(DEV), stacked.kind, stacked.scale.to(DEV)), deq, None
     if scheme in ("w4a16", "w8a16", "w4a8-int8", "w4a8"):
         bits = 8 if scheme == "w8a16" else 4
         values, scale, zp = random_packed(E, N, K, bits, 0 if bits == 8 else 128, False, seed)
@@ -489,13 +485,12 @@ def test_large_m_packed_layer_takes_the_dequantized_path(act, monkeypatch):
 
 @pytest.mark.parametrize("M", [1, 20])
 def test_w8a16_dense_layer_unpacked(M, monkeypatch):
-    """LOWBIT_W8A16_UNPACKED_DENSE: an int8-per-channel weight-only layer is an UnpackedLinear of KIND_INT8_W16, the
-    unpacked kernel at decode rows, the matrix library on its 16-bit weights above DEQUANT_ABOVE_ROWS; dequantized
+    """An int8-per-channel weight-only layer (w8a16; LOWBIT_W8A16_UNPACKED unset) is an UnpackedLinear of
+    KIND_INT8_W16: the unpacked kernel at decode rows, the matrix library on its 16-bit weights above DEQUANT_ABOVE_ROWS; dequantized
     gives the checkpoint's weights back."""
     from lowbit.kernels import linear
     from lowbit.quant.schemes import QuantArgs
     values, scale, _ = random_packed(1, 96, 640, 8, 0, False, seed=M)
-    monkeypatch.setattr(linear, "W8A16_UNPACKED_DENSE", True)
     monkeypatch.setattr(linear, "DEQUANT_ABOVE_ROWS", 8)
     layer = linear.packed_linear(values[0].to(DEV), scale[0].to(DEV), None, QuantArgs(8, "int", "channel"), None,
                                  None)
