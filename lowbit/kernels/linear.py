@@ -70,7 +70,7 @@ class UnpackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == mu.KIND_INT8_W16 and x.shape[0] > DEQUANT_ABOVE_ROWS:
             # prefill: the 16-bit weights in a transient buffer and the matrix library, as PackedLinear does
-            return torch.nn.functional.linear(x, (self.weight.to(torch.float32) * self.scale).to(x.dtype))
+            return torch.nn.functional.linear(x, mu.dequantize_int8(self.weight[None], self.scale[None], x.dtype)[0])
         return mu.unpacked_matmul(x.contiguous(), self.weight, self.kind, self.scale)
 
     def dequantized(self) -> torch.Tensor:

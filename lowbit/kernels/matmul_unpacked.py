@@ -198,6 +198,38 @@ if triton is not None:
                      mask=row_mask[:, None] & col_mask[None, :])
 
 
+if triton is not None:
+    @triton.jit
+    def _dequant_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_we, stride_se, stride_oe, BN: tl.constexpr,
+                             BK: tl.constexpr, PDL: tl.constexpr):
+        """BN rows x BK columns of one expert: int8 value * its channel's float32 scale, rounded once."""
+        enter(PDL)
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        k = tl.program_id(1) * BK + tl.arange(0, BK)
+        e = tl.program_id(2).to(tl.int64)
+        mask = (n[:, None] < N) & (k[None, :] < K)
+        offs = n[:, None].to(tl.int64) * K + k[None, :]
+        v = tl.load(w_ptr + e * stride_we + offs, mask=mask, other=0).to(tl.float32)
+        sc = tl.load(s_ptr + e * stride_se + n, mask=n < N, other=0.0)
+        tl.store(out_ptr + e * stride_oe + offs, (v * sc[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 per-channel weights w [E, N, K] (K contiguous) with scales [E, N] (or [E, N, 1]) -> [E, N, K] in dtype,
+    each value times its scale in float32, rounded once: w8a16's 16-bit weights for the matrix library and the
+    16-bit MoE kernel at prefill, in one launch and without a float32 copy."""
+    E, N, K = w.shape
+    w = w.contiguous()
+    scale = scale.reshape(E, N).float().contiguous()
+    out = torch.empty(E, N, K, dtype=dtype, device=w.device)
+    if out.numel():
+        bn, bk = 32, 256
+        _dequant_int8_kernel[(cdiv(N, bn), cdiv(K, bk), E)](w, scale, out, N, K, w.stride(0), scale.stride(0),
+                                                           out.stride(0), BN=bn, BK=bk, num_warps=4,
+                                                           **pdl.launch(w.device))
+    return out
+
+
 def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if kind == KIND_INT8_CHANNEL:
         return act_quant.int8_per_token(x)

@@ -235,6 +235,11 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         # prefill: every expert sees many rows; the 16-bit kernel on weights dequantized for this call outruns the
         # packed one there (dense layers: kernels/linear.py PackedLinear)
         w13, w2 = DequantizedExperts.of(w13, x.dtype), DequantizedExperts.of(w2, x.dtype)
+    if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and isinstance(w13, UnpackedExperts)
+            and isinstance(w2, UnpackedExperts) and w13.kind == w2.kind == mu.KIND_INT8_W16
+            and E * (two_i * h13 + h2 * inter_size) * x.element_size() <= DEQUANT_MAX_BYTES):
+        # w8a16's int8 experts likewise, dequantized for the call as the packed ones are
+        w13, w2 = (UnpackedExperts(mu.dequantize_int8(w.weight, w.scale, x.dtype)) for w in (w13, w2))
     per_expert = -(-n // min(n, E))  # rows an expert sees when routing spreads: what the block size should fit
     cfg1 = config or gate_up_config(w13.config(per_expert, inter_size, H), isinstance(w13, PackedExperts))
     cfg2 = config or w2.config(per_expert, H, inter_size)

@@ -504,6 +504,31 @@ def test_w8a16_dense_layer_unpacked(M, monkeypatch):
     assert bool(calls) == (M <= 8)
 
 
+@pytest.mark.parametrize("N,K", [(96, 640), (33, 300)])
+def test_dequantize_int8_is_each_value_times_its_scale_in_float32(N, K):
+    values, scale, _ = random_packed(3, N, K, 8, 0, False, seed=N)
+    out = mu.dequantize_int8(values.to(DEV), scale.to(DEV), DTYPE)
+    want = (values.float() * scale.float()).to(DTYPE)  # the product in float32, as the kernel makes it
+    assert out.shape == (3, N, K) and torch.equal(out.cpu(), want)
+
+
+def test_fused_moe_with_many_rows_runs_w8a16_experts_dequantized(monkeypatch):
+    """From DEQUANT_ROWS_PER_EXPERT slots per expert on, w8a16's int8 experts run in the 16-bit kernel on weights
+    dequantized for the call."""
+    E, H, inter, k, T = 4, 256, 128, 2, 12
+    w13, d13, _ = make_experts("w8a16-unpacked", E, 2 * inter, H, seed=5)
+    w2, d2, _ = make_experts("w8a16-unpacked", E, H, inter, seed=6)
+    x = torch.randn(T, H, generator=gen(7)).to(DTYPE)
+    topk = torch.stack([torch.randperm(E, generator=gen(t))[:k] for t in range(T)])
+    weights = torch.rand(T, k, generator=gen(8))
+    ref = moe.fused_moe_ref(x, d13, d2, weights, topk)
+    calls = []
+    monkeypatch.setattr(moe, "DEQUANT_ROWS_PER_EXPERT", 2)
+    monkeypatch.setattr(mu, "dequantize_int8", lambda *a, f=mu.dequantize_int8: calls.append(1) or f(*a))
+    out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
+    assert len(calls) == 2 and rel(out, ref) < BOUND
+
+
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a8-int8", pytest.param("w4a8", marks=gpu_only)])
 @pytest.mark.parametrize("expert_scales", [False, True])
 def test_fused_moe_with_many_rows_runs_packed_experts_dequantized(scheme, expert_scales, monkeypatch):
