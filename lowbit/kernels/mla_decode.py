@@ -77,11 +77,9 @@ if triton is not None:
 
 
 def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-               scale: float, rank: int, num_splits: int | None = None, block_n: int = 32,
-               merge: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               scale: float, rank: int, num_splits: int | None = None, block_n: int = 32) -> torch.Tensor:
     """q [B, H, R + DR] (one decode query per sequence), kv_cache [N, page, 1, R + DR], block_tables [B, max_blocks],
-    context_lens [B] (the new token's row already stored) -> [B, H, R] in q's dtype; merge=False: the splits'
-    partial outputs [S, B, H, R] and log-sum-exps [S, B, H] (float32), for mla_prep.mla_out_splits to merge."""
+    context_lens [B] (the new token's row already stored) -> [B, H, R] in q's dtype."""
     B, H, D = q.shape
     page = kv_cache.shape[1]
     assert kv_cache.shape[-1] == D and kv_cache.is_contiguous(), f"cache {tuple(kv_cache.shape)} vs q {q.shape}"
@@ -95,4 +93,4 @@ def mla_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tens
             H, scale, q.stride(0), q.stride(1), kv_cache.stride(1), block_tables.stride(0), block_tables.shape[1],
             R=rank, DR=rope, R_P=max(16, triton.next_power_of_2(rank)), DR_P=max(16, triton.next_power_of_2(rope)),
             PAGE=page, BH=16, BN=block_n, SPLITS=num_splits, num_warps=4, num_stages=2, **pdl.launch(q.device))
-    return combine(partial, lse, q.dtype) if merge else (partial, lse)
+    return combine(partial, lse, q.dtype)

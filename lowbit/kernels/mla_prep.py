@@ -163,12 +163,9 @@ if triton_available():
     @triton.jit
     def _out_kernel(o_ptr, w_ptr, out_ptr, T, stride_ot, stride_oh, stride_out, R: tl.constexpr, V: tl.constexpr,
                     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, LINES: tl.constexpr, STEP: tl.constexpr,
-                    PDL: tl.constexpr, lse_ptr=None, H=1, SPLITS: tl.constexpr = 0, S_P: tl.constexpr = 1):
+                    PDL: tl.constexpr):
         """BT tokens of head h: columns h * V + [vb * BV, +BV) of the output, o_latent[:, h] @ W_UV[h]^T. The
-        program's W_UV rows (LINES lines of STEP elements each) are asked of L2 while the kernel before finishes.
-        SPLITS > 0: o_ptr holds mla_decode's SPLITS partial outputs [SPLITS, T, H, R] (float32) and lse_ptr their
-        log-sum-exps [SPLITS, T, H]; each K tile of o_latent is their merge, computed as split_kv._combine_kernel
-        computes it (the same float32 operations in the same order, rounded to W_UV's dtype), one launch fewer."""
+        program's W_UV rows (LINES lines of STEP elements each) are asked of L2 while the kernel before finishes."""
         tb = tl.program_id(0)
         h = tl.program_id(1)
         vb = tl.program_id(2)
@@ -180,29 +177,11 @@ if triton_available():
         t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
         t_mask = t < T
         k = tl.arange(0, BK)
-        if SPLITS > 0:  # the splits' softmax weights [S_P, BT], as _combine_kernel makes them
-            s = tl.arange(0, S_P)
-            lse = tl.load(lse_ptr + (s[:, None] * T + t[None, :]) * H + h, mask=(s[:, None] < SPLITS) & t_mask[None, :],
-                          other=float("-inf"))
-            m = tl.max(lse, axis=0)
-            m = tl.where(m == float("-inf"), 0.0, m)
-            sw = tl.exp(lse - m[None, :])
-            total = tl.sum(sw, axis=0)
-            sw = sw / tl.where(total == 0.0, 1.0, total)[None, :]
         acc = tl.zeros([BT, BV], dtype=tl.float32)
         for k0 in range(0, R, BK):
             kk = k0 + k
-            a_mask = t_mask[:, None] & (kk[None, :] < R)
-            if SPLITS > 0:
-                merged = tl.zeros([BT, BK], dtype=tl.float32)
-                for i in tl.static_range(SPLITS):
-                    p = tl.load(o_ptr + ((i * T + t[:, None]) * H + h) * R + kk[None, :], mask=a_mask, other=0.0)
-                    wi = tl.sum(tl.where(s[:, None] == i, sw, 0.0), axis=0)  # [BT]
-                    merged += p * wi[:, None]
-                a = merged.to(w_ptr.dtype.element_ty)
-            else:
-                a = tl.load(o_ptr + t[:, None] * stride_ot + h * stride_oh + kk[None, :], mask=a_mask,
-                            other=0.0)  # [BT, BK]
+            a = tl.load(o_ptr + t[:, None] * stride_ot + h * stride_oh + kk[None, :],
+                        mask=t_mask[:, None] & (kk[None, :] < R), other=0.0)  # [BT, BK]
             w = tl.load(w_ptr + (h * V + v[:, None]) * R + kk[None, :], mask=v_mask[:, None] & (kk[None, :] < R),
                         other=0.0)  # [BV, BK]
             acc += dot(a, tl.trans(w))
@@ -297,31 +276,15 @@ def mla_out(o_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     """o_latent [T, H, R] (unit stride in the last dim), w_uv [H, V, R] -> [T, H * V] in o_latent's dtype:
     out[t, h * V + v] = sum_r o_latent[t, h, r] w_uv[h, v, r], o_proj's input in one launch."""
     T, H, R = o_latent.shape
-    assert o_latent.stride(2) == 1 and w_uv.dtype == o_latent.dtype, \
-        f"o_latent {tuple(o_latent.shape)} {o_latent.dtype} vs w_uv {w_uv.dtype}"
-    return _launch_out(o_latent, None, w_uv, T, H, R, o_latent.stride(0), o_latent.stride(1))
-
-
-def mla_out_splits(partial: torch.Tensor, lse: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
-    """mla_out(split_kv.combine(partial, lse, w_uv.dtype), w_uv) in one launch: partial [S, T, H, R] and lse
-    [S, T, H] (float32, contiguous: mla_decode's split outputs) -> [T, H * V] in w_uv's dtype."""
-    S, T, H, R = partial.shape
-    assert partial.is_contiguous() and lse.is_contiguous() and lse.shape == (S, T, H), \
-        f"partial {tuple(partial.shape)} vs lse {tuple(lse.shape)}"
-    return _launch_out(partial, lse, w_uv, T, H, R, H * R, R)
-
-
-def _launch_out(o, lse, w_uv, T, H, R, stride_ot, stride_oh) -> torch.Tensor:
     V = w_uv.shape[1]
-    assert w_uv.shape == (H, V, R) and w_uv.is_contiguous(), f"w_uv {tuple(w_uv.shape)} vs {H} heads of rank {R}"
-    out = torch.empty(T, H * V, dtype=w_uv.dtype, device=o.device)
+    assert w_uv.shape == (H, V, R) and w_uv.is_contiguous() and w_uv.dtype == o_latent.dtype \
+        and o_latent.stride(2) == 1, f"o_latent {tuple(o_latent.shape)} vs w_uv {tuple(w_uv.shape)}"
+    out = torch.empty(T, H * V, dtype=o_latent.dtype, device=o_latent.device)
     if T and H:
         bv = _tile(V, 64)
-        splits = {} if lse is None else dict(lse_ptr=lse, H=H, SPLITS=o.shape[0],
-                                               S_P=triton.next_power_of_2(o.shape[0]))
-        _out_kernel[(cdiv(T, 16), H, cdiv(V, bv))](o, w_uv, out, T, stride_ot, stride_oh, out.stride(0), R=R, V=V,
-                                                    BT=16, BV=bv, BK=_tile(R, 64),
+        _out_kernel[(cdiv(T, 16), H, cdiv(V, bv))](o_latent, w_uv, out, T, o_latent.stride(0), o_latent.stride(1),
+                                                    out.stride(0), R=R, V=V, BT=16, BV=bv, BK=_tile(R, 64),
                                                     LINES=triton.next_power_of_2(cdiv(R * w_uv.element_size(), 128)),
-                                                    STEP=128 // w_uv.element_size(), num_warps=4, **splits,
-                                                    **pdl.launch(o.device))
+                                                    STEP=128 // w_uv.element_size(), num_warps=4,
+                                                    **pdl.launch(o_latent.device))
     return out

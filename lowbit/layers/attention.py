@@ -6,7 +6,6 @@ nano-vllm. The torch path below is the CPU path and the reference the GPU kernel
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +26,6 @@ class Context:
 
 
 _CONTEXT = Context()
-# MLA decode's context splits merged inside the W_UV product's launch (mla_prep.mla_out_splits), not by a launch of
-# their own (split_kv.combine): LOWBIT_MLA_MERGE_IN_OUT=0 keeps the separate merge
-MERGE_IN_OUT = os.environ.get("LOWBIT_MLA_MERGE_IN_OUT", "1") == "1"
 
 
 def get_context() -> Context:
@@ -185,16 +181,12 @@ class MLAAttention(nn.Module):
         beside them the absorbed query (q_nope W_UK | rotated q_pe), are one launch; then the paged MLA decode, its
         splits' merge and the W_UV product (kernels/mla_prep.py, mla_decode.py)."""
         from lowbit.kernels.mla_decode import mla_decode
-        from lowbit.kernels.mla_prep import mla_out, mla_out_splits, mla_prep
+        from lowbit.kernels.mla_prep import mla_out, mla_prep
         ctx = get_context()
         cos, sin = rotary.cached_cos_sin(positions, q.dtype)  # [T, dr/2]
         # the cache row (latent norm, rope key) and the absorbed query, one launch
         q = mla_prep(kv_a, kv_norm.weight, kv_norm.eps, cos, sin, rotary.interleaved, self.kv_cache,
                      ctx.slot_mapping, q, w_uk)  # [T, H, r + dr]
-        if MERGE_IN_OUT:  # the splits merged inside the W_UV product's launch
-            partial, lse = mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                                      self.kv_lora_rank, merge=False)
-            return mla_out_splits(partial, lse, w_uv)  # [T, H * v]
         o_latent = mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
         return mla_out(o_latent, w_uv)  # [T, H * v]
 
