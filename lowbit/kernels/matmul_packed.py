@@ -334,7 +334,8 @@ if triton is not None:
             store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, ws_ptr, cnt_ptr, M, N,
                         pid_m, pid_n, pid_k, SPLIT_K)
         elif SUM_SLOTS:
-            store_slot_sum(out_ptr, acc, ids, row_mask, offs_n, n_mask, rw_ptr, ws_ptr, cnt_ptr, N, pid_m, pid_n)
+            store_slot_sum(out_ptr, acc, ids, row_mask, offs_n, n_mask, rw_ptr, ws_ptr, cnt_ptr, N, pid_m, pid_n,
+                           pid_k, SPLIT_K)
         else:
             store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
@@ -418,15 +419,17 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
            routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
     """Run the kernel. moe = (sorted_ids, block_expert, num_padded [1], num_ids): grouped mode over
     experts; otherwise dense over x's M rows with expert 0. sum_slots (one token, moe = (None, slot_experts)):
-    out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum)."""
+    out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum), their K split as config's
+    SPLIT_K says (a grouped launch's K is otherwise whole)."""
     bm, bn = config["BM"], config["BN"]
-    split_k = config.get("SPLIT_K", 1) if moe is None else 1
+    split_k = config.get("SPLIT_K", 1) if moe is None or sum_slots else 1
     n = pw.n // 2 if fuse_silu else pw.n
     k_tiles = pw.words.shape[2] * (32 // pw.bits) // pw.tile_k
     assert k_tiles % split_k == 0, f"SPLIT_K={split_k} must divide the {k_tiles} K tiles"
     dummy = pw.scales
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
-    fixup = split_k > 1 and out.dtype != torch.float32  # (a zeroed float32 output takes atomic adds instead)
+    # (a zeroed float32 output takes atomic adds instead; the slots' sum adds the splits itself)
+    fixup = split_k > 1 and out.dtype != torch.float32 and not sum_slots
     assert not fixup or moe is None, "a grouped launch's K splits add into a zeroed float32 output"
     if sum_slots:
         ws, counters = slot_sum_buffers(moe, out, routed_weights, n, grid, fuse_silu, split_k)

@@ -152,7 +152,8 @@ if triton is not None:
             store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, part_ptr, cnt_ptr, M, N,
                         pid_m, pid_n, pid_k, SPLIT_K)
         elif SUM_SLOTS:
-            store_slot_sum(out_ptr, acc, ids, row_mask, offs_n, n_mask, rw_ptr, part_ptr, cnt_ptr, N, pid_m, pid_n)
+            store_slot_sum(out_ptr, acc, ids, row_mask, offs_n, n_mask, rw_ptr, part_ptr, cnt_ptr, N, pid_m, pid_n,
+                           pid_k, SPLIT_K)
         else:
             store_rows(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, rw_ptr, ROUTED_WEIGHT, SPLIT_K)
 
@@ -277,7 +278,8 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         assert kind == KIND_INT8_CHANNEL and xs is None and K <= QUANT_IN_MAX_K
         assert (moe is not None and moe[0] is None) or (moe is None and x.shape[0] == 1), "one row a program"
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
-    fixup = split_k > 1 and out.dtype != torch.float32  # (a zeroed float32 output takes atomic adds instead)
+    # (a zeroed float32 output takes atomic adds instead; the slots' sum adds the splits itself)
+    fixup = split_k > 1 and out.dtype != torch.float32 and not sum_slots
     assert not fixup or moe is None, "a grouped launch's K splits add into a zeroed float32 output"
     if sum_slots:
         part, counters = slot_sum_buffers(moe, out, routed_weights, n, grid, fuse_silu, split_k)

@@ -246,10 +246,11 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     bm = cfg1["BM"]
     if cfg2["BM"] != bm:
         cfg2 = dict(cfg2, BM=bm)
-    split = 1  # the packed kernel's K loop takes no splits in a grouped launch
-    if isinstance(w2, UnpackedExperts):
-        split = min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2["BK"])) if config is None and T == 1 \
-            else cfg2.get("SPLIT_K", 1)
+    split = 1  # the down projection's K splits (a grouped launch of packed experts takes none)
+    if T == 1 and config is None:
+        split = one_token_down_split(w2, inter_size, cfg2)
+    elif isinstance(w2, UnpackedExperts):
+        split = cfg2.get("SPLIT_K", 1)
     cfg2 = dict(cfg2, SPLIT_K=split)
     slot_experts = topk_ids.flatten()
     if T == 1:  # one token's slots name distinct experts: a program row per slot, nothing to sort (no align launch)
@@ -260,7 +261,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
     w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
     routed = topk_weights.flatten().float().contiguous()
-    if T == 1 and split == 1:  # the down projection sums the token's slots itself (no moe_sum launch)
+    if T == 1:  # the down projection sums the token's slots (and their K splits) itself: no moe_sum launch
         out = torch.empty(1, H, dtype=x.dtype, device=x.device)
         return w2.run(inter, out, moe, cfg2, routed_weights=routed, slot_experts=slot_experts, sum_slots=True)
     if split > 1:  # the down projection's K splits add into float32 (one-token decode: more programs in flight)
@@ -269,6 +270,18 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         out = (torch.zeros if may_skip else torch.empty)(n, H, dtype=x.dtype, device=x.device)
     w2.run(inter, out, moe, cfg2, routed_weights=routed, slot_experts=slot_experts)
     return moe_sum(out.view(T, k, H), x.dtype)
+
+
+def one_token_down_split(w2, inter_size: int, cfg2: dict) -> int:
+    """The one-token down projection's K splits: tuning.MOE_SPLIT_K, at most the K tiles (packed experts: a divisor
+    of them, the packed kernel splits K evenly)."""
+    if isinstance(w2, PackedExperts):
+        k_tiles = cdiv(inter_size, w2.weight.tile_k)
+        split = max(1, min(tuning.MOE_SPLIT_K, k_tiles))
+        while k_tiles % split:
+            split -= 1
+        return split
+    return max(1, min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2["BK"])))
 
 
 def _fused_moe_one_token(x, w13: PackedExperts, w2: PackedExperts, topk_weights, topk_ids):

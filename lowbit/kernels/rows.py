@@ -84,15 +84,18 @@ if triton is not None:
         return total, last
 
     @triton.jit
-    def store_slot_sum(out_ptr, acc, ids, row_mask, offs_n, n_mask, rw_ptr, ws_ptr, cnt_ptr, N, pid_m, pid_n):
+    def store_slot_sum(out_ptr, acc, ids, row_mask, offs_n, n_mask, rw_ptr, ws_ptr, cnt_ptr, N, pid_m, pid_n,
+                       pid_k, SPLIT_K: tl.constexpr):
         """One token's down projection (MOE == 2: program row pid_m is slot pid_m) with its slots summed here rather
-        than by moe_sum's launch: each slot's routed-weighted row goes to the workspace ws [slots, N] in float32, and
-        the last slot program of a column block adds them in slot order and writes the token's row out [1, N].
-        Columns outside n_mask (another rank's expert) add zeros, whatever the product made of them."""
+        than by moe_sum's launch: each slot's routed-weighted row (of K split pid_k: SPLIT_K partial sums a slot)
+        goes to the workspace ws [slots * SPLIT_K, N] in float32, and the last program of a column block adds them
+        in slot and split order and writes the token's row out [1, N]. Columns outside n_mask (another rank's
+        expert) add zeros, whatever the product made of them."""
         rw = tl.load(rw_ptr + ids, mask=row_mask, other=0.0)
         vals = tl.sum(tl.where(row_mask[:, None] & n_mask[None, :], acc * rw[:, None], 0.0), axis=0)  # [BN]
         cols_ok = offs_n < N
-        total, last = add_parts(ws_ptr + offs_n, vals, cols_ok, pid_m, tl.num_programs(0), N, cnt_ptr, pid_n)
+        total, last = add_parts(ws_ptr + offs_n, vals, cols_ok, pid_m * SPLIT_K + pid_k,
+                                tl.num_programs(0) * SPLIT_K, N, cnt_ptr, pid_n)
         tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=cols_ok & last)
 
     @triton.jit
@@ -126,11 +129,12 @@ def split_buffers(m: int, n: int, split_k: int, tiles: int, device) -> tuple[tor
 
 def slot_sum_buffers(moe: tuple | None, out: torch.Tensor, routed_weights: torch.Tensor | None, n: int, grid: tuple,
                      fuse_silu: bool, split_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace [slots, n] float32, counters) for store_slot_sum: a one-token grouped launch (moe_mode 2) of a
-    projection without SiLU or K splits, its slots routed-weighted into the token's one output row."""
-    assert moe_mode(moe) == 2 and not fuse_silu and split_k == 1, "slots are summed at one token, down, unsplit"
+    """(workspace [slots * split_k, n] float32, counters) for store_slot_sum: a one-token grouped launch (moe_mode
+    2) of a projection without SiLU, its slots (and their K splits) routed-weighted into the token's one output
+    row."""
+    assert moe_mode(moe) == 2 and not fuse_silu, "slots are summed at one token, in the down projection"
     assert routed_weights is not None and out.shape[0] == 1, "the slots' sum: routing weights, one output row"
-    return split_buffers(grid[0], n, 1, grid[1], out.device)
+    return split_buffers(grid[0] * split_k, n, 1, grid[1], out.device)
 
 
 def grid_and_rows(moe: tuple | None, m: int, n: int, bm: int, bn: int, split_k: int, dummy: torch.Tensor):

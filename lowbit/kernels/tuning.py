@@ -35,10 +35,11 @@ def num_sms() -> int:
     return 8
 
 
-# K splits of the fused MoE's down projection for one token (unpacked experts: bf16, w8a8, fp8-block): each of its
-# few experts' programs runs one long K loop, latency-bound (V2-Lite's down projection at 65% of copy bandwidth,
-# moe-configs-h100-80gb-hbm3-2026-11-23.md); splits put more programs in flight, but measured slower on an H100
-# (zeroing, float32 atomics and a float32 moe_sum cost more: moe-split-k-h100-80gb-hbm3-2026-11-24.md), so 1
+# K splits of the fused MoE's down projection for one token (every scheme: moe.one_token_down_split): each of its
+# few experts' programs runs one long K loop, latency-bound (V2-Lite's down projection at 35-65% of copy bandwidth);
+# splits put more programs in flight, their partial sums added by the slots' sum (rows.store_slot_sum) with no launch
+# of their own. Through a zeroed float32 output, atomic adds and a float32 moe_sum they measured slower on an H100
+# (moe-split-k-h100-80gb-hbm3-2026-11-24.md)
 MOE_SPLIT_K = int(os.environ.get("LOWBIT_MOE_SPLIT_K", "1"))
 
 

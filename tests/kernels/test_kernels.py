@@ -430,24 +430,38 @@ def test_fused_moe_on_paired_experts(scheme, T, monkeypatch):
                        moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), config=cfg))
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "w8a8", "w8a16-unpacked", pytest.param("fp8-block", marks=gpu_only)])
+@pytest.mark.parametrize("scheme", ["bf16", "w8a8", "w8a16-unpacked", "w4a16", "w4a16:paired", "w4a8-int8",
+                                    pytest.param("fp8-block", marks=gpu_only), pytest.param("w4a8", marks=gpu_only),
+                                    pytest.param("w4a8:paired", marks=gpu_only)])
 @pytest.mark.parametrize("split", [2, 3])
 def test_fused_moe_splits_the_down_projections_k_for_one_token(scheme, split, monkeypatch):
-    """One token: the down projection's K tiles split over `split` programs per output tile (3 does not divide the
-    5 tiles: the last split is short), added into float32, summed per token into x's dtype."""
-    from lowbit.kernels import tuning
+    """One token: the down projection's K tiles split over `split` programs per output tile, their partial sums
+    added with the slots' by the last program of each column block. Unpacked experts: 3 does not divide the 5 tiles
+    of 128 (the last split is short); packed ones split evenly, 3 tiles of 256 over 3, over 2 the divisor below, 1."""
+    from lowbit.kernels import linear, tuning
     monkeypatch.setattr(tuning, "MOE_SPLIT_K", split)
-    E, H, inter, k = 6, 128, 5 * 128, 3
+    scheme, _, layout = scheme.partition(":")
+    packed = MOE_SCHEMES[scheme] == "packed"
+    E, H, inter, k = 6, 128, (3 * 256 if packed else 5 * 128), 3
     w13, d13, fq = make_experts(scheme, E, 2 * inter, H, seed=11)
     w2, d2, _ = make_experts(scheme, E, H, inter, seed=12)
+    if layout == "paired":  # the engine's int4 experts (LOWBIT_INT4_PAIRED), stacked from per-expert layers
+        monkeypatch.setattr(mp, "PAIRED_EXPERTS", True)
+        w13, w2 = (linear.stack_experts([linear.PackedLinear(mp.PackedWeight(
+            ex.weight.words[e:e + 1], ex.weight.scales[e:e + 1], None, ex.weight.bits, ex.weight.group_size,
+            ex.weight.n, ex.weight.k, ex.weight.tile_k), ex.act, ex.input_scale.reshape(-1)[:1]) for e in range(E)])
+            for ex in (w13, w2))
+        assert w2.weight.paired
     x = torch.randn(1, H, generator=gen(13)).to(DTYPE)
     topk = torch.randperm(E, generator=gen(14))[:k][None]
     weights = torch.rand(1, k, generator=gen(15))
     ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
     launches = []
-    monkeypatch.setattr(moe.mu, "launch", lambda *a, f=moe.mu.launch, **kw: launches.append(a[6]) or f(*a, **kw))
+    mod, cfg_arg = (moe.mp, 5) if packed else (moe.mu, 6)
+    monkeypatch.setattr(mod, "launch", lambda *a, f=mod.launch, **kw: launches.append((a[cfg_arg], kw)) or f(*a, **kw))
     out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
-    assert [c.get("SPLIT_K", 1) for c in launches] == [1, split]  # gate_up whole, down split
+    want = split if not packed or split == 3 else 1  # (2 does not divide the packed experts' 3 K tiles)
+    assert [(c.get("SPLIT_K", 1), kw.get("sum_slots", False)) for c, kw in launches] == [(1, False), (want, True)]
     assert out.dtype == DTYPE and rel(out, ref) < BOUND * (3 if fq is not None else 1)
 
 
