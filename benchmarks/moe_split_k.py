@@ -55,7 +55,7 @@ def main() -> None:
             for split in (1, 2, 3, 4):
                 tuning.MOE_SPLIT_K = split
                 cfg2 = w2.config(1, H, inter)
-                taken = moe.one_token_down_split(w2, inter, cfg2)
+                taken = moe.one_token_down_split(w2, inter, cfg2, k)
                 t = bench_graph(lambda x=x, w13=w13, w2=w2, tw=tw, topk=topk: moe.fused_moe(x, w13, w2, tw, topk))
                 times[split] = (t, taken)
             nbytes = k * (b13 + b2)

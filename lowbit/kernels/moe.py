@@ -248,7 +248,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         cfg2 = dict(cfg2, BM=bm)
     split = 1  # the down projection's K splits (a grouped launch of packed experts takes none)
     if T == 1 and config is None:
-        split = one_token_down_split(w2, inter_size, cfg2)
+        split = one_token_down_split(w2, inter_size, cfg2, k)
     elif isinstance(w2, UnpackedExperts):
         split = cfg2.get("SPLIT_K", 1)
     cfg2 = dict(cfg2, SPLIT_K=split)
@@ -272,16 +272,19 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     return moe_sum(out.view(T, k, H), x.dtype)
 
 
-def one_token_down_split(w2, inter_size: int, cfg2: dict) -> int:
-    """The one-token down projection's K splits: tuning.MOE_SPLIT_K, at most the K tiles (packed experts: a divisor
-    of them, the packed kernel splits K evenly)."""
-    if isinstance(w2, PackedExperts):
-        k_tiles = cdiv(inter_size, w2.weight.tile_k)
-        split = max(1, min(tuning.MOE_SPLIT_K, k_tiles))
-        while k_tiles % split:
-            split -= 1
-        return split
-    return max(1, min(tuning.MOE_SPLIT_K, cdiv(inter_size, cfg2["BK"])))
+def one_token_down_split(w2, inter_size: int, cfg2: dict, slots: int) -> int:
+    """The one-token down projection's K splits: tuning.MOE_SPLIT_K where set (at most the K tiles; packed experts a
+    divisor of them, the packed kernel splits K evenly); unset, 2 for packed experts whose programs (the token's
+    slots x column blocks) fill under two waves of the chip, else 1."""
+    packed = isinstance(w2, PackedExperts)
+    k_tiles = cdiv(inter_size, w2.weight.tile_k if packed else cfg2["BK"])
+    want = tuning.MOE_SPLIT_K
+    if not want:
+        want = 2 if packed and slots * cdiv(w2.shape[1], cfg2["BN"]) < 2 * tuning.num_sms() else 1
+    split = max(1, min(want, k_tiles))
+    while packed and k_tiles % split:
+        split -= 1
+    return split
 
 
 def _fused_moe_one_token(x, w13: PackedExperts, w2: PackedExperts, topk_weights, topk_ids):

@@ -35,12 +35,14 @@ def num_sms() -> int:
     return 8
 
 
-# K splits of the fused MoE's down projection for one token (every scheme: moe.one_token_down_split): each of its
-# few experts' programs runs one long K loop, latency-bound (V2-Lite's down projection at 35-65% of copy bandwidth);
-# splits put more programs in flight, their partial sums added by the slots' sum (rows.store_slot_sum) with no launch
-# of their own. Through a zeroed float32 output, atomic adds and a float32 moe_sum they measured slower on an H100
-# (moe-split-k-h100-80gb-hbm3-2026-11-24.md)
-MOE_SPLIT_K = int(os.environ.get("LOWBIT_MOE_SPLIT_K", "1"))
+# K splits of the fused MoE's down projection for one token (moe.one_token_down_split): each of its few experts'
+# programs runs one long K loop, latency-bound; splits put more programs in flight, their partial sums added by the
+# slots' sum (rows.store_slot_sum) with no launch of their own. LOWBIT_MOE_SPLIT_K=N forces N for every scheme; unset,
+# packed experts split in two where their programs fill under two waves of the chip (V2-Lite's 8 slots x 32 column
+# blocks), the rest stay whole. H100, 2026-11-25 (moe-split-k-h100-80gb-hbm3-2026-11-25.md), batch-1 decode graph,
+# PDL: V2-Lite's w4a16 MoE layer 66.9 -> 62.9 us at 2, bf16's 97.9 -> 99.6; isolated, R1's int4 experts lost
+# 3-6% at 2. (Through a zeroed float32 output, atomics and a float32 moe_sum every split lost: the 2026-11-24 file.)
+MOE_SPLIT_K = int(os.environ.get("LOWBIT_MOE_SPLIT_K", "0"))
 
 
 def _split_k(programs: int, k_tiles: int) -> int:

@@ -465,6 +465,23 @@ def test_fused_moe_splits_the_down_projections_k_for_one_token(scheme, split, mo
     assert out.dtype == DTYPE and rel(out, ref) < BOUND * (3 if fq is not None else 1)
 
 
+def test_one_token_down_split_default(monkeypatch):
+    """LOWBIT_MOE_SPLIT_K unset: packed experts split their down projection's K in two where the token's programs
+    (slots x column blocks) fill under two waves of the chip, and only into a divisor of their K tiles; unpacked ones
+    and wide projections stay whole; a forced split is capped by the K tiles."""
+    from lowbit.kernels import tuning
+    monkeypatch.setattr(tuning, "MOE_SPLIT_K", 0)
+    monkeypatch.setattr(tuning, "num_sms", lambda: 132)
+    cfg = dict(BN=64, BK=128)
+    packed = lambda n, k: make_experts("w4a16", 2, n, k, seed=1)[0]  # noqa: E731
+    assert moe.one_token_down_split(packed(2048, 1408), 1408, cfg, 8) == 2  # V2-Lite: 8 x 32 programs, 6 tiles
+    assert moe.one_token_down_split(packed(2048, 1280), 1280, cfg, 8) == 1  # 5 K tiles of 256: no even split
+    assert moe.one_token_down_split(packed(7168, 256 * 8), 2048, cfg, 9) == 1  # R1: 9 x 112 programs
+    assert moe.one_token_down_split(make_experts("bf16", 2, 2048, 1408, seed=1)[0], 1408, cfg, 8) == 1
+    monkeypatch.setattr(tuning, "MOE_SPLIT_K", 8)
+    assert moe.one_token_down_split(packed(2048, 1408), 1408, cfg, 8) == 6
+
+
 @pytest.mark.parametrize("bits,group,asym", [(4, 128, False), (4, 64, True), (8, 0, False), (8, 128, True)])
 def test_dequantize_kernel_matches_unpack(bits, group, asym):
     """The packed words back to 16-bit weights (what large-M weight-only layers hand to the matrix library)."""
