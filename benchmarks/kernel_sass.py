@@ -26,6 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
 from lowbit.kernels import moe, pdl, tuning  # noqa: E402
 from lowbit.kernels import matmul_unpacked as mu  # noqa: E402
+from lowbit.kernels.linear import DEQUANT_ABOVE_ROWS  # noqa: E402
 from lowbit.kernels import gqa_decode as gd  # noqa: E402
 from lowbit.kernels import mla_decode as md  # noqa: E402
 
@@ -186,14 +187,14 @@ def engine_moe_config(act: int, proj: str, paired: bool) -> dict:
     return moe.gate_up_config(cfg, packed=True) if gate_up else cfg
 
 
-def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = False) -> dict:
+def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = False, split_k: int = 1) -> dict:
     """The fused MoE's projection at one token (a program row per slot) on V2-Lite-sized experts (K = 2048 for
     gate_up, 1408 for down) in launch configuration cfg, planar or paired int4 weights."""
     gate_up = proj == "gate_up"
     # (down sums the token's slots, as fused_moe launches it at one token)
     const = dict(BITS=4, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=2, FUSE_SILU=gate_up, ROUTED_WEIGHT=not gate_up,
-                 BM=16, BN=cfg["BN"], TK=256, SPLIT_K=1, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up, FIXUP=False,
-                 PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up)
+                 BM=16, BN=cfg["BN"], TK=256, SPLIT_K=split_k, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up,
+                 FIXUP=False, PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up)
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
     r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const, cfg["num_warps"],
                                 cfg["num_stages"]))
@@ -262,7 +263,7 @@ def check_engine_configs() -> list[str]:
             for bits, act in ((4, mp.ACT_NONE), (4, mp.ACT_FP8_STATIC)):
                 fits(problems, f"packed swapped bits={bits} act={act} M={m} {cfg}", inspect_packed(bits, act, cfg))
         for kind, t, x_t in UNPACKED_KINDS:
-            if kind == mu.KIND_INT8_W16:  # only the MoE's experts take it (kernels/linear.py stack_experts)
+            if kind == mu.KIND_INT8_W16 and m > DEQUANT_ABOVE_ROWS:  # (w8a16 prefill: dequantized, cuBLAS)
                 continue
             cfg = tuning.unpacked_config(m, N, K, kind)
             ptrs = unpacked_ptrs(t, x=x_t)
@@ -307,6 +308,8 @@ def check_engine_configs() -> list[str]:
                              BK=cfg["BK"], SPLIT_K=1, FIXUP=False, SUM_SLOTS=True)
                 fits(problems, f"one-token MoE down + slot sum, unpacked kind={kind} {cfg}",
                      inspect_unpacked(t, const, cfg, expert="*i64", x=x_t))
+                fits(problems, f"one-token MoE down + slot sum, K in two, unpacked kind={kind} {cfg}",
+                     inspect_unpacked(t, dict(const, SPLIT_K=2), cfg, expert="*i64", x=x_t))
                 if kind == mu.KIND_INT8_CHANNEL:  # w8a8: each slot's 16-bit row quantized in the product
                     const = dict(const, QUANT_IN=True, KP=2048)
                     fits(problems, f"one-token MoE down + slot sum, int8 quantizing its rows {cfg}",
@@ -337,6 +340,8 @@ def check_engine_configs() -> list[str]:
         ("packed dequantize w4 g128", mp._dequant_kernel,
          {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"},
          dict(BITS=4, GROUP=128, HAS_ZP=False, BN=64, TK=256), 4, ()),
+        ("w8a16 dequantize int8 per channel", mu._dequant_int8_kernel,
+         {"w_ptr": "*i8", "s_ptr": "*fp32", "out_ptr": "*bf16"}, dict(BN=32, BK=256), 4, ()),
         ("packed dequantize w4 g128, paired layout", mp._dequant_kernel,
          {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"},
          dict(BITS=4, GROUP=128, HAS_ZP=False, BN=64, TK=256, PAIRED=True), 4, ()),
@@ -400,10 +405,10 @@ def check_engine_configs() -> list[str]:
                                BN=cfg["BN"], TILES=1 << 20, SPLIT_K=1), cfg["num_warps"], ()))
     # the one-token MoE on paired int4 experts (LOWBIT_INT4_PAIRED=1; its inline PTX compiles only here)
     for act in (mp.ACT_NONE, mp.ACT_FP8_GRID):
-        for proj in ("gate_up", "down"):
+        for proj, split in (("gate_up", 1), ("down", 1), ("down", 2)):  # (down: V2-Lite's K split in two, the default)
             cfg = engine_moe_config(act, proj, paired=True)
-            r = one_token_moe(act, proj, True, cfg)
-            name = f"one-token MoE {proj} act={act} paired{' swapped' if cfg.get('SWAP') else ''}"
+            r = one_token_moe(act, proj, True, cfg, split_k=split)
+            name = f"one-token MoE {proj} act={act} paired{' swapped' if cfg.get('SWAP') else ''} split {split}"
             # swapped, the weights are the warpgroup MMA's first operand; unswapped (w4a8's gate_up) 16 token rows
             # take the warp-level MMA
             if r["spill_bytes"] or r["smem"] > SMEM_LIMIT or r["HGMMA" if cfg.get("SWAP") else "HMMA"] == 0:
