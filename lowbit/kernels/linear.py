@@ -45,8 +45,12 @@ class PackedLinear:
     act: int
     input_scale: torch.Tensor | None
 
+    def runs_dequantized(self, rows: int) -> bool:
+        """Whether a call on this many rows runs the matrix library on dequantized weights (tuning skips those)."""
+        return rows > DEQUANT_ABOVE_ROWS
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > DEQUANT_ABOVE_ROWS:
+        if self.runs_dequantized(x.shape[0]):
             # many rows (prefill): the weights dequantized into a transient bf16/fp16 buffer and the matrix library,
             # whose large-M rate the packed kernel does not reach (H100, 2026-11-23: 0.23x cuBLAS at M = 4096,
             # while dequantizing costs about one read of the packed and one write of the 16-bit weights); w4a8's
@@ -67,8 +71,12 @@ class UnpackedLinear:
     kind: int
     scale: torch.Tensor | None
 
+    def runs_dequantized(self, rows: int) -> bool:
+        """w8a16's int8 weights above DEQUANT_ABOVE_ROWS rows, as PackedLinear."""
+        return self.kind == mu.KIND_INT8_W16 and rows > DEQUANT_ABOVE_ROWS
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == mu.KIND_INT8_W16 and x.shape[0] > DEQUANT_ABOVE_ROWS:
+        if self.runs_dequantized(x.shape[0]):
             # prefill: the 16-bit weights in a transient buffer and the matrix library, as PackedLinear does
             return torch.nn.functional.linear(x, mu.dequantize_int8(self.weight[None], self.scale[None], x.dtype)[0])
         return mu.unpacked_matmul(x.contiguous(), self.weight, self.kind, self.scale)
@@ -124,7 +132,8 @@ def activation_kind(input_activations) -> int | None:
 
 def packed_linear(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, weights,
                   input_activations, input_scale: torch.Tensor | None) -> PackedLinear | None:
-    """values [N, K] signed ints, scale [N, groups], zero_point like scale or None -> PackedLinear or None."""
+    """values [N, K] signed ints, scale [N, groups], zero_point like scale or None -> PackedLinear, an UnpackedLinear
+    (w8a16 per channel, W8A16_UNPACKED) or None."""
     act = activation_kind(input_activations)
     if act is None or weights.num_bits not in (4, 8):
         return None

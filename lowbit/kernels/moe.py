@@ -207,6 +207,18 @@ DEQUANT_ROWS_PER_EXPERT = 128
 DEQUANT_MAX_BYTES = 2 << 30  # and only where all of a layer's experts fit in this much 16-bit memory (V2-Lite: 1.1 GB)
 
 
+def _dequantizes(w) -> bool:
+    """Experts that run dequantized to 16 bits at prefill: packed ones (every packed scheme) and w8a16's int8."""
+    return isinstance(w, PackedExperts) or (isinstance(w, UnpackedExperts) and w.kind == mu.KIND_INT8_W16)
+
+
+def _dequantized(w, dtype: torch.dtype) -> UnpackedExperts:
+    """_dequantizes' experts in 16 bits, for one call."""
+    if isinstance(w, PackedExperts):
+        return DequantizedExperts.of(w, dtype)
+    return UnpackedExperts(mu.dequantize_int8(w.weight, w.scale, dtype))
+
+
 def gate_up_config(cfg: dict, packed: bool) -> dict:
     """The gate_up projection's program reads gate and up rows together, 2 * BN weight rows for BN outputs: half the
     heuristic's BN keeps its tile what the heuristic sized, where a whole one spills registers (the packed kernel,
@@ -229,17 +241,11 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
     if (T == 1 and config is None and isinstance(w13, PackedExperts) and isinstance(w2, PackedExperts)
             and gemv_packed.ENABLED and gemv_packed.MOE and not w13.weight.paired and not w2.weight.paired):
         return _fused_moe_one_token(x, w13, w2, topk_weights, topk_ids)
-    if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and isinstance(w13, PackedExperts)
-            and isinstance(w2, PackedExperts)
+    if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and _dequantizes(w13) and _dequantizes(w2)
             and E * (two_i * h13 + h2 * inter_size) * x.element_size() <= DEQUANT_MAX_BYTES):
         # prefill: every expert sees many rows; the 16-bit kernel on weights dequantized for this call outruns the
         # packed one there (dense layers: kernels/linear.py PackedLinear)
-        w13, w2 = DequantizedExperts.of(w13, x.dtype), DequantizedExperts.of(w2, x.dtype)
-    if (config is None and n >= DEQUANT_ROWS_PER_EXPERT * E and isinstance(w13, UnpackedExperts)
-            and isinstance(w2, UnpackedExperts) and w13.kind == w2.kind == mu.KIND_INT8_W16
-            and E * (two_i * h13 + h2 * inter_size) * x.element_size() <= DEQUANT_MAX_BYTES):
-        # w8a16's int8 experts likewise, dequantized for the call as the packed ones are
-        w13, w2 = (UnpackedExperts(mu.dequantize_int8(w.weight, w.scale, x.dtype)) for w in (w13, w2))
+        w13, w2 = _dequantized(w13, x.dtype), _dequantized(w2, x.dtype)
     per_expert = -(-n // min(n, E))  # rows an expert sees when routing spreads: what the block size should fit
     cfg1 = config or gate_up_config(w13.config(per_expert, inter_size, H), isinstance(w13, PackedExperts))
     cfg2 = config or w2.config(per_expert, H, inter_size)

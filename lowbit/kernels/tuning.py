@@ -196,17 +196,15 @@ def tune_model(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype) -> d
     """Measure the candidates of every M bucket up to max_tokens for each distinct kernel layer shape of a loaded
     model (the routed experts keep the heuristics) and record the winners; returns {key: config}."""
     from lowbit.kernels import matmul_packed as mp
-    from lowbit.kernels.linear import DEQUANT_ABOVE_ROWS, PackedLinear, UnpackedLinear
+    from lowbit.kernels.linear import PackedLinear, UnpackedLinear
     chosen = {}
     for module in model.modules():
         kern = getattr(module, "_kernel", None)
         if not isinstance(kern, (PackedLinear, UnpackedLinear)):
             continue
-        # (above DEQUANT_ABOVE_ROWS rows packed and w8a16 layers run the matrix library on dequantized weights)
-        dequantized_above = isinstance(kern, PackedLinear) or kern.kind == mu.KIND_INT8_W16
         for b in M_BUCKETS:
             m = min(b, 1024)
-            if (m > max_tokens and b != 1) or (dequantized_above and b > DEQUANT_ABOVE_ROWS):
+            if (m > max_tokens and b != 1) or kern.runs_dequantized(m):  # (the matrix library's rows: no kernel)
                 break
             if isinstance(kern, PackedLinear):
                 w = kern.weight
