@@ -104,38 +104,23 @@ if triton is not None:
 
     @triton.jit
     def _paired_weights(wh, SH: tl.constexpr, zr, dtype: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
-                        PLANE: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr, sp=0, sf=1.0,
-                        FOLD: tl.constexpr = False):
+                        PLANE: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
         """One plane's weights from its half tile of paired-layout words wh [BN, PLANE / 2] (shifted by SH to the
         plane's nibbles) minus their zero points zr ([BN, 1] with HAS_ZP, else the constant 8): [BN, PLANE], or
         [PLANE, BN] where not SWAP. In bf16 / fp16 a word's two values (k, k + 1) come out as the 16-bit pair one
         operand register holds: the nibbles as the low mantissa bits of 128.0 (bf16) or 1024.0 (fp16) in one logic op,
         their zero point off in one packed FMA (ASM, symmetric weights: PTX on the GPU; otherwise the same arithmetic
-        element-wise, which the compiler makes two logic ops a pair); exact. In any other dtype: int32 values.
-        FOLD (symmetric, 16-bit): each value times its row's group scale (sp: the scale in dtype in both halves of
-        a word, [BN, 1]; sf: the same scale as float32, for the element-wise form), rounded once to dtype."""
+        element-wise, which the compiler makes two logic ops a pair); exact. In any other dtype: int32 values."""
         v = wh >> SH
         if dtype == tl.bfloat16 or dtype == tl.float16:
             # (symmetric only: the zero points as a second operand made the compiler stage the result in shared
             # memory on its way to the tensor cores)
             if ASM and not HAS_ZP:
-                if dtype == tl.bfloat16 and FOLD:  # (128 + u) * 1 - 136, then times the scale (+ -0)
-                    pairs = tl.inline_asm_elementwise(
-                        "{ .reg .b32 t, one, off, mz; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308; "
-                        "mov.b32 mz, 0x80008000; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; "
-                        "fma.rn.bf16x2 t, t, one, off; fma.rn.bf16x2 $0, t, $2, mz; }",
-                        "=r,r,r", [v, sp], dtype=tl.int32, is_pure=True, pack=1)
-                elif dtype == tl.bfloat16:  # 128 + u in each half, then (128 + u) * 1 - 136
+                if dtype == tl.bfloat16:  # 128 + u in each half, then (128 + u) * 1 - 136
                     pairs = tl.inline_asm_elementwise(
                         "{ .reg .b32 t, one, off; mov.b32 one, 0x3F803F80; mov.b32 off, 0xC308C308; "
                         "lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; fma.rn.bf16x2 $0, t, one, off; }",
                         "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1)
-                elif FOLD:  # (1024 + u) * 1 - 1032, then times the scale (+ -0)
-                    pairs = tl.inline_asm_elementwise(
-                        "{ .reg .b32 t, one, off, mz; mov.b32 one, 0x3C003C00; mov.b32 off, 0xE408E408; "
-                        "mov.b32 mz, 0x80008000; lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xea; "
-                        "fma.rn.f16x2 t, t, one, off; fma.rn.f16x2 $0, t, $2, mz; }",
-                        "=r,r,r", [v, sp], dtype=tl.int32, is_pure=True, pack=1)
                 else:  # 1024 + u, then (1024 + u) * 1 - 1032
                     pairs = tl.inline_asm_elementwise(
                         "{ .reg .b32 t, one, off; mov.b32 one, 0x3C003C00; mov.b32 off, 0xE408E408; "
@@ -152,9 +137,6 @@ if triton is not None:
                     off = (zr + 1024).to(dtype) if HAS_ZP else tl.full([1, 1], 1032, dtype)
                 lo = m.to(tl.int16).to(dtype, bitcast=True) - off
                 hi = (m >> 16).to(tl.int16).to(dtype, bitcast=True) - off
-                if FOLD:  # (an exact float32 product, rounded once: what the PTX's FMA gives)
-                    lo = (lo.to(tl.float32) * sf).to(dtype)
-                    hi = (hi.to(tl.float32) * sf).to(dtype)
         else:
             lo = (v & 15) - zr
             hi = ((v >> 16) & 15) - zr
@@ -168,15 +150,11 @@ if triton is not None:
                     K, num_groups, n_total, t_start, t_end, inv_in_scale,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SWAP: tl.constexpr,
-                    EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr = False):
+                    EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr):
         """sum over K tiles [t_start, t_end) of x[x_rows] @ W[n_rows]^T, group scales applied, in float32: [BM, BN],
         or with SWAP its transpose [BN, BM], computed as W @ x^T so that the dequantized weights are the matrix
         product's first operand, which Hopper's warpgroup MMA takes from registers (the second one it reads from
-        shared memory, where the weights would otherwise be stored again after dequantization).
-
-        FOLD (paired symmetric int4, 16-bit products): the group scales go into the weights (each rounded once to
-        the activations' dtype, as Marlin's do) and every product adds into the one accumulator: no chain per group whose end the
-        scale must wait for."""
+        shared memory, where the weights would otherwise be stored again after dequantization)."""
         PW: tl.constexpr = 32 // BITS
         PLANE: tl.constexpr = TK // PW
         MASK: tl.constexpr = (1 << BITS) - 1
@@ -220,12 +198,6 @@ if triton is not None:
                     else:
                         # a tensor, not a scalar: Triton 3.9's interpreter rejects a scalar bool in a load mask
                         g_ok = (g + tl.zeros_like(n_rows)) < num_groups
-                if FOLD:
-                    if j % PPG == 0:  # the group's scales as bf16, both halves of a word (and as float32)
-                        s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
-                        sf = s.to(xj.dtype).to(tl.float32)[:, None]
-                        sb = s.to(xj.dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                        sp = (sb | (sb << 16))[:, None]
                 if HAS_ZP:  # zero point + 2^(bits-1), per output column
                     if GROUP > 0:
                         zv = tl.load(z_base + g * n_total + n_rows, mask=n_mask & g_ok, other=HALF)
@@ -240,9 +212,7 @@ if triton is not None:
                     z = HALF
                     zr = HALF
                 if ACT == 0 or ACT == 4:
-                    if FOLD:
-                        wm = _paired_weights(wh, SH, zr, xj.dtype, HAS_ZP, BN, PLANE, SWAP, ASM, sp, sf, True)
-                    elif PAIRED:
+                    if PAIRED:
                         wm = _paired_weights(wh, SH, zr, xj.dtype, HAS_ZP, BN, PLANE, SWAP, ASM).to(xj.dtype)
                     elif xj.dtype == tl.float32:
                         wm = (u - z).to(tl.float32)
@@ -274,36 +244,30 @@ if triton is not None:
                         # fp16 numbers)
                         xm = xq.to(tl.float16)
                 # the products of one scale group accumulate in one chain and the group's scale applies once at its
-                # end (integer products chain in int32); FOLD's products add into acc directly
-                if FOLD:
+                # end (integer products chain in int32)
+                if j % PPG == 0:
+                    if ACT == 2:
+                        d = tl.zeros(acc.shape, dtype=tl.int32)
+                    else:
+                        d = tl.zeros(acc.shape, dtype=tl.float32)
+                if xm.dtype == tl.float32:
                     if SWAP:
-                        acc = tl.dot(wm, tl.trans(xm), acc)
+                        d = tl.dot(wm, tl.trans(xm), d, input_precision="ieee")
                     else:
-                        acc = tl.dot(xm, wm, acc)
+                        d = tl.dot(xm, wm, d, input_precision="ieee")
+                elif SWAP:
+                    d = tl.dot(wm, tl.trans(xm), d, out_dtype=d.dtype)
                 else:
-                    if j % PPG == 0:
-                        if ACT == 2:
-                            d = tl.zeros(acc.shape, dtype=tl.int32)
-                        else:
-                            d = tl.zeros(acc.shape, dtype=tl.float32)
-                    if xm.dtype == tl.float32:
+                    d = tl.dot(xm, wm, d, out_dtype=d.dtype)
+                if j % PPG == PPG - 1:
+                    if GROUP > 0:
+                        s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
                         if SWAP:
-                            d = tl.dot(wm, tl.trans(xm), d, input_precision="ieee")
+                            acc += d.to(tl.float32) * s[:, None]
                         else:
-                            d = tl.dot(xm, wm, d, input_precision="ieee")
-                    elif SWAP:
-                        d = tl.dot(wm, tl.trans(xm), d, out_dtype=d.dtype)
+                            acc += d.to(tl.float32) * s[None, :]
                     else:
-                        d = tl.dot(xm, wm, d, out_dtype=d.dtype)
-                    if j % PPG == PPG - 1:
-                        if GROUP > 0:
-                            s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
-                            if SWAP:
-                                acc += d.to(tl.float32) * s[:, None]
-                            else:
-                                acc += d.to(tl.float32) * s[None, :]
-                        else:
-                            acc += d.to(tl.float32)
+                        acc += d.to(tl.float32)
         if GROUP == 0:
             s = tl.load(s_base + n_rows, mask=n_mask, other=0.0)
             if SWAP:
@@ -322,7 +286,7 @@ if triton is not None:
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
                               SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
                               PAIRED: tl.constexpr = False, ASM: tl.constexpr = False,
-                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = 0, FOLD: tl.constexpr = False):
+                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = 0):
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -352,11 +316,11 @@ if triton is not None:
             w_rows, w_mask = gate_up_rows(pid_n, N, BN)
             acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, w_rows, w_mask,
                               K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K, PAIRED, ASM, FOLD)
+                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K, PAIRED, ASM)
         else:
             acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
                               K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K, PAIRED, ASM, FOLD)
+                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K, PAIRED, ASM)
         if SWAP:
             acc = tl.trans(acc)
         if ACT == 1 or ACT == 4:
@@ -450,13 +414,6 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
     return out[0] if expert is not None else out
 
 
-def folds(pw: PackedWeight, act: int, dtype: torch.dtype) -> bool:
-    """Whether the kernel can take the group scales into the weights (_packed_acc's FOLD): paired symmetric int4 in
-    groups, products in 16 bits."""
-    return (pw.paired and pw.bits == 4 and pw.zeros is None and pw.group_size > 0 and act in (ACT_NONE, ACT_FP8_GRID)
-            and dtype in (torch.bfloat16, torch.float16))
-
-
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
            config: dict, moe: tuple | None = None, fuse_silu: bool = False,
            routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
@@ -488,7 +445,6 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
         EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda, SUM_SLOTS=sum_slots,
-        FOLD=bool(config.get("FOLD")) and folds(pw, act, x.dtype),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
     return out
 
