@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.kernels import cdiv, matmul_packed as mp, matmul_unpacked as mu, moe, triton_available
+from lowbit.kernels import cdiv, gemv_packed, matmul_packed as mp, matmul_unpacked as mu, moe, triton_available
 
 
 # w8a16 (int8 per channel, 16-bit activations) unpacked: the int8 values as they are, [N, K] / the experts' [E, N, K],
@@ -24,6 +24,8 @@ from lowbit.kernels import cdiv, matmul_packed as mp, matmul_unpacked as mu, moe
 # layer-ratio-r1-...-2026-11-25-w8a16-unpacked.md): V2-Lite's MoE layer 87.1 -> 76.7 us with the experts unpacked,
 # 75.1 with the dense layers too; R1's 307.0 -> 297.3 us, 1.48x -> 1.54x bf16's
 W8A16_UNPACKED = os.environ.get("LOWBIT_W8A16_UNPACKED", "1") == "1"
+# dense int4 layers off the one-row GEMV in the paired layout (dense_layout); LOWBIT_DENSE_PAIRED=0 keeps them planar
+DENSE_PAIRED = os.environ.get("LOWBIT_DENSE_PAIRED", "1") == "1"
 
 
 def kernels_enabled(device: torch.device) -> bool:
@@ -130,6 +132,17 @@ def activation_kind(input_activations) -> int | None:
     return None
 
 
+def dense_layout(pw: mp.PackedWeight, act: int) -> mp.PackedWeight:
+    """The layout a dense packed layer keeps: planar where one row takes the GEMV (gemv_packed.takes, which reads the
+    planar layout only), otherwise the experts' rule (matmul_packed.experts_layout: paired for symmetric int4 whose
+    products run in 16 bits; LOWBIT_INT4_PAIRED=0 keeps planar). H100, 2026-11-25, w4a16 at one row
+    (fold-scales-h100-80gb-hbm3-2026-11-25.md): R1's o_proj 7168 x 16384 40.2 -> 31.5 us paired, dense down 43.1 ->
+    34.4, dense gate_up 70.8 -> 63.8; V2-Lite's dense gate_up 19.7 -> 18.9."""
+    if not DENSE_PAIRED or gemv_packed.takes(1, pw.n, pw.k):
+        return pw
+    return mp.experts_layout(pw, act)
+
+
 def packed_linear(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, weights,
                   input_activations, input_scale: torch.Tensor | None) -> PackedLinear | None:
     """values [N, K] signed ints, scale [N, groups], zero_point like scale or None -> PackedLinear, an UnpackedLinear
@@ -150,7 +163,8 @@ def packed_linear(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
         return None
     pw = mp.repack(values[None], scale[None], None if zero_point is None else zero_point[None],
                    weights.num_bits, group)
-    return PackedLinear(pw, act, None if input_scale is None else input_scale.data.float().reshape(1).clone())
+    return PackedLinear(dense_layout(pw, act), act,
+                        None if input_scale is None else input_scale.data.float().reshape(1).clone())
 
 
 def int8_linear(weight: torch.Tensor, scale: torch.Tensor, weights, input_activations) -> UnpackedLinear | None:
@@ -283,7 +297,8 @@ def _cat_rows(parts: list):
     if isinstance(first, torch.Tensor):
         return torch.cat(parts)
     if isinstance(first, PackedLinear):
-        return PackedLinear(mp.cat_rows([p.weight for p in parts]), first.act, first.input_scale)
+        return PackedLinear(dense_layout(mp.cat_rows([p.weight for p in parts]), first.act), first.act,
+                            first.input_scale)
     scale = None if first.scale is None else torch.cat([p.scale for p in parts])
     return UnpackedLinear(torch.cat([p.weight for p in parts]), first.kind, scale)
 

@@ -41,8 +41,9 @@ PAIRED_EXPERTS = os.environ.get("LOWBIT_INT4_PAIRED", "1") == "1"
 
 
 def experts_layout(pw: PackedWeight, act: int) -> PackedWeight:
-    """The layout the fused MoE's experts take: paired (unless LOWBIT_INT4_PAIRED=0) for symmetric int4 weights whose
-    products run in 16 bits (sm_90a's main loop compiled no shorter for zero points or int8 activations)."""
+    """The layout the fused MoE's experts take (and dense layers off the GEMV: kernels/linear.py dense_layout): paired
+    (unless LOWBIT_INT4_PAIRED=0) for symmetric int4 weights whose products run in 16 bits (sm_90a's main loop
+    compiled no shorter for zero points or int8 activations)."""
     if PAIRED_EXPERTS and pw.bits == 4 and pw.zeros is None and act != ACT_INT8_TOKEN:
         return pair(pw)
     return pw
@@ -498,7 +499,7 @@ def packed_matmul(x: torch.Tensor, pw: PackedWeight, act: int = ACT_NONE, input_
         xq, xs = gemv_packed.input_rows(x, act, input_scale)
         out = torch.empty(1, pw.n, dtype=x.dtype, device=x.device)
         return gemv_packed.launch(xq, pw, out, act, xs, config)
-    config = config or tuning.packed_config(x.shape[0], pw.n, pw.k, pw.bits, act)
+    config = config or tuning.packed_config(x.shape[0], pw.n, pw.k, pw.bits, act, paired=pw.paired)
     xq, xs = quantize_input(x, act)
     if act == ACT_FP8_STATIC:
         xs = input_scale.float().reshape(1)

@@ -69,7 +69,7 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
             # 42.9 vs 47.6 at eight; R1 w4a8 down 49.8 vs 61.1 us); one slot's gate_up keeps 32 (21.9 vs 26.1 us)
             cfg["BN"] = 64
         if paired:
-            # paired int4 experts (packed_layout.pair): 64 weight rows a program, the weights the first operand (one
+            # paired int4 experts and dense layers (packed_layout.pair): 64 weight rows a program, the weights the first operand (one
             # warpgroup MMA's 64 rows), where their main loop compiles shortest (Triton 3.6, sm_90a, V2-Lite experts,
             # `benchmarks/kernel_sass.py --paired`: gate_up 3.1 instructions a weight against 4.9 for the planar
             # 32-row default, down 3.5 against 4.5); on an H100 the one-token MoE 33.0 -> 27.1 us (w4a16), 41.7 ->

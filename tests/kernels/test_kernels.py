@@ -699,3 +699,37 @@ def test_layers_of_one_input_in_one_product(kind, M):
         assert linear.cat_products([parts[0], part(72, seed=72, in_scale=0.03)]) is None
     if kind == "fp8-block":
         assert linear.cat_products(parts[::-1]) is None  # 72 rows first: its scale block would take 56 of the next
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_dense_int4_layer_off_the_gemv_takes_the_paired_layout(asym, monkeypatch):
+    """A dense int4 layer too large for the one-row GEMV (gemv_packed.MAX_WEIGHTS) keeps the paired layout where the
+    experts would (symmetric; zero points stay planar), one the GEMV takes stays planar; either way its products at
+    one row, at decode rows and dequantized (many rows) are the planar weights' ones, and the merged product of two
+    small layers that together pass the limit is paired too."""
+    from lowbit.kernels import linear
+    from lowbit.quant.schemes import QuantArgs
+    N, K = 96, 512
+    values, scale, zp = random_packed(1, N, K, 4, 128, asym, seed=11)
+    args = QuantArgs(4, "int", "group", group_size=128, symmetric=not asym)
+
+    def layer(rows=slice(None)):
+        return linear.packed_linear(values[0][rows].to(DEV), scale[0][rows].to(DEV),
+                                    None if zp is None else zp[0][rows].to(DEV), args, None, None)
+    small = layer()
+    assert not small.weight.paired  # 96 x 512 is the GEMV's
+    monkeypatch.setattr(gemv_packed, "MAX_WEIGHTS", N * K - 1)
+    big = layer()
+    assert big.weight.paired == (not asym)
+    merged = linear.cat_products([layer(slice(0, 48)), layer(slice(48, N))])
+    assert merged.part.weight.paired == (not asym)
+    monkeypatch.setattr(linear, "DEQUANT_ABOVE_ROWS", 8)
+    ref_w = mp.repack(values, scale, zp, 4, 128)
+    for M in (1, 5, 12):
+        x = torch.randn(M, K, generator=gen(M)).to(DTYPE)
+        ref = mp.packed_matmul_ref(x.float(), ref_w)
+        out = big(x.to(DEV))
+        assert rel(out, ref) < BOUND, M
+        assert torch.equal(torch.cat(merged(x.to(DEV)), dim=1), out), M
+        assert rel(small(x.to(DEV)), ref) < BOUND, M
+    assert torch.equal(big.dequantized(), small.dequantized())
