@@ -81,7 +81,8 @@ def moe_rows(copy: float) -> list[dict]:
         grid1 = [dict(BM=16, BN=bn, num_warps=w, num_stages=s, SWAP=True)
                  for bn, w, s in itertools.product((16, 32, 64), (4, 8), (1, 2, 3))]
         grid2 = [dict(BM=16, BN=bn, SPLIT_K=sp, num_warps=w, num_stages=s, SWAP=True)
-                 for bn, sp, w, s in itertools.product((32, 64, 128), (1, 2, 4), (4, 8), (1, 3)) if k_tiles % sp == 0]
+                 for bn, sp, w, s in itertools.product((32, 64, 128), (1, 2, 4), (4, 8), (1, 2, 3))
+                 if k_tiles % sp == 0]
         for proj, default, grid, nbytes in (("gate_up", d1, grid1, kk * b13), ("down", d2, grid2, kk * b2)):
             res = []
             for cfg in [default] + grid:
@@ -99,15 +100,21 @@ def moe_rows(copy: float) -> list[dict]:
     return rows
 
 
-def dense_rows(copy: float) -> list[dict]:
+def dense_rows(copy: float, paired: bool) -> list[dict]:
     rows = []
     for name, (N, K) in DENSE.items():
         pw, act, xs, nbytes = make_weight("w4a16", N, K)
+        if paired:
+            pw = mp.pair(pw)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         k_tiles = cdiv(K, pw.tile_k)
-        grid = [dict(BM=16, BN=bn, SPLIT_K=sp, num_warps=w, num_stages=s, SWAP=True)
-                for bn, sp, w, s in itertools.product((32, 64, 128), (2, 4, 8, 16), (4, 8), (1, 3))
-                if k_tiles % sp == 0]
+        if paired:  # (64 weight rows a program, swapped: where the paired main loop compiles shortest)
+            grid = [dict(BM=16, BN=64, SPLIT_K=sp, num_warps=4, num_stages=s, SWAP=True)
+                    for sp, s in itertools.product((1, 2, 3, 4, 6, 8, 16), (2, 3, 4)) if k_tiles % sp == 0]
+        else:
+            grid = [dict(BM=16, BN=bn, SPLIT_K=sp, num_warps=w, num_stages=s, SWAP=True)
+                    for bn, sp, w, s in itertools.product((32, 64, 128), (2, 4, 8, 16), (4, 8), (1, 3))
+                    if k_tiles % sp == 0]
         res = []
         for cfg in [None] + grid:
             before = compiled_stats()
@@ -136,25 +143,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--part", default="all", choices=("moe", "dense", "all"))
+    ap.add_argument("--planar", action="store_true", help="dense layers in the planar layout (the engine: paired)")
     args = ap.parse_args()
     device = torch.cuda.get_device_name()
     ceil = ceilings()
     copy = ceil["copy_GBps"]
     print(f"{device}: copy {copy:.0f} GB/s", flush=True)
     rows = (moe_rows(copy) if args.part in ("moe", "all") else []) + \
-        (dense_rows(copy) if args.part in ("dense", "all") else [])
+        (dense_rows(copy, not args.planar) if args.part in ("dense", "all") else [])
     lines = [f"# The packed int4 kernel's configurations at one row, {device}, {datetime.date.today().isoformat()}",
              "", f"Copy bandwidth in this run: {copy:.0f} GB/s. Produced by `python benchmarks/packed_sweep.py "
-             f"--part {args.part}` (w4a16): each configuration replayed from a CUDA graph with the L2 cache flushed; "
-             "percentages are the weights' bytes over time against the copy bandwidth. Stats: registers a thread, "
+             f"--part {args.part}{' --planar' if args.planar else ''}` (w4a16): each configuration replayed from a "
+             "CUDA graph with the L2 cache flushed; percentages are the weights' bytes over time against the copy bandwidth. Stats: registers a thread, "
              "spilled bytes, shared memory bytes.", "",
              "| layer | MB | default | best | best config | its stats | runners-up |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ups = "; ".join(f"{fmt(u)} {u['cfg']}" for u in r["top"][1:4])
         lines.append(f"| {r['layer']} | {r['bytes'] / 1e6:.1f} | {fmt(r['default'])} {r['default']['cfg']} | "
                      f"{fmt(r['best'])} | {r['best']['cfg']} | {r['best']['stats']} | {ups} |")
-    path = write_results(args.out, f"packed-sweep-{args.part}", device, lines, dict(device=device, ceilings=ceil,
-                                                                                     rows=rows))
+    name = f"packed-sweep-{args.part}{'-planar' if args.planar else ''}"
+    path = write_results(args.out, name, device, lines, dict(device=device, ceilings=ceil, rows=rows))
     print("wrote", path)
 
 

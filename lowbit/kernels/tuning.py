@@ -43,6 +43,12 @@ def num_sms() -> int:
 # PDL: V2-Lite's w4a16 MoE layer 66.9 -> 62.9 us at 2, bf16's 97.9 -> 99.6; isolated, R1's int4 experts lost
 # 3-6% at 2. (Through a zeroed float32 output, atomics and a float32 moe_sum every split lost: the 2026-11-24 file.)
 MOE_SPLIT_K = int(os.environ.get("LOWBIT_MOE_SPLIT_K", "0"))
+# pipeline stages of the one-token MoE's paired int4 experts: two from this many weights a projection's expert (as
+# packed_config is given N and K: R1's 2048 x 7168 and 7168 x 2048), three below (V2-Lite's 1408 x 2048, 2048 x 1408);
+# LOWBIT_MOE_STAGES=N forces N. H100, 2026-11-25, isolated (packed-sweep-moe-h100-80gb-hbm3-2026-11-25*.md, two runs):
+# R1 gate_up 64.1 -> 61.2 and 64.2 -> 61.3 us at two, down 37.0 -> 34.5; V2-Lite's gate_up 14.5-14.7 -> 16.1-16.7
+MOE_TWO_STAGES_FROM = 8 << 20
+MOE_STAGES = int(os.environ.get("LOWBIT_MOE_STAGES", "0"))
 
 
 def _split_k(programs: int, k_tiles: int) -> int:
@@ -75,6 +81,8 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
             # 32-row default, down 3.5 against 4.5); on an H100 the one-token MoE 33.0 -> 27.1 us (w4a16), 41.7 ->
             # 36.4 (w4a8), moe-configs-paired-h100-80gb-hbm3-2026-11-24.md, which found no better candidate
             cfg.update(BN=64, SWAP=True)
+            if moe and b == 1:
+                cfg["num_stages"] = MOE_STAGES or (2 if n * k >= MOE_TWO_STAGES_FROM else 3)
     elif b <= 64:
         cfg = {"BM": 32 if b <= 32 else 64, "BN": 64, "num_warps": 4, "num_stages": 3}
     elif b <= 256:

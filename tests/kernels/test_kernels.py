@@ -452,6 +452,7 @@ def test_fused_moe_splits_the_down_projections_k_for_one_token(scheme, split, mo
             ex.weight.n, ex.weight.k, ex.weight.tile_k), ex.act, ex.input_scale.reshape(-1)[:1]) for e in range(E)])
             for ex in (w13, w2))
         assert w2.weight.paired
+        monkeypatch.setattr(tuning, "MOE_STAGES", split)  # (and the pipeline two or three stages deep)
     x = torch.randn(1, H, generator=gen(13)).to(DTYPE)
     topk = torch.randperm(E, generator=gen(14))[:k][None]
     weights = torch.rand(1, k, generator=gen(15))
@@ -462,6 +463,8 @@ def test_fused_moe_splits_the_down_projections_k_for_one_token(scheme, split, mo
     out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
     want = split if not packed or split == 3 else 1  # (2 does not divide the packed experts' 3 K tiles)
     assert [(c.get("SPLIT_K", 1), kw.get("sum_slots", False)) for c, kw in launches] == [(1, False), (want, True)]
+    if layout == "paired":
+        assert [c["num_stages"] for c, _ in launches] == [split, split]
     assert out.dtype == DTYPE and rel(out, ref) < BOUND * (3 if fq is not None else 1)
 
 
@@ -480,6 +483,20 @@ def test_one_token_down_split_default(monkeypatch):
     assert moe.one_token_down_split(make_experts("bf16", 2, 2048, 1408, seed=1)[0], 1408, cfg, 8) == 1
     monkeypatch.setattr(tuning, "MOE_SPLIT_K", 8)
     assert moe.one_token_down_split(packed(2048, 1408), 1408, cfg, 8) == 6
+
+
+def test_one_token_moe_stages(monkeypatch):
+    """LOWBIT_MOE_STAGES unset: the one-token MoE's paired int4 experts pipeline two stages from MOE_TWO_STAGES_FROM
+    weights an expert's projection (R1's), three below (V2-Lite's), and more tokens or planar experts keep three."""
+    from lowbit.kernels import tuning
+    monkeypatch.setattr(tuning, "MOE_STAGES", 0)
+    stages = lambda m, n, k, paired=True: tuning.packed_config(m, n, k, 4, mp.ACT_NONE, moe=True,  # noqa: E731
+                                                               paired=paired)["num_stages"]
+    assert stages(1, 2048, 7168) == 2 and stages(1, 7168, 2048) == 2  # R1's gate_up (N = I) and down
+    assert stages(1, 1408, 2048) == 3 and stages(1, 2048, 1408) == 3  # V2-Lite's
+    assert stages(4, 2048, 7168) == 3 and stages(1, 2048, 7168, paired=False) == 3
+    monkeypatch.setattr(tuning, "MOE_STAGES", 4)
+    assert stages(1, 1408, 2048) == 4
 
 
 @pytest.mark.parametrize("bits,group,asym", [(4, 128, False), (4, 64, True), (8, 0, False), (8, 128, True)])
