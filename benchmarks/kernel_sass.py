@@ -166,34 +166,40 @@ def inspect_unpacked(t: str, const: dict, cfg: dict, expert: str = "*i32", x: st
                                    cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
 
 
-def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False, moe: bool = False) -> dict:
+def inspect_packed(bits: int, act: int, cfg: dict, has_zp: bool = False, moe: bool = False,
+                   paired: bool = False) -> dict:
     """The dense packed GEMM compiled with an engine / tuning configuration (K filling its tiles, as R1's do); moe:
-    the fused MoE's gate_up projection instead (grouped rows, SiLU fused)."""
+    the fused MoE's gate_up projection instead (grouped rows, SiLU fused); paired: int4 weights in the paired layout
+    (kernels/linear.py dense_layout), their inline PTX."""
     const = dict(BITS=bits, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=moe, FUSE_SILU=moe, ROUTED_WEIGHT=False,
                  BM=cfg["BM"], BN=cfg["BN"], TK=mp.default_tile_k(bits), SPLIT_K=cfg.get("SPLIT_K", 1),
-                 SWAP=cfg.get("SWAP", False), EVEN_K=True, FIXUP=not moe and cfg.get("SPLIT_K", 1) > 1)
+                 SWAP=cfg.get("SWAP", False), EVEN_K=True, FIXUP=not moe and cfg.get("SPLIT_K", 1) > 1,
+                 **({"PAIRED": True, "ASM": True} if paired else {}))
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
     return inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const,
                                    cfg.get("num_warps", 4), cfg.get("num_stages", 3)))
 
 
-def engine_moe_config(act: int, proj: str, paired: bool) -> dict:
-    """The launch configuration of the fused MoE's projection at one token on V2-Lite-sized experts."""
+def engine_moe_config(act: int, proj: str, paired: bool, r1: bool = False) -> dict:
+    """The launch configuration of the fused MoE's projection at one token on V2-Lite-sized experts (r1: R1's,
+    2048 x 7168)."""
     gate_up = proj == "gate_up"
     # (the engine picks w4a8's by its scheme's static FP8 activations, then runs them on the FP8 grid at one token)
     scheme_act = mp.ACT_FP8_STATIC if act == mp.ACT_FP8_GRID else act
-    cfg = tuning.packed_config(1, 1408 if gate_up else 2048, 2048 if gate_up else 1408, 4, scheme_act, moe=True,
+    hidden, inter = (7168, 2048) if r1 else (2048, 1408)
+    cfg = tuning.packed_config(1, inter if gate_up else hidden, hidden if gate_up else inter, 4, scheme_act, moe=True,
                                paired=paired)
     return moe.gate_up_config(cfg, packed=True) if gate_up else cfg
 
 
-def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = False, split_k: int = 1) -> dict:
+def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = False, split_k: int = 1,
+                  r1: bool = False) -> dict:
     """The fused MoE's projection at one token (a program row per slot) on V2-Lite-sized experts (K = 2048 for
-    gate_up, 1408 for down) in launch configuration cfg, planar or paired int4 weights."""
+    gate_up, 1408 for down; r1: R1's, 7168 and 2048) in launch configuration cfg, planar or paired int4 weights."""
     gate_up = proj == "gate_up"
     # (down sums the token's slots, as fused_moe launches it at one token)
     const = dict(BITS=4, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=2, FUSE_SILU=gate_up, ROUTED_WEIGHT=not gate_up,
-                 BM=16, BN=cfg["BN"], TK=256, SPLIT_K=split_k, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up,
+                 BM=16, BN=cfg["BN"], TK=256, SPLIT_K=split_k, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up or r1,
                  FIXUP=False, PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up)
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
     r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const, cfg["num_warps"],
@@ -252,6 +258,13 @@ def check_engine_configs() -> list[str]:
             if m <= 16 and bits == 4 and act == mp.ACT_NONE and r["I2F"]:
                 problems.append(f"{name}: {r['I2F']} I2F")
             print(f"{name}: {r}", flush=True)
+        # dense symmetric int4 off the GEMV in the paired layout (kernels/linear.py dense_layout)
+        for act in (mp.ACT_NONE, mp.ACT_FP8_STATIC) if m <= 16 else ():
+            cfg = tuning.packed_config(m, N, K, 4, act, paired=True)
+            r = inspect_packed(4, act, cfg, paired=True)
+            fits(problems, f"packed paired act={act} M={m} {cfg}", r)
+            if act == mp.ACT_NONE and r["I2F"]:
+                problems.append(f"packed paired M={m} {cfg}: {r['I2F']} I2F")
         # asymmetric w4a16 (zero points): its own int4 -> 16-bit branch (a compile error there once reached a GPU)
         cfg = tuning.packed_config(m, N, K, 4, mp.ACT_NONE)
         r = inspect_packed(4, mp.ACT_NONE, cfg, has_zp=True)
@@ -405,10 +418,13 @@ def check_engine_configs() -> list[str]:
                                BN=cfg["BN"], TILES=1 << 20, SPLIT_K=1), cfg["num_warps"], ()))
     # the one-token MoE on paired int4 experts (LOWBIT_INT4_PAIRED=1; its inline PTX compiles only here)
     for act in (mp.ACT_NONE, mp.ACT_FP8_GRID):
-        for proj, split in (("gate_up", 1), ("down", 1), ("down", 2)):  # (down: V2-Lite's K split in two, the default)
-            cfg = engine_moe_config(act, proj, paired=True)
-            r = one_token_moe(act, proj, True, cfg, split_k=split)
-            name = f"one-token MoE {proj} act={act} paired{' swapped' if cfg.get('SWAP') else ''} split {split}"
+        # (down: V2-Lite's K split in two, the default; R1's experts: two pipeline stages, tuning.LARGE_EXPERT)
+        for proj, split, r1 in (("gate_up", 1, False), ("down", 1, False), ("down", 2, False), ("gate_up", 1, True),
+                                ("down", 1, True)):
+            cfg = engine_moe_config(act, proj, paired=True, r1=r1)
+            r = one_token_moe(act, proj, True, cfg, split_k=split, r1=r1)
+            name = (f"one-token MoE {'R1 ' if r1 else ''}{proj} act={act} paired"
+                    f"{' swapped' if cfg.get('SWAP') else ''} split {split} stages {cfg['num_stages']}")
             # swapped, the weights are the warpgroup MMA's first operand; unswapped (w4a8's gate_up) 16 token rows
             # take the warp-level MMA
             if r["spill_bytes"] or r["smem"] > SMEM_LIMIT or r["HGMMA" if cfg.get("SWAP") else "HMMA"] == 0:

@@ -281,12 +281,16 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
 def one_token_down_split(w2, inter_size: int, cfg2: dict, slots: int) -> int:
     """The one-token down projection's K splits: tuning.MOE_SPLIT_K where set (at most the K tiles; packed experts a
     divisor of them, the packed kernel splits K evenly); unset, 2 for packed experts whose programs (the token's
-    slots x column blocks) fill under two waves of the chip, else 1."""
+    slots x column blocks) fill under two waves of the chip, tuning.LARGE_UNPACKED_DOWN_SPLITS for large unpacked
+    experts of its kinds, else 1."""
     packed = isinstance(w2, PackedExperts)
     k_tiles = cdiv(inter_size, w2.weight.tile_k if packed else cfg2["BK"])
     want = tuning.MOE_SPLIT_K
-    if not want:
-        want = 2 if packed and slots * cdiv(w2.shape[1], cfg2["BN"]) < 2 * tuning.num_sms() else 1
+    if not want and packed:
+        want = 2 if slots * cdiv(w2.shape[1], cfg2["BN"]) < 2 * tuning.num_sms() else 1
+    elif not want:
+        large = w2.shape[1] * inter_size >= tuning.LARGE_EXPERT
+        want = tuning.LARGE_UNPACKED_DOWN_SPLITS.get(w2.kind, 1) if large else 1
     split = max(1, min(want, k_tiles))
     while packed and k_tiles % split:
         split -= 1

@@ -39,16 +39,23 @@ def num_sms() -> int:
 # programs runs one long K loop, latency-bound; splits put more programs in flight, their partial sums added by the
 # slots' sum (rows.store_slot_sum) with no launch of their own. LOWBIT_MOE_SPLIT_K=N forces N for every scheme; unset,
 # packed experts split in two where their programs fill under two waves of the chip (V2-Lite's 8 slots x 32 column
-# blocks), the rest stay whole. H100, 2026-11-25 (moe-split-k-h100-80gb-hbm3-2026-11-25.md), batch-1 decode graph,
+# blocks), large unpacked experts of the kinds in LARGE_UNPACKED_DOWN_SPLITS as it says, the rest stay whole. H100, 2026-11-25 (moe-split-k-h100-80gb-hbm3-2026-11-25.md), batch-1 decode graph,
 # PDL: V2-Lite's w4a16 MoE layer 66.9 -> 62.9 us at 2, bf16's 97.9 -> 99.6; isolated, R1's int4 experts lost
 # 3-6% at 2. (Through a zeroed float32 output, atomics and a float32 moe_sum every split lost: the 2026-11-24 file.)
 MOE_SPLIT_K = int(os.environ.get("LOWBIT_MOE_SPLIT_K", "0"))
-# pipeline stages of the one-token MoE's paired int4 experts: two from this many weights a projection's expert (as
-# packed_config is given N and K: R1's 2048 x 7168 and 7168 x 2048), three below (V2-Lite's 1408 x 2048, 2048 x 1408);
-# LOWBIT_MOE_STAGES=N forces N. H100, 2026-11-25, isolated (packed-sweep-moe-h100-80gb-hbm3-2026-11-25*.md, two runs):
-# R1 gate_up 64.1 -> 61.2 and 64.2 -> 61.3 us at two, down 37.0 -> 34.5; V2-Lite's gate_up 14.5-14.7 -> 16.1-16.7
-MOE_TWO_STAGES_FROM = 8 << 20
+# large experts: an expert's projection of this many weights or more (R1's 2048 x 7168 and 7168 x 2048, where
+# V2-Lite's are 1408 x 2048 and 2048 x 1408); the one-token MoE's rules below differ for the two, each measured at both
+LARGE_EXPERT = 8 << 20
+# pipeline stages of the one-token MoE's paired int4 experts: two where large, three below; LOWBIT_MOE_STAGES=N forces
+# N. H100, 2026-11-25 (packed-sweep-moe-h100-80gb-hbm3-2026-11-25*.md, two runs, isolated): R1 gate_up 64.1 -> 61.2
+# and 64.2 -> 61.3 us at two, down 37.0 -> 34.5; V2-Lite's gate_up 14.5-14.7 -> 16.1-16.7. In the decode graph R1's
+# MoE layer 2.4% faster, w4a16 and w4a8 (layer-ratio-r1-...-2026-11-25-session17-moe-stages.md)
 MOE_STAGES = int(os.environ.get("LOWBIT_MOE_STAGES", "0"))
+# the one-token down projection's K splits of large unpacked experts, by kind (the others stay whole). H100,
+# 2026-11-25, R1 decode graph (layer-ratio-r1-...-2026-11-25-session17-unpacked-splits.md): the MoE layer w8a16
+# 295.3 -> 287.4 us at two, fp8-block 288.1 -> 280.1 at three; isolated bf16 and w8a8 lost 1-3% to any split
+# (moe-split-k-h100-80gb-hbm3-2026-11-25.md)
+LARGE_UNPACKED_DOWN_SPLITS = {mu.KIND_INT8_W16: 2, mu.KIND_FP8_BLOCK: 3}
 
 
 def _split_k(programs: int, k_tiles: int) -> int:
@@ -82,7 +89,7 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
             # 36.4 (w4a8), moe-configs-paired-h100-80gb-hbm3-2026-11-24.md, which found no better candidate
             cfg.update(BN=64, SWAP=True)
             if moe and b == 1:
-                cfg["num_stages"] = MOE_STAGES or (2 if n * k >= MOE_TWO_STAGES_FROM else 3)
+                cfg["num_stages"] = MOE_STAGES or (2 if n * k >= LARGE_EXPERT else 3)
     elif b <= 64:
         cfg = {"BM": 32 if b <= 32 else 64, "BN": 64, "num_warps": 4, "num_stages": 3}
     elif b <= 256:

@@ -470,8 +470,9 @@ def test_fused_moe_splits_the_down_projections_k_for_one_token(scheme, split, mo
 
 def test_one_token_down_split_default(monkeypatch):
     """LOWBIT_MOE_SPLIT_K unset: packed experts split their down projection's K in two where the token's programs
-    (slots x column blocks) fill under two waves of the chip, and only into a divisor of their K tiles; unpacked ones
-    and wide projections stay whole; a forced split is capped by the K tiles."""
+    (slots x column blocks) fill under two waves of the chip, and only into a divisor of their K tiles; large unpacked
+    experts as tuning.LARGE_UNPACKED_DOWN_SPLITS says by kind; other unpacked ones and wide projections stay whole; a
+    forced split is capped by the K tiles."""
     from lowbit.kernels import tuning
     monkeypatch.setattr(tuning, "MOE_SPLIT_K", 0)
     monkeypatch.setattr(tuning, "num_sms", lambda: 132)
@@ -481,13 +482,18 @@ def test_one_token_down_split_default(monkeypatch):
     assert moe.one_token_down_split(packed(2048, 1280), 1280, cfg, 8) == 1  # 5 K tiles of 256: no even split
     assert moe.one_token_down_split(packed(7168, 256 * 8), 2048, cfg, 9) == 1  # R1: 9 x 112 programs
     assert moe.one_token_down_split(make_experts("bf16", 2, 2048, 1408, seed=1)[0], 1408, cfg, 8) == 1
+    # large unpacked experts (R1's 7168 x 2048) by kind: w8a16 2, fp8-block 3, bf16 and w8a8 whole; V2-Lite's whole
+    monkeypatch.setattr(tuning, "LARGE_EXPERT", 7168 * 512)
+    for scheme, want in (("w8a16-unpacked", 2), ("fp8-block", 3), ("bf16", 1), ("w8a8", 1)):
+        assert moe.one_token_down_split(make_experts(scheme, 1, 7168, 512, seed=1)[0], 512, cfg, 9) == want, scheme
+        assert moe.one_token_down_split(make_experts(scheme, 1, 7168, 384, seed=1)[0], 384, cfg, 9) == 1, scheme
     monkeypatch.setattr(tuning, "MOE_SPLIT_K", 8)
     assert moe.one_token_down_split(packed(2048, 1408), 1408, cfg, 8) == 6
 
 
 def test_one_token_moe_stages(monkeypatch):
-    """LOWBIT_MOE_STAGES unset: the one-token MoE's paired int4 experts pipeline two stages from MOE_TWO_STAGES_FROM
-    weights an expert's projection (R1's), three below (V2-Lite's), and more tokens or planar experts keep three."""
+    """LOWBIT_MOE_STAGES unset: the one-token MoE's paired int4 experts pipeline two stages where large
+    (tuning.LARGE_EXPERT: R1's), three below (V2-Lite's), and more tokens or planar experts keep three."""
     from lowbit.kernels import tuning
     monkeypatch.setattr(tuning, "MOE_STAGES", 0)
     stages = lambda m, n, k, paired=True: tuning.packed_config(m, n, k, 4, mp.ACT_NONE, moe=True,  # noqa: E731
