@@ -21,14 +21,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernels import bench_graph, ceilings, moe_experts  # noqa: E402
+from kernels import MOE_GEOMETRIES, bench_graph, ceilings, one_token_moe  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 from lowbit.kernels import gemv_packed, moe, tuning  # noqa: E402
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
 
-# name -> (routed experts, hidden, expert width, top-k, shared experts fused as more experts)
-GEOMETRIES = {"v2lite": (64, 2048, 1408, 6, 2), "r1": (256, 7168, 2048, 8, 1)}
 # name -> dense [N, K] layers a decode step runs on packed weights
 DENSE = {"v2lite": {"q+kv_a": (3072 + 576, 2048), "o_proj": (2048, 2048), "dense gate_up": (2 * 10944, 2048),
                     "dense down": (2048, 10944)},
@@ -53,12 +51,8 @@ def best(results: dict) -> tuple[str, float]:
 
 
 def moe_rows(copy: float, geometry: str, scheme: str) -> list[dict]:
-    E, H, inter, k, shared = GEOMETRIES[geometry]
-    w13, b13 = moe_experts(scheme, E + shared, 2 * inter, H)
-    w2, b2 = moe_experts(scheme, E + shared, H, inter)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.cat([torch.randperm(E, device="cuda", generator=g)[:k], torch.arange(E, E + shared, device="cuda")])
-    ids = ids[None].int()
+    E, H, inter, k, shared = MOE_GEOMETRIES[geometry]
+    w13, b13, w2, b2, ids = one_token_moe(scheme, geometry, torch.Generator(device="cuda").manual_seed(0))
     kk = k + shared
     tw = torch.rand(1, kk, device="cuda")
     x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)

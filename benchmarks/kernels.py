@@ -199,6 +199,23 @@ def gemm_table(ceil: dict, quick: bool) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- MoE
+# the one-token MoE's shapes: name -> (routed experts, hidden, expert width, top-k, shared experts fused as more
+# experts)
+MOE_GEOMETRIES = {"v2lite": (64, 2048, 1408, 6, 2), "r1": (256, 7168, 2048, 8, 1)}
+
+
+def one_token_moe(scheme: str, geometry: str, generator: torch.Generator):
+    """A geometry's experts (routed and shared, stacked as the engine stacks them) in one scheme, and one token's
+    routing: (gate_up experts, an expert's gate_up bytes, down experts, an expert's down bytes, topk_ids [1, slots]:
+    top-k routed experts drawn from generator, then the shared ones)."""
+    E, H, inter, k, shared = MOE_GEOMETRIES[geometry]
+    w13, b13 = moe_experts(scheme, E + shared, 2 * inter, H)
+    w2, b2 = moe_experts(scheme, E + shared, H, inter)
+    ids = torch.cat([torch.randperm(E, device="cuda", generator=generator)[:k],
+                     torch.arange(E, E + shared, device="cuda")])[None].int()
+    return w13, b13, w2, b2, ids
+
+
 def moe_experts(scheme: str, E: int, N: int, K: int):
     dev = "cuda"
     if scheme == "bf16":

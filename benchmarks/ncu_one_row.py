@@ -1,6 +1,7 @@
 """A target for Nsight Compute: the packed int4 kernel at one row, launched three times.
 
-    ncu --clock-control none -k regex:_packed_matmul_kernel -s 2 -c 1 --section ... python benchmarks/ncu_one_row.py oproj|gateup
+    ncu --clock-control none -k regex:_packed_matmul_kernel -s 2 -c 1 --section ... \
+        python benchmarks/ncu_one_row.py oproj|gateup
 
 oproj: R1's o_proj 7168 x 16384, paired, through matmul_packed.packed_matmul's default configuration. gateup: the
 one-token MoE's gate_up over 9 slots of R1-sized paired experts (40 experts of 2 x 2048 x 7168), through

@@ -24,13 +24,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from kernels import bench_graph, ceilings, make_weight, moe_experts  # noqa: E402
+from kernels import MOE_GEOMETRIES, bench_graph, ceilings, make_weight, one_token_moe  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 from lowbit.kernels import cdiv, moe  # noqa: E402
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
 
-MOE_SHAPES = {"v2lite": (64, 2048, 1408, 6, 2), "r1": (256, 7168, 2048, 8, 1)}
 DENSE = {"r1 o_proj": (7168, 16384), "r1 dense down": (7168, 18432), "r1 dense gate_up": (36864, 7168),
          "r1 q_b": (24576, 1536), "v2lite dense gate_up": (21888, 2048)}
 
@@ -62,11 +61,8 @@ def last_stats(before: dict) -> tuple | None:
 def moe_rows(copy: float) -> list[dict]:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
-    for geo, (E, H, inter, k, shared) in MOE_SHAPES.items():
-        w13, b13 = moe_experts("w4a16", E + shared, 2 * inter, H)
-        w2, b2 = moe_experts("w4a16", E + shared, H, inter)
-        ids = torch.cat([torch.randperm(E, device="cuda", generator=g)[:k],
-                         torch.arange(E, E + shared, device="cuda")])[None].int()
+    for geo, (_, H, inter, k, shared) in MOE_GEOMETRIES.items():
+        w13, b13, w2, b2, ids = one_token_moe("w4a16", geo, g)
         kk = k + shared
         x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
         inter_buf = torch.randn(kk, inter, device="cuda", dtype=torch.bfloat16)
@@ -154,9 +150,11 @@ def main() -> None:
     lines = [f"# The packed int4 kernel's configurations at one row, {device}, {datetime.date.today().isoformat()}",
              "", f"Copy bandwidth in this run: {copy:.0f} GB/s. Produced by `python benchmarks/packed_sweep.py "
              f"--part {args.part}{' --planar' if args.planar else ''}` (w4a16): each configuration replayed from a "
-             "CUDA graph with the L2 cache flushed; percentages are the weights' bytes over time against the copy bandwidth. Stats: registers a thread, "
+             "CUDA graph with the L2 cache flushed; percentages are the weights' bytes over time against the copy "
+             "bandwidth. Stats: registers a thread, "
              "spilled bytes, shared memory bytes.", "",
-             "| layer | MB | default | best | best config | its stats | runners-up |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| layer | MB | default | best | best config | its stats | runners-up |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ups = "; ".join(f"{fmt(u)} {u['cfg']}" for u in r["top"][1:4])
         lines.append(f"| {r['layer']} | {r['bytes'] / 1e6:.1f} | {fmt(r['default'])} {r['default']['cfg']} | "

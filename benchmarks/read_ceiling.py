@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernels import bench_graph, ceilings, make_weight, moe_experts  # noqa: E402
+from kernels import MOE_GEOMETRIES, bench_graph, ceilings, make_weight, one_token_moe  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
@@ -40,8 +40,9 @@ except ImportError:  # an older Triton: plain loads only
 
 
 @triton.jit
-def _read_kernel(w_ptr, slot_ptr, out_ptr, N, stride_we, stride_wn, k_tiles, tiles,
-                 BN: tl.constexpr, TW: tl.constexpr, MOE: tl.constexpr):
+def _read_kernel(src, slot_ptr, out_ptr, N, stride_we, stride_wn, k_tiles, tiles,
+                 BN: tl.constexpr, TW: tl.constexpr, MOE: tl.constexpr, TMA: tl.constexpr):
+    """src: the words [E, N, KW] (plain loads) or a descriptor of them as [E * N, KW] with [BN, TW] blocks (TMA)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -49,29 +50,17 @@ def _read_kernel(w_ptr, slot_ptr, out_ptr, N, stride_we, stride_wn, k_tiles, til
     if MOE:
         e = tl.load(slot_ptr + slot).to(tl.int64)
     rows = pid_n * BN + tl.arange(0, BN)
-    base = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, TW)[None, :]
+    if TMA:
+        row0 = (e * N + pid_n * BN).to(tl.int32)
+    else:
+        base = src + e * stride_we + rows[:, None].to(tl.int64) * stride_wn + tl.arange(0, TW)[None, :]
     acc = tl.zeros([BN, TW], dtype=tl.int32)
     t0 = pid_k * tiles
     for t in range(t0, tl.minimum(t0 + tiles, k_tiles)):
-        acc ^= tl.load(base + t * TW)
-    tl.store(out_ptr + (slot * tl.num_programs(2) + pid_k) * N + rows, tl.xor_sum(acc, axis=1))
-
-
-@triton.jit
-def _read_tma_kernel(desc, slot_ptr, out_ptr, N, k_tiles, tiles,
-                     BN: tl.constexpr, TW: tl.constexpr, MOE: tl.constexpr):
-    slot = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    e = 0
-    if MOE:
-        e = tl.load(slot_ptr + slot)
-    row0 = e * N + pid_n * BN
-    acc = tl.zeros([BN, TW], dtype=tl.int32)
-    t0 = pid_k * tiles
-    for t in range(t0, tl.minimum(t0 + tiles, k_tiles)):
-        acc ^= desc.load([row0, t * TW])
-    rows = pid_n * BN + tl.arange(0, BN)
+        if TMA:
+            acc ^= src.load([row0, t * TW])
+        else:
+            acc ^= tl.load(base + t * TW)
     tl.store(out_ptr + (slot * tl.num_programs(2) + pid_k) * N + rows, tl.xor_sum(acc, axis=1))
 
 
@@ -86,12 +75,10 @@ def read_fn(words: torch.Tensor, slots: torch.Tensor | None, cfg: dict):
     grid = (s, N // bn, split)
     dummy = out if slots is None else slots
     kw = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if cfg.get("TMA"):
-        desc = TensorDescriptor.from_tensor(words.view(E * N, KW), [bn, tw])
-        return lambda: _read_tma_kernel[grid](desc, dummy, out, N, k_tiles, tiles, BN=bn, TW=tw,
-                                              MOE=slots is not None, **kw)
-    return lambda: _read_kernel[grid](words, dummy, out, N, words.stride(0), words.stride(1), k_tiles, tiles,
-                                      BN=bn, TW=tw, MOE=slots is not None, **kw)
+    tma = bool(cfg.get("TMA"))
+    src = TensorDescriptor.from_tensor(words.view(E * N, KW), [bn, tw]) if tma else words
+    return lambda: _read_kernel[grid](src, dummy, out, N, words.stride(0), words.stride(1), k_tiles, tiles,
+                                      BN=bn, TW=tw, MOE=slots is not None, TMA=tma, **kw)
 
 
 def configs(quick: bool) -> list[dict]:
@@ -112,8 +99,6 @@ def timed(fn) -> float | None:
         return None
 
 
-# name -> (routed experts, hidden, expert width, top-k, shared experts fused as more experts)
-MOE_SHAPES = {"v2lite": (64, 2048, 1408, 6, 2), "r1": (256, 7168, 2048, 8, 1)}
 DENSE = {"r1 o_proj": (7168, 16384), "r1 dense gate_up": (36864, 7168), "r1 dense down": (7168, 18432)}
 
 
@@ -150,11 +135,8 @@ def main() -> None:
         rows.append(row)
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    for geo, (E, H, inter, k, shared) in MOE_SHAPES.items():
-        w13, b13 = moe_experts("w4a16", E + shared, 2 * inter, H)
-        w2, b2 = moe_experts("w4a16", E + shared, H, inter)
-        ids = torch.cat([torch.randperm(E, device="cuda", generator=g)[:k],
-                         torch.arange(E, E + shared, device="cuda")])[None].int()
+    for geo, (E, H, inter, k, shared) in MOE_GEOMETRIES.items():
+        w13, b13, w2, b2, ids = one_token_moe("w4a16", geo, g)
         kk = k + shared
         tw = torch.rand(1, kk, device="cuda")
         x = torch.randn(1, H, device="cuda", dtype=torch.bfloat16)
@@ -183,12 +165,12 @@ def main() -> None:
              "flushed; percentages are bytes read over time against the copy bandwidth.", "",
              "| layer | MB | read, plain loads (best) | config | read, TMA loads (best) | config | engine |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    def cfg(r):
+        return "" if r is None else {k: v for k, v in r["cfg"].items() if k != "TMA"}
     for r in rows:
         eng = "; ".join(f"{k}: {fmt(v)}" for k, v in r["engine"].items())
-        lines.append(f"| {r['layer']} | {r['bytes'] / 1e6:.1f} | {fmt(r['best_plain'])} | "
-                     f"{ {k: v for k, v in r['best_plain']['cfg'].items() if k != 'TMA'} } | {fmt(r['best_tma'])} | "
-                     f"{'' if r['best_tma'] is None else {k: v for k, v in r['best_tma']['cfg'].items() if k != 'TMA'}} "
-                     f"| {eng} |")
+        lines.append(f"| {r['layer']} | {r['bytes'] / 1e6:.1f} | {fmt(r['best_plain'])} | {cfg(r['best_plain'])} | "
+                     f"{fmt(r['best_tma'])} | {cfg(r['best_tma'])} | {eng} |")
     path = write_results(args.out, "read-ceiling", device, lines, dict(device=device, ceilings=ceil, rows=rows))
     print("wrote", path)
 

@@ -39,9 +39,10 @@ def num_sms() -> int:
 # programs runs one long K loop, latency-bound; splits put more programs in flight, their partial sums added by the
 # slots' sum (rows.store_slot_sum) with no launch of their own. LOWBIT_MOE_SPLIT_K=N forces N for every scheme; unset,
 # packed experts split in two where their programs fill under two waves of the chip (V2-Lite's 8 slots x 32 column
-# blocks), large unpacked experts of the kinds in LARGE_UNPACKED_DOWN_SPLITS as it says, the rest stay whole. H100, 2026-11-25 (moe-split-k-h100-80gb-hbm3-2026-11-25.md), batch-1 decode graph,
-# PDL: V2-Lite's w4a16 MoE layer 66.9 -> 62.9 us at 2, bf16's 97.9 -> 99.6; isolated, R1's int4 experts lost
-# 3-6% at 2. (Through a zeroed float32 output, atomics and a float32 moe_sum every split lost: the 2026-11-24 file.)
+# blocks), large unpacked experts of the kinds in LARGE_UNPACKED_DOWN_SPLITS as it says, the rest stay whole. H100,
+# 2026-11-25 (moe-split-k-h100-80gb-hbm3-2026-11-25.md), batch-1 decode graph, PDL: V2-Lite's w4a16 MoE layer
+# 66.9 -> 62.9 us at 2, bf16's 97.9 -> 99.6; isolated, R1's int4 experts lost 3-6% at 2. (Through a zeroed float32
+# output, atomics and a float32 moe_sum every split lost: the 2026-11-24 file.)
 MOE_SPLIT_K = int(os.environ.get("LOWBIT_MOE_SPLIT_K", "0"))
 # large experts: an expert's projection of this many weights or more (R1's 2048 x 7168 and 7168 x 2048, where
 # V2-Lite's are 1408 x 2048 and 2048 x 1408); the one-token MoE's rules below differ for the two, each measured at both
@@ -82,11 +83,11 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
             # 42.9 vs 47.6 at eight; R1 w4a8 down 49.8 vs 61.1 us); one slot's gate_up keeps 32 (21.9 vs 26.1 us)
             cfg["BN"] = 64
         if paired:
-            # paired int4 experts and dense layers (packed_layout.pair): 64 weight rows a program, the weights the first operand (one
-            # warpgroup MMA's 64 rows), where their main loop compiles shortest (Triton 3.6, sm_90a, V2-Lite experts,
-            # `benchmarks/kernel_sass.py --paired`: gate_up 3.1 instructions a weight against 4.9 for the planar
-            # 32-row default, down 3.5 against 4.5); on an H100 the one-token MoE 33.0 -> 27.1 us (w4a16), 41.7 ->
-            # 36.4 (w4a8), moe-configs-paired-h100-80gb-hbm3-2026-11-24.md, which found no better candidate
+            # paired int4 experts and dense layers (packed_layout.pair): 64 weight rows a program, the weights the first
+            # operand (one warpgroup MMA's 64 rows), where their main loop compiles shortest (Triton 3.6, sm_90a,
+            # V2-Lite experts, `benchmarks/kernel_sass.py --paired`: gate_up 3.1 instructions a weight against 4.9 for
+            # the planar 32-row default, down 3.5 against 4.5); on an H100 the one-token MoE 33.0 -> 27.1 us (w4a16),
+            # 41.7 -> 36.4 (w4a8), moe-configs-paired-h100-80gb-hbm3-2026-11-24.md, which found no better candidate
             cfg.update(BN=64, SWAP=True)
             if moe and b == 1:
                 cfg["num_stages"] = MOE_STAGES or (2 if n * k >= LARGE_EXPERT else 3)
