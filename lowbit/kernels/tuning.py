@@ -28,6 +28,15 @@ def bucket(m: int) -> int:
     return M_BUCKETS[-1]
 
 
+def env_count(name: str) -> int:
+    """A non-negative whole number from the environment variable `name` (unset or empty: 0, the heuristic's choice);
+    anything else stops with a line naming the variable."""
+    raw = os.environ.get(name, "").strip() or "0"
+    if not raw.isdigit():
+        raise ValueError(f"{name}={raw!r}: expected a whole number >= 0 (0 or unset: the heuristic's choice)")
+    return int(raw)
+
+
 @functools.cache
 def num_sms() -> int:
     if torch.cuda.is_available():
@@ -43,7 +52,7 @@ def num_sms() -> int:
 # 2026-11-25 (moe-split-k-h100-80gb-hbm3-2026-11-25.md), batch-1 decode graph, PDL: V2-Lite's w4a16 MoE layer
 # 66.9 -> 62.9 us at 2, bf16's 97.9 -> 99.6; isolated, R1's int4 experts lost 3-6% at 2. (Through a zeroed float32
 # output, atomics and a float32 moe_sum every split lost: the 2026-11-24 file.)
-MOE_SPLIT_K = int(os.environ.get("LOWBIT_MOE_SPLIT_K", "0"))
+MOE_SPLIT_K = env_count("LOWBIT_MOE_SPLIT_K")
 # large experts: an expert's projection of this many weights or more (R1's 2048 x 7168 and 7168 x 2048, where
 # V2-Lite's are 1408 x 2048 and 2048 x 1408); the one-token MoE's rules below differ for the two, each measured at both
 LARGE_EXPERT = 8 << 20
@@ -51,7 +60,7 @@ LARGE_EXPERT = 8 << 20
 # N. H100, 2026-11-25 (packed-sweep-moe-h100-80gb-hbm3-2026-11-25*.md, two runs, isolated): R1 gate_up 64.1 -> 61.2
 # and 64.2 -> 61.3 us at two, down 37.0 -> 34.5; V2-Lite's gate_up 14.5-14.7 -> 16.1-16.7. In the decode graph R1's
 # MoE layer 2.4% faster, w4a16 and w4a8 (layer-ratio-r1-...-2026-11-25-session17-moe-stages.md)
-MOE_STAGES = int(os.environ.get("LOWBIT_MOE_STAGES", "0"))
+MOE_STAGES = env_count("LOWBIT_MOE_STAGES")
 # the one-token down projection's K splits of large unpacked experts, by kind (the others stay whole). H100,
 # 2026-11-25, R1 decode graph (layer-ratio-r1-...-2026-11-25-session17-unpacked-splits.md): the MoE layer w8a16
 # 295.3 -> 287.4 us at two, fp8-block 288.1 -> 280.1 at three; isolated bf16 and w8a8 lost 1-3% to any split

@@ -491,6 +491,20 @@ def test_one_token_down_split_default(monkeypatch):
     assert moe.one_token_down_split(packed(2048, 1408), 1408, cfg, 8) == 6
 
 
+def test_tuning_switches_take_whole_numbers_only(monkeypatch):
+    """LOWBIT_MOE_SPLIT_K / LOWBIT_MOE_STAGES: unset or empty is 0 (the heuristics), a whole number is itself, anything
+    else one line naming the variable."""
+    from lowbit.kernels import tuning
+    monkeypatch.delenv("LOWBIT_MOE_STAGES", raising=False)
+    assert tuning.env_count("LOWBIT_MOE_STAGES") == 0
+    monkeypatch.setenv("LOWBIT_MOE_STAGES", " 2 ")
+    assert tuning.env_count("LOWBIT_MOE_STAGES") == 2
+    for bad in ("two", "-1", "1.5"):
+        monkeypatch.setenv("LOWBIT_MOE_STAGES", bad)
+        with pytest.raises(ValueError, match="LOWBIT_MOE_STAGES"):
+            tuning.env_count("LOWBIT_MOE_STAGES")
+
+
 def test_one_token_moe_stages(monkeypatch):
     """LOWBIT_MOE_STAGES unset: the one-token MoE's paired int4 experts pipeline two stages where large
     (tuning.LARGE_EXPERT: R1's), three below (V2-Lite's), and more tokens or planar experts keep three."""
