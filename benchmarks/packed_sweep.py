@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import MOE_GEOMETRIES, bench_graph, ceilings, make_weight, one_token_moe  # noqa: E402
 from results_file import write_results  # noqa: E402
 
-from lowbit.kernels import cdiv, moe, tuning  # noqa: E402
+from lowbit.kernels import cdiv, moe  # noqa: E402
 from lowbit.kernels import matmul_packed as mp  # noqa: E402
 
 DENSE = {"r1 o_proj": (7168, 16384), "r1 dense down": (7168, 18432), "r1 dense gate_up": (36864, 7168),
@@ -58,14 +58,7 @@ def last_stats(before: dict) -> tuple | None:
     return new[-1] if new else None
 
 
-def prefetch_grid(default: dict) -> list[dict]:
-    """--prefetch: the default configuration with the next K tile's scales (PREFETCH 1), words (2) or both (3) loaded
-    during the current tile, at one to three pipeline stages."""
-    return [dict(default, PREFETCH=p, num_stages=s) for p, s in itertools.product((0, 1, 2, 3), (1, 2, 3))
-            if dict(default, PREFETCH=p, num_stages=s) != default]
-
-
-def moe_rows(copy: float, prefetch: bool = False) -> list[dict]:
+def moe_rows(copy: float) -> list[dict]:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for geo, (_, H, inter, k, shared) in MOE_GEOMETRIES.items():
@@ -86,8 +79,6 @@ def moe_rows(copy: float, prefetch: bool = False) -> list[dict]:
         grid2 = [dict(BM=16, BN=bn, SPLIT_K=sp, num_warps=w, num_stages=s, SWAP=True)
                  for bn, sp, w, s in itertools.product((32, 64, 128), (1, 2, 4), (4, 8), (1, 2, 3))
                  if k_tiles % sp == 0]
-        if prefetch:
-            grid1, grid2 = prefetch_grid(d1), prefetch_grid(d2)
         for proj, default, grid, nbytes in (("gate_up", d1, grid1, kk * b13), ("down", d2, grid2, kk * b2)):
             res = []
             for cfg in [default] + grid:
@@ -105,7 +96,7 @@ def moe_rows(copy: float, prefetch: bool = False) -> list[dict]:
     return rows
 
 
-def dense_rows(copy: float, paired: bool, prefetch: bool = False) -> list[dict]:
+def dense_rows(copy: float, paired: bool) -> list[dict]:
     rows = []
     for name, (N, K) in DENSE.items():
         pw, act, xs, nbytes = make_weight("w4a16", N, K)
@@ -120,8 +111,6 @@ def dense_rows(copy: float, paired: bool, prefetch: bool = False) -> list[dict]:
             grid = [dict(BM=16, BN=bn, SPLIT_K=sp, num_warps=w, num_stages=s, SWAP=True)
                     for bn, sp, w, s in itertools.product((32, 64, 128), (2, 4, 8, 16), (4, 8), (1, 3))
                     if k_tiles % sp == 0]
-        if prefetch:
-            grid = prefetch_grid(tuning.packed_config(1, N, K, 4, act, paired=paired))
         res = []
         for cfg in [None] + grid:
             before = compiled_stats()
@@ -151,18 +140,16 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--part", default="all", choices=("moe", "dense", "all"))
     ap.add_argument("--planar", action="store_true", help="dense layers in the planar layout (the engine: paired)")
-    ap.add_argument("--prefetch", action="store_true",
-                    help="the defaults with the next K tile's scales and / or words prefetched, 1-3 stages")
     args = ap.parse_args()
     device = torch.cuda.get_device_name()
     ceil = ceilings()
     copy = ceil["copy_GBps"]
     print(f"{device}: copy {copy:.0f} GB/s", flush=True)
-    rows = (moe_rows(copy, args.prefetch) if args.part in ("moe", "all") else []) + \
-        (dense_rows(copy, not args.planar, args.prefetch) if args.part in ("dense", "all") else [])
+    rows = (moe_rows(copy) if args.part in ("moe", "all") else []) + \
+        (dense_rows(copy, not args.planar) if args.part in ("dense", "all") else [])
     lines = [f"# The packed int4 kernel's configurations at one row, {device}, {datetime.date.today().isoformat()}",
              "", f"Copy bandwidth in this run: {copy:.0f} GB/s. Produced by `python benchmarks/packed_sweep.py "
-             f"--part {args.part}{' --planar' if args.planar else ''}{' --prefetch' if args.prefetch else ''}` (w4a16): each configuration replayed from a "
+             f"--part {args.part}{' --planar' if args.planar else ''}` (w4a16): each configuration replayed from a "
              "CUDA graph with the L2 cache flushed; percentages are the weights' bytes over time against the copy "
              "bandwidth. Stats: registers a thread, "
              "spilled bytes, shared memory bytes.", "",
@@ -172,7 +159,7 @@ def main() -> None:
         ups = "; ".join(f"{fmt(u)} {u['cfg']}" for u in r["top"][1:4])
         lines.append(f"| {r['layer']} | {r['bytes'] / 1e6:.1f} | {fmt(r['default'])} {r['default']['cfg']} | "
                      f"{fmt(r['best'])} | {r['best']['cfg']} | {r['best']['stats']} | {ups} |")
-    name = f"packed-sweep-{args.part}{'-planar' if args.planar else ''}{'-prefetch' if args.prefetch else ''}"
+    name = f"packed-sweep-{args.part}{'-planar' if args.planar else ''}"
     path = write_results(args.out, name, device, lines, dict(device=device, ceilings=ceil, rows=rows))
     print("wrote", path)
 

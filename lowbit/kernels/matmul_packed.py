@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from lowbit.kernels import act_quant, cdiv, pdl
+from lowbit.kernels import act_quant, pdl
 from lowbit.kernels.packed_layout import (  # noqa: F401 (the packed weights' API, used through this module)
     PackedWeight, cat_rows, default_tile_k, pair, planar_words, repack, slice_rows_cols, unpack, values)
 from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split_buffers
@@ -104,13 +104,6 @@ if triton is not None:
                 tl.load(ptrs + PLANE // 2, mask=mask[:, None], other=0))
 
     @triton.jit
-    def _tile_scales(s_base, rows, mask, n_total, num_groups, t, t_end, GPT: tl.constexpr):
-        """The group scales of K tile t for `rows`, [rows, GPT] (zeros past the tile range or the last group)."""
-        g = t * GPT + tl.arange(0, GPT)
-        ok = mask[:, None] & (g[None, :] < num_groups) & ((t + 0 * g[None, :]) < t_end)  # (tensors: the interpreter)
-        return tl.load(s_base + g[None, :] * n_total + rows[:, None], mask=ok, other=0.0)
-
-    @triton.jit
     def _paired_weights(wh, SH: tl.constexpr, zr, dtype: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
                         PLANE: tl.constexpr, SWAP: tl.constexpr, ASM: tl.constexpr):
         """One plane's weights from its half tile of paired-layout words wh [BN, PLANE / 2] (shifted by SH to the
@@ -158,7 +151,7 @@ if triton is not None:
                     K, num_groups, n_total, t_start, t_end, inv_in_scale,
                     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZP: tl.constexpr, ACT: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SWAP: tl.constexpr,
-                    EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                    EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr):
         """sum over K tiles [t_start, t_end) of x[x_rows] @ W[n_rows]^T, group scales applied, in float32: [BM, BN],
         or with SWAP its transpose [BN, BM], computed as W @ x^T so that the dequantized weights are the matrix
         product's first operand, which Hopper's warpgroup MMA takes from registers (the second one it reads from
@@ -173,25 +166,8 @@ if triton is not None:
             acc = tl.zeros([BN, BM], dtype=tl.float32)
         else:
             acc = tl.zeros([BM, BN], dtype=tl.float32)
-        # PREFETCH & 1: the group scales of tile t + 1 loaded during tile t (GROUP dividing TK); PREFETCH & 2: the paired
-        # words of tile t + 1 loaded into registers during tile t
-        GPT: tl.constexpr = TK // GROUP if GROUP > 0 else 1
-        PF_S: tl.constexpr = (PREFETCH & 1) != 0 and GROUP > 0 and TK % GROUP == 0
-        PF_W: tl.constexpr = (PREFETCH & 2) != 0 and PAIRED
-        if PF_S:
-            gcol = tl.arange(0, GPT)
-            s_next = _tile_scales(s_base, n_rows, n_mask, n_total, num_groups, t_start, t_end, GPT)
-        if PF_W:
-            nw_lo, nw_hi = _paired_tile(w_base, n_rows, n_mask, stride_wn, t_start, PLANE)
         for t in range(t_start, t_end):
-            if PF_S:
-                s_tile = s_next
-                s_next = _tile_scales(s_base, n_rows, n_mask, n_total, num_groups, t + 1, t_end, GPT)
-            if PF_W:
-                w_lo, w_hi = nw_lo, nw_hi
-                nw_lo, nw_hi = _paired_tile(w_base, n_rows, n_mask & ((t + 1 + 0 * n_rows) < t_end), stride_wn, t + 1,
-                                              PLANE)
-            elif PAIRED:
+            if PAIRED:
                 w_lo, w_hi = _paired_tile(w_base, n_rows, n_mask, stride_wn, t, PLANE)
             elif SWAP:  # [BN, PLANE]: each row's words of this tile are contiguous
                 words = tl.load(w_base + n_rows[:, None] * stride_wn + (t * PLANE + offs_w)[None, :],
@@ -286,10 +262,7 @@ if triton is not None:
                     d = tl.dot(xm, wm, d, out_dtype=d.dtype)
                 if j % PPG == PPG - 1:
                     if GROUP > 0:
-                        if PF_S:  # the group's column of the tile's scales (a select: no shuffle)
-                            s = tl.sum(tl.where(gcol[None, :] == (j // PPG), s_tile, 0.0), axis=1)
-                        else:
-                            s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
+                        s = tl.load(s_base + g * n_total + n_rows, mask=n_mask & g_ok, other=0.0)
                         if SWAP:
                             acc += d.to(tl.float32) * s[:, None]
                         else:
@@ -314,9 +287,7 @@ if triton is not None:
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
                               SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
                               PAIRED: tl.constexpr = False, ASM: tl.constexpr = False,
-                              pf_ptr=None, pf_lines=0, pf_stride_e=0,
-                              SUM_SLOTS: tl.constexpr = False, PREFETCH: tl.constexpr = 0, L2_PF: tl.constexpr = 0,
-                              PDL: tl.constexpr = 0):
+                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = 0):
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -331,15 +302,6 @@ if triton is not None:
             e, n_mask = one_token_expert(e, offs_n, n_mask, SUM_SLOTS)
             if e < 0:  # another rank's expert: the caller zeroed its output row
                 return
-            if L2_PF > 0 and ASM:
-                # this program's share of the slot's expert in another weight (the down projection's, read by the next
-                # launch): asked of L2 now, its reads overlapping this launch's
-                per = (pf_lines + tl.num_programs(1) - 1) // tl.num_programs(1)
-                line = pid_n * per + tl.arange(0, L2_PF)
-                line = tl.where(line < tl.minimum(pid_n * per + per, pf_lines), line, pid_n * per)
-                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l",
-                                          [(pf_ptr + e * pf_stride_e + line * 32).to(tl.int64)],
-                                          dtype=tl.int32, is_pure=False, pack=1)
         n_total = 2 * N if FUSE_SILU else N
         tiles = k_tiles // SPLIT_K  # the host splits K evenly
         t_start = pid_k * tiles
@@ -355,11 +317,11 @@ if triton is not None:
             w_rows, w_mask = gate_up_rows(pid_n, N, BN)
             acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, w_rows, w_mask,
                               K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K, PAIRED, ASM, PREFETCH)
+                              BITS, GROUP, HAS_ZP, ACT, BM, 2 * BN, TK, SWAP, EVEN_K, PAIRED, ASM)
         else:
             acc = _packed_acc(x_ptr, x_rows, row_mask, stride_xm, w_base, stride_wn, s_base, z_base, offs_n, n_mask,
                               K, num_groups, n_total, t_start, t_end, inv_in_scale,
-                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K, PAIRED, ASM, PREFETCH)
+                              BITS, GROUP, HAS_ZP, ACT, BM, BN, TK, SWAP, EVEN_K, PAIRED, ASM)
         if SWAP:
             acc = tl.trans(acc)
         if ACT == 1 or ACT == 4:
@@ -455,8 +417,7 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
 
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
            config: dict, moe: tuple | None = None, fuse_silu: bool = False,
-           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False,
-           l2_prefetch: PackedWeight | None = None) -> torch.Tensor:
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
     """Run the kernel. moe = (sorted_ids, block_expert, num_padded [1], num_ids): grouped mode over
     experts; otherwise dense over x's M rows with expert 0. sum_slots (one token, moe = (None, slot_experts)):
     out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum), their K split as config's
@@ -475,13 +436,6 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         ws, counters = slot_sum_buffers(moe, out, routed_weights, n, grid, fuse_silu, split_k)
     else:
         ws, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
-    pf = {}
-    if l2_prefetch is not None and moe is not None and moe[0] is None and x.is_cuda:
-        # one token: each program asks L2 for its share of its slot's expert in l2_prefetch (whole 128-byte lines)
-        words = l2_prefetch.words
-        lines = words.stride(0) * 4 // 128
-        per = cdiv(lines, grid[1])
-        pf = dict(pf_ptr=words, pf_lines=lines, pf_stride_e=words.stride(0), L2_PF=max(16, 1 << (per - 1).bit_length()))
     _packed_matmul_kernel[grid](
         x, pw.words, pw.scales, pw.zeros if pw.zeros is not None else dummy, out,
         act_scale if act_scale is not None else dummy,
@@ -492,7 +446,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
         EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda, SUM_SLOTS=sum_slots,
-        PREFETCH=config.get("PREFETCH", 0), **pf, num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
+        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
     return out
 
 

@@ -144,10 +144,9 @@ class PackedExperts:
         return tuning.packed_config(m, n, k, self.weight.bits, self.act, moe=True, paired=self.weight.paired)
 
     def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
-            sum_slots=False, l2_prefetch=None):
+            sum_slots=False):
         """slot_experts [T*k]: each slot's expert (what w4a8 quantizes a slot's row with at small M); sum_slots:
-        out [1, N], one token's slots summed; l2_prefetch: one token's slots' experts in that weight asked of L2
-        (matmul_packed.launch)."""
+        out [1, N], one token's slots summed (matmul_packed.launch)."""
         xq, xs = mp.quantize_input(x, self.act)
         act = self.act
         if act == mp.ACT_FP8_STATIC:
@@ -160,8 +159,7 @@ class PackedExperts:
                 xq = act_quant.fp8_grid_rows(x, xs, slot_experts, x_row_div)
                 act, x_row_div = mp.ACT_FP8_GRID, 1
         return mp.launch(xq, self.weight, out, act, xs, config, moe=moe, fuse_silu=fuse_silu,
-                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots,
-                         l2_prefetch=l2_prefetch)
+                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots)
 
 
 @dataclass
@@ -267,11 +265,7 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
         moe = (sorted_ids, block_expert, num_padded, n)
     inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
-    # one token: the gate_up launch asks L2 for the down projection's experts (tuning.MOE_L2_PREFETCH)
-    pf = {}
-    if T == 1 and tuning.MOE_L2_PREFETCH and isinstance(w13, PackedExperts) and isinstance(w2, PackedExperts):
-        pf = dict(l2_prefetch=w2.weight)
-    w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts, **pf)
+    w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
     routed = topk_weights.flatten().float().contiguous()
     if T == 1:  # the down projection sums the token's slots (and their K splits) itself: no moe_sum launch
         out = torch.empty(1, H, dtype=x.dtype, device=x.device)

@@ -61,9 +61,6 @@ LARGE_EXPERT = 8 << 20
 # and 64.2 -> 61.3 us at two, down 37.0 -> 34.5; V2-Lite's gate_up 14.5-14.7 -> 16.1-16.7. In the decode graph R1's
 # MoE layer 2.4% faster, w4a16 and w4a8 (layer-ratio-r1-...-2026-11-25-session17-moe-stages.md)
 MOE_STAGES = env_count("LOWBIT_MOE_STAGES")
-# the one-token MoE's gate_up launch asks L2 for the slots' down-projection experts (packed experts), whose reads then
-# overlap its own: LOWBIT_MOE_L2_PREFETCH=1 (an experiment: not yet measured in the decode graph)
-MOE_L2_PREFETCH = env_count("LOWBIT_MOE_L2_PREFETCH")
 # the one-token down projection's K splits of large unpacked experts, by kind (the others stay whole). H100,
 # 2026-11-25, R1 decode graph (layer-ratio-r1-...-2026-11-25-session17-unpacked-splits.md): the MoE layer w8a16
 # 295.3 -> 287.4 us at two, fp8-block 288.1 -> 280.1 at three; isolated bf16 and w8a8 lost 1-3% to any split

@@ -144,10 +144,8 @@ def test_paired_layout_products_equal_the_planar_ones(asym, act, M):
     ref = mp.packed_matmul_ref(x.float().cpu(), mp.repack(values, scale, zp, 4, 128), act,
                                None if xs is None else xs.cpu())
     splits = planar.words.shape[2] * 8 // planar.tile_k
-    # (PREFETCH: the next K tile's scales, and words, loaded during the current one)
     for config in (dict(BM=16, BN=32), dict(BM=16, BN=64, SWAP=True), dict(BM=32, BN=16, SPLIT_K=splits),
-                   dict(BM=64, BN=64), dict(BM=16, BN=64, SWAP=True, PREFETCH=1, num_stages=2),
-                   dict(BM=16, BN=64, SWAP=True, PREFETCH=3, num_stages=1), dict(BM=32, BN=32, PREFETCH=3)):
+                   dict(BM=64, BN=64)):
         out = mp.packed_matmul(x, paired, act, xs, config=config)
         assert torch.equal(out, mp.packed_matmul(x, planar, act, xs, config=config)), config
         assert rel(out, ref) < (3e-2 if act == mp.ACT_INT8_TOKEN and not GPU else BOUND), config
@@ -430,27 +428,6 @@ def test_fused_moe_on_paired_experts(scheme, T, monkeypatch):
     cfg = dict(BM=16, BN=32)
     assert torch.equal(moe.fused_moe(x.to(DEV), p13, p2, weights.to(DEV), topk.to(DEV), config=cfg),
                        moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), config=cfg))
-
-
-@pytest.mark.skipif(not GPU, reason="the L2 prefetch is PTX, which the interpreter does not run")
-@pytest.mark.parametrize("scheme", ["w4a16", "w4a8", "w4a8-int8"])
-def test_one_token_moe_l2_prefetch_changes_nothing(scheme, monkeypatch):
-    """tuning.MOE_L2_PREFETCH: the one-token gate_up launch asks L2 for the slots' down-projection experts; the result
-    is the same bit for bit, and the reference's."""
-    from lowbit.kernels import tuning
-    E, H, inter, k = 8, 512, 256, 3
-    (w13, d13, fq), (w2, d2, _) = make_experts(scheme, E, 2 * inter, H, 5), make_experts(scheme, E, H, inter, 6)
-    w13.weight, w2.weight = mp.experts_layout(w13.weight, w13.act), mp.experts_layout(w2.weight, w2.act)
-    x = torch.randn(1, H, generator=gen(7)).to(DTYPE)
-    topk = torch.randperm(E, generator=gen(8))[:k][None]
-    weights = torch.rand(1, k, generator=gen(9))
-    outs = []
-    for on in (0, 1):
-        monkeypatch.setattr(tuning, "MOE_L2_PREFETCH", on)
-        outs.append(moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV)))
-    assert torch.equal(outs[0], outs[1])
-    ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
-    assert rel(outs[1], ref) < BOUND * (3 if fq is not None else 1)
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "w8a8", "w8a16-unpacked", "w4a16", "w4a16:paired", "w4a8-int8",
