@@ -287,7 +287,8 @@ if triton is not None:
                               BM: tl.constexpr, BN: tl.constexpr, TK: tl.constexpr, SPLIT_K: tl.constexpr,
                               SWAP: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr,
                               PAIRED: tl.constexpr = False, ASM: tl.constexpr = False,
-                              SUM_SLOTS: tl.constexpr = False, PDL: tl.constexpr = 0):
+                              og_ptr=None, SUM_SLOTS: tl.constexpr = False, OUT_GRID: tl.constexpr = False,
+                              PDL: tl.constexpr = 0):
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -331,6 +332,11 @@ if triton is not None:
             acc = acc * xs[:, None]
         if FUSE_SILU:
             acc = silu_mul_pairs(acc, BM, BN)
+            if OUT_GRID:
+                # the down projection's input on its expert's static FP8 grid, as act_quant.fp8_grid_rows would put the
+                # stored row there (rounded to out's dtype first): that launch saved
+                v = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+                acc = tl.clamp(tl.div_rn(v, tl.load(og_ptr + e)), -448.0, 448.0).to(tl.float8e4nv).to(tl.float32)
         if FIXUP:  # a dense product's K splits, added by the last of them (no zeroed float32 output)
             store_split(out_ptr, acc, ids, row_mask, offs_n, n_mask, stride_om, ws_ptr, cnt_ptr, M, N,
                         pid_m, pid_n, pid_k, SPLIT_K)
@@ -417,11 +423,13 @@ def dequantize(pw: PackedWeight, dtype: torch.dtype, expert: int | None = 0,
 
 def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_scale: torch.Tensor | None,
            config: dict, moe: tuple | None = None, fuse_silu: bool = False,
-           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False) -> torch.Tensor:
+           routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False,
+           out_grid: torch.Tensor | None = None) -> torch.Tensor:
     """Run the kernel. moe = (sorted_ids, block_expert, num_padded [1], num_ids): grouped mode over
     experts; otherwise dense over x's M rows with expert 0. sum_slots (one token, moe = (None, slot_experts)):
     out [1, N] is the sum of the slots' routed-weighted rows (rows.store_slot_sum), their K split as config's
-    SPLIT_K says (a grouped launch's K is otherwise whole)."""
+    SPLIT_K says (a grouped launch's K is otherwise whole). out_grid (float32 [E], with fuse_silu): each row written
+    on the static FP8 grid of its expert's scale there, in out's dtype (the next projection's w4a8 input)."""
     bm, bn = config["BM"], config["BN"]
     split_k = config.get("SPLIT_K", 1) if moe is None or sum_slots else 1
     n = pw.n // 2 if fuse_silu else pw.n
@@ -446,6 +454,7 @@ def launch(x: torch.Tensor, pw: PackedWeight, out: torch.Tensor, act: int, act_s
         MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, TK=pw.tile_k, SPLIT_K=split_k, SWAP=config.get("SWAP", False),
         EVEN_K=pw.k % pw.tile_k == 0, FIXUP=fixup, PAIRED=pw.paired, ASM=x.is_cuda, SUM_SLOTS=sum_slots,
+        **({"og_ptr": out_grid, "OUT_GRID": True} if out_grid is not None else {}),
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
     return out
 

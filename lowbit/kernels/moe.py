@@ -143,23 +143,34 @@ class PackedExperts:
     def config(self, m: int, n: int, k: int) -> dict:
         return tuning.packed_config(m, n, k, self.weight.bits, self.act, moe=True, paired=self.weight.paired)
 
+    def expert_input_scales(self) -> torch.Tensor:
+        """w4a8's static input scales, one per expert (float32 [E])."""
+        xs = self.input_scale.float().reshape(-1)
+        return xs.expand(self.weight.num_experts).contiguous() if xs.numel() == 1 else xs
+
+    def takes_grid_rows(self, config: dict) -> bool:
+        """Whether this projection, launched with config, runs w4a8 on rows put on its experts' FP8 grids in 16 bits
+        (what `run` does for them below FP8_TENSOR_CORES_FROM_BM rows a block)."""
+        return self.act == mp.ACT_FP8_STATIC and config["BM"] < FP8_TENSOR_CORES_FROM_BM
+
     def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
-            sum_slots=False):
+            sum_slots=False, out_grid=None, on_grid=False):
         """slot_experts [T*k]: each slot's expert (what w4a8 quantizes a slot's row with at small M); sum_slots:
-        out [1, N], one token's slots summed (matmul_packed.launch)."""
+        out [1, N], one token's slots summed; out_grid: the rows written on those FP8 grids (matmul_packed.launch);
+        on_grid: x's rows are on this projection's experts' grids already (a gate_up launch's out_grid)."""
         xq, xs = mp.quantize_input(x, self.act)
         act = self.act
         if act == mp.ACT_FP8_STATIC:
-            xs = self.input_scale.float().reshape(-1)
-            if xs.numel() == 1:
-                xs = xs.expand(self.weight.num_experts).contiguous()
-            if config["BM"] < FP8_TENSOR_CORES_FROM_BM and slot_experts is not None:
+            xs = self.expert_input_scales()
+            if on_grid:
+                act = mp.ACT_FP8_GRID
+            elif config["BM"] < FP8_TENSOR_CORES_FROM_BM and slot_experts is not None:
                 # each slot's row on its expert's FP8 grid once, in 16 bits, then the 16-bit product (the FP8 tensor
                 # cores only pay from BM = 64; quantizing in the GEMM repeats it in every N tile)
                 xq = act_quant.fp8_grid_rows(x, xs, slot_experts, x_row_div)
                 act, x_row_div = mp.ACT_FP8_GRID, 1
         return mp.launch(xq, self.weight, out, act, xs, config, moe=moe, fuse_silu=fuse_silu,
-                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots)
+                         routed_weights=routed_weights, x_row_div=x_row_div, sum_slots=sum_slots, out_grid=out_grid)
 
 
 @dataclass
@@ -265,11 +276,16 @@ def fused_moe(x: torch.Tensor, w13, w2, topk_weights: torch.Tensor, topk_ids: to
         sorted_ids, block_expert, num_padded = align(topk_ids, E, bm)
         moe = (sorted_ids, block_expert, num_padded, n)
     inter = torch.empty(n, inter_size, dtype=x.dtype, device=x.device)
-    w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts)
+    # one token, w4a8 down experts: the gate_up launch writes their input on their FP8 grids (tuning.W4A8_FUSED)
+    grid = (T == 1 and tuning.W4A8_FUSED and isinstance(w13, PackedExperts) and isinstance(w2, PackedExperts)
+            and w2.takes_grid_rows(cfg2))
+    w13.run(x, inter, moe, cfg1, fuse_silu=True, x_row_div=k, slot_experts=slot_experts,
+            **({"out_grid": w2.expert_input_scales()} if grid else {}))
     routed = topk_weights.flatten().float().contiguous()
     if T == 1:  # the down projection sums the token's slots (and their K splits) itself: no moe_sum launch
         out = torch.empty(1, H, dtype=x.dtype, device=x.device)
-        return w2.run(inter, out, moe, cfg2, routed_weights=routed, slot_experts=slot_experts, sum_slots=True)
+        return w2.run(inter, out, moe, cfg2, routed_weights=routed, slot_experts=slot_experts, sum_slots=True,
+                      **({"on_grid": True} if grid else {}))
     if split > 1:  # the down projection's K splits add into float32 (one-token decode: more programs in flight)
         out = torch.zeros(n, H, dtype=torch.float32, device=x.device)
     else:

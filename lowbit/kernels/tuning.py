@@ -28,10 +28,10 @@ def bucket(m: int) -> int:
     return M_BUCKETS[-1]
 
 
-def env_count(name: str) -> int:
-    """A non-negative whole number from the environment variable `name` (unset or empty: 0, the heuristic's choice);
-    anything else stops with a line naming the variable."""
-    raw = os.environ.get(name, "").strip() or "0"
+def env_count(name: str, default: int = 0) -> int:
+    """A non-negative whole number from the environment variable `name` (unset or empty: default, 0 the heuristic's
+    choice); anything else stops with a line naming the variable."""
+    raw = os.environ.get(name, "").strip() or str(default)
     if not raw.isdigit():
         raise ValueError(f"{name}={raw!r}: expected a whole number >= 0 (0 or unset: the heuristic's choice)")
     return int(raw)
@@ -61,6 +61,11 @@ LARGE_EXPERT = 8 << 20
 # and 64.2 -> 61.3 us at two, down 37.0 -> 34.5; V2-Lite's gate_up 14.5-14.7 -> 16.1-16.7. In the decode graph R1's
 # MoE layer 2.4% faster, w4a16 and w4a8 (layer-ratio-r1-...-2026-11-25-session17-moe-stages.md)
 MOE_STAGES = env_count("LOWBIT_MOE_STAGES")
+# w4a8's packed experts at one token: the gate_up launch writes the down projection's input on its experts' static
+# FP8 grids (the values act_quant.fp8_grid_rows gives), saving that launch; LOWBIT_W4A8_FUSED=0 keeps it. (The gate_up
+# input quantized by each gate_up program instead of its launch compiled 1.7x the main loop's instructions, Triton
+# 3.6, sm_90a, even with one row quantized a program: not taken)
+W4A8_FUSED = env_count("LOWBIT_W4A8_FUSED", 1)
 # the one-token down projection's K splits of large unpacked experts, by kind (the others stay whole). H100,
 # 2026-11-25, R1 decode graph (layer-ratio-r1-...-2026-11-25-session17-unpacked-splits.md): the MoE layer w8a16
 # 295.3 -> 287.4 us at two, fp8-block 288.1 -> 280.1 at three; isolated bf16 and w8a8 lost 1-3% to any split

@@ -701,6 +701,32 @@ def test_w4a8_moe_small_m_path_equals_the_fp8_tensor_core_path(T):
     assert rel(small, large.double().cpu()) < BOUND
 
 
+@gpu_only
+@pytest.mark.parametrize("paired", [True, False])
+def test_w4a8_one_token_moe_quantizes_inside_its_launches_to_the_same_values(paired, monkeypatch):
+    """tuning.W4A8_FUSED: one token's w4a8 down experts take their static FP8 inputs from the gate_up launch's
+    epilogue instead of an act_quant.fp8_grid_rows launch: the same output bit for bit (the same division and
+    rounding), with an input scale of its own for every expert."""
+    from lowbit.kernels import tuning
+    E, H, inter, k = 6, 512, 256, 3
+    w13, _, _ = make_experts("w4a8", E, 2 * inter, H, seed=11)
+    w2, _, _ = make_experts("w4a8", E, H, inter, seed=12)
+    if paired:
+        w13.weight, w2.weight = mp.experts_layout(w13.weight, w13.act), mp.experts_layout(w2.weight, w2.act)
+    w13.input_scale = (torch.rand(E, generator=gen(1)) * 0.03 + 0.005).to(DEV)
+    w2.input_scale = (torch.rand(E, generator=gen(2)) * 0.03 + 0.005).to(DEV)
+    x = torch.randn(1, H, generator=gen(3)).to(DTYPE).to(DEV)
+    topk = torch.randperm(E, generator=gen(4))[:k][None].to(DEV)
+    weights = torch.rand(1, k, generator=gen(5)).to(DEV)
+    outs = {}
+    for fused in (0, 1):
+        monkeypatch.setattr(tuning, "W4A8_FUSED", fused)
+        outs[fused] = moe.fused_moe(x, w13, w2, weights, topk)
+    assert torch.equal(outs[1], outs[0])
+    large = moe.fused_moe(x, w13, w2, weights, topk, config=dict(BM=64, BN=64, num_warps=4, num_stages=3))
+    assert rel(outs[1], large.double().cpu()) < BOUND
+
+
 # ---------------------------------------------------------------------------------------------- fused products
 @pytest.mark.parametrize("kind", ["bf16", "w4a16", "w4a8-int8", "int8", pytest.param("w4a8", marks=gpu_only),
                                   pytest.param("fp8-block", marks=gpu_only)])
