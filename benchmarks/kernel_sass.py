@@ -308,6 +308,11 @@ def check_engine_configs() -> list[str]:
             cfg = moe.gate_up_config(tuning.packed_config(m, 2048, 7168, bits, act, moe=True), packed=True)
             fits(problems, f"MoE gate_up packed bits={bits} act={act} M={m} {cfg}",
                  inspect_packed(bits, act, cfg, moe=True))
+        # paired experts (matmul_packed.experts_layout) from two rows an expert: swapped, 32-row blocks from 17 rows
+        for act in (mp.ACT_NONE, mp.ACT_FP8_GRID) if m in (4, 64) else ():
+            cfg = moe.gate_up_config(tuning.packed_config(m, 2048, 7168, 4, act, moe=True, paired=True), packed=True)
+            fits(problems, f"MoE gate_up paired act={act} M={m} {cfg}", inspect_packed(4, act, cfg, moe=True,
+                                                                                       paired=True))
         for kind, t, x_t in UNPACKED_KINDS:
             cfg = moe.gate_up_config(tuning.unpacked_config(m, 2048, 7168, kind, moe=True), packed=False)
             const = dict(KIND=kind, MOE=True, FUSE_SILU=True, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],

@@ -33,7 +33,14 @@ from lowbit.kernels import moe, tuning  # noqa: E402
 GEOMETRIES = {"v2lite": (64, 2048, 1408, 6, 2), "r1": (256, 7168, 2048, 8, 1)}
 
 
-def projection_candidates(scheme: str) -> list[dict]:
+def projection_candidates(scheme: str, tokens: int = 1) -> list[dict]:
+    if tokens >= 32:  # a large decode batch (offline): experts see tens of rows, the shared ones every token
+        if scheme in ("bf16", "fp8-block", "w8a8"):
+            return [dict(BM=bm, BN=bn, BK=128, num_warps=w, num_stages=4)
+                    for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8)]
+        return [dict(BM=bm, BN=bn, num_warps=w, num_stages=st, **swap)
+                for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8) for st in (3,)
+                for swap in ({}, {"SWAP": True})]
     if scheme in ("bf16", "fp8-block"):
         return [dict(BM=16, BN=bn, BK=128, num_warps=w, num_stages=st)
                 for bn, w, st in ((16, 4, 4), (32, 4, 4), (32, 4, 6), (64, 4, 3), (64, 4, 4), (64, 8, 4),
@@ -71,7 +78,7 @@ def moe_rows(ceil: dict, geometry: str, schemes: list[str], tokens: list[int]) -
                         return lambda: w13.run(x, inter_buf, m, cfg, fuse_silu=True, x_row_div=k + shared)
                     return lambda: w2.run(inter_buf, out, m, cfg, routed_weights=rw)
                 timed = []
-                for cfg in projection_candidates(s) + [dict(heur[proj], heuristic=True)]:
+                for cfg in projection_candidates(s, T) + [dict(heur[proj], heuristic=True)]:
                     c = {key: v for key, v in cfg.items() if key != "heuristic"}
                     try:
                         t = bench_graph(run(c))

@@ -255,6 +255,19 @@ def kernel_input(x: torch.Tensor, kind: int, one_row: bool) -> tuple[torch.Tenso
     return (*quantize_input(x, kind), False)
 
 
+SMEM_STAGES_BUDGET = 200 << 10  # bytes of pipelined tiles `launch` keeps under Hopper's 227 KB a block
+
+
+def pipeline_stages(stages: int, bm: int, bn: int, bk: int, x_bytes: int, w_bytes: int, fuse_silu: bool) -> int:
+    """A configuration's pipeline stages within SMEM_STAGES_BUDGET (at least two): what tuning sized for 16-bit or
+    8-bit tiles, fewer where the tiles are float32 (the float32 runs the GPU tests compare against the CPU's; the
+    fused MoE's 32-row bf16 blocks at four stages needed 240 KB in float32, H100, 2026-11-25)."""
+    tile = bm * bk * x_bytes + (2 if fuse_silu else 1) * bn * bk * w_bytes
+    while stages > 2 and stages * tile > SMEM_STAGES_BUDGET:
+        stages -= 1
+    return stages
+
+
 def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: torch.Tensor | None,
            out: torch.Tensor, kind: int, config: dict, moe: tuple | None = None, fuse_silu: bool = False,
            routed_weights: torch.Tensor | None = None, x_row_div: int = 1, sum_slots: bool = False,
@@ -285,6 +298,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         part, counters = slot_sum_buffers(moe, out, routed_weights, n, grid, fuse_silu, split_k)
     else:
         part, counters = split_buffers(m, n, split_k, grid[0] * grid[1], x.device) if fixup else (dummy, dummy)
+    stages = pipeline_stages(config.get("num_stages", 3), bm, bn, bk, x.element_size(), w.element_size(), fuse_silu)
     _unpacked_matmul_kernel[grid](
         x, xs if xs is not None else dummy, w, ws3, out,
         sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, part, counters,
@@ -293,7 +307,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         KIND=kind, MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup, SUM_SLOTS=sum_slots, QUANT_IN=quant_in,
         KP=triton.next_power_of_2(K) if quant_in else 16,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3), **pdl.launch(x.device))
+        num_warps=config.get("num_warps", 4), num_stages=stages, **pdl.launch(x.device))
     return out
 
 

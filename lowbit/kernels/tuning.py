@@ -105,6 +105,12 @@ def packed_config(m: int, n: int, k: int, bits: int, act: int, moe: bool = False
             cfg.update(BN=64, SWAP=True)
             if moe and b == 1:
                 cfg["num_stages"] = MOE_STAGES or (2 if n * k >= LARGE_EXPERT else 3)
+    elif b <= 64 and moe and paired:
+        # a large decode batch's paired experts (V2-Lite at 256 tokens: 32 rows an expert, the shared experts every
+        # token): 32 rows a block, the weights the first operand, 128 weight rows on eight warps (the gate_up launch
+        # takes 64 outputs of 128 rows: gate_up_config). H100, 2026-11-25, moe-configs-paired-...-session18-batch.md:
+        # gate_up 404.6 -> 123.2 us, down 225.5 -> 73.7 against {BM 64, BN 64, four warps}, which read 16% of copy
+        cfg = {"BM": 32, "BN": 128, "num_warps": 8, "num_stages": 3, "SWAP": True}
     elif b <= 64:
         cfg = {"BM": 32 if b <= 32 else 64, "BN": 64, "num_warps": 4, "num_stages": 3}
     elif b <= 256:
@@ -145,6 +151,10 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         return TUNED[key]
     if b <= 16:
         cfg = dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=4)
+    elif b <= 64 and moe and kind == mu.KIND_BF16:
+        # the MoE's bf16 experts at 17-64 rows each: 32 rows a block (H100, 2026-11-25, V2-Lite bf16 at 256 tokens,
+        # moe-configs-paired-...-session18-batch.md: gate_up 300.4 -> 274.2 us, down 166.7 -> 148.0 against BM 64)
+        cfg = dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=4)
     elif b <= 64:
         cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
     elif not moe and b > 256 and kind == mu.KIND_FP8_BLOCK and mu.persistent_ok(k, kind):

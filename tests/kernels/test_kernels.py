@@ -396,7 +396,7 @@ def test_one_token_moe_sorts_nothing(scheme, gemv_moe, monkeypatch):
 
 
 @pytest.mark.parametrize("scheme", ["w4a16", "w4a8-int8", pytest.param("w4a8", marks=gpu_only)])
-@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("T", [1, 7, 48])
 def test_fused_moe_on_paired_experts(scheme, T, monkeypatch):
     """LOWBIT_INT4_PAIRED=1: stacking per-expert layers pairs symmetric int4 experts whose products run in 16 bits
     (w4a8-int8's stay planar); the fused MoE on them matches the reference, with the engine's configuration (one
@@ -425,6 +425,8 @@ def test_fused_moe_on_paired_experts(scheme, T, monkeypatch):
     assert rel(out, ref) < BOUND * (3 if fq is not None else 1)
     if T == 1 and p13.weight.paired:
         assert p13.config(1, inter, H).get("SWAP") and p2.config(1, H, inter)["BN"] == 64
+    if T == 48 and p13.weight.paired:  # 24 rows an expert: 32-row blocks, swapped (tuning.packed_config)
+        assert p2.config(24, H, inter)["BM"] == 32 and p2.config(24, H, inter)["SWAP"]
     cfg = dict(BM=16, BN=32)
     assert torch.equal(moe.fused_moe(x.to(DEV), p13, p2, weights.to(DEV), topk.to(DEV), config=cfg),
                        moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), config=cfg))
@@ -725,6 +727,19 @@ def test_w4a8_one_token_moe_quantizes_inside_its_launches_to_the_same_values(pai
     assert torch.equal(outs[1], outs[0])
     large = moe.fused_moe(x, w13, w2, weights, topk, config=dict(BM=64, BN=64, num_warps=4, num_stages=3))
     assert rel(outs[1], large.double().cpu()) < BOUND
+
+
+def test_unpacked_pipeline_stages_fit_shared_memory():
+    """The engine's 16-bit and 8-bit configurations keep their stages; float32 tiles of the same take fewer."""
+    for m, moe_ in ((1, False), (1, True), (48, True), (64, False), (4096, False)):
+        for kind, x_bytes, w_bytes in ((mu.KIND_BF16, 2, 2), (mu.KIND_INT8_CHANNEL, 1, 1), (mu.KIND_INT8_W16, 2, 1)):
+            cfg = tuning.unpacked_config(m, 2048, 7168, kind, moe=moe_)
+            for fuse in (False, True) if moe_ else (False,):
+                if fuse:
+                    cfg = moe.gate_up_config(cfg, packed=False)
+                assert mu.pipeline_stages(cfg["num_stages"], cfg["BM"], cfg["BN"], cfg["BK"], x_bytes, w_bytes,
+                                          fuse) == cfg["num_stages"], (m, kind, cfg)
+    assert mu.pipeline_stages(4, 32, 64, 128, 4, 4, True) == 2
 
 
 # ---------------------------------------------------------------------------------------------- fused products
