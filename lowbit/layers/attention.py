@@ -6,6 +6,7 @@ nano-vllm. The torch path below is the CPU path and the reference the GPU kernel
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,9 @@ def prefill_context(seq_lens: list[int], block_size: int, device) -> tuple[Conte
 # 576-wide absorbed heads on a GPU, every case on the CPU) it materializes heads x queries x keys, so longer prompts
 # run in query chunks.
 PREFILL_SCORE_ELEMENTS = 1 << 27
+# MLA prefill on the GPU with each head's keys and values expanded from the latent (MLAAttention.prefill_expanded);
+# LOWBIT_MLA_PREFILL=absorbed keeps the absorbed form of the CPU path
+EXPANDED_PREFILL = os.environ.get("LOWBIT_MLA_PREFILL", "expanded") != "absorbed"
 
 
 def gather_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
@@ -189,6 +193,47 @@ class MLAAttention(nn.Module):
                      ctx.slot_mapping, q, w_uk)  # [T, H, r + dr]
         o_latent = mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
         return mla_out(o_latent, w_uv)  # [T, H * v]
+
+    def prefills_expanded(self) -> bool:
+        """A prefill on the GPU: the caller attends through `prefill_expanded` (LOWBIT_MLA_PREFILL=absorbed: not)."""
+        return getattr(self, "decode_kernel", False) and get_context().is_prefill and EXPANDED_PREFILL
+
+    def prefill_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor,
+                         w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+        """A prefill with each head's keys and values expanded from the latent (as the model was trained, and as
+        Hugging Face's DeepSeek attends): q_nope [T, H, nope], q_pe [T, H, dr] (rotated), kv_latent [T, r] (normed),
+        k_pe [T, dr] (rotated) -> [T, H, v]. The latent and rope key are cached as `forward` caches them; each
+        sequence's cached latent (its new tokens and any cached prefix) is expanded through W_UK and W_UV into
+        [H, L, nope + dr] keys and [H, L, v] values, and SDPA takes them with the queries [H, T_i, nope + dr] at
+        head width nope + dr (192 for DeepSeek), where its fused kernels run in 16 bits; the absorbed form's
+        576-wide heads have no fused kernel and ran in float32 (H100, 2026-11-25, profile-offline-...: 200 of 640 ms
+        of a 4-layer V2-Lite prefill of 256 x 512 tokens in float32 GEMMs). The values are zero-padded to the key
+        width where it differs (one head width for every fused kernel)."""
+        ctx = get_context()
+        r = self.kv_lora_rank
+        store_kv(self.kv_cache, torch.cat([kv_latent, k_pe], dim=-1)[:, None, :], ctx.slot_mapping)
+        flat = self.kv_cache.flatten(0, 1)[:, 0]  # [slots, r + dr]
+        H, nope, vd = w_uk.shape[0], w_uk.shape[1], w_uv.shape[1]
+        dk = nope + k_pe.shape[-1]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, dk]
+        outs, start = [], 0
+        for i, (qlen, clen) in enumerate(zip(ctx.query_lens, ctx.context_lens_list, strict=True)):
+            cached = flat.index_select(0, gather_slots(ctx.block_tables[i], clen, ctx.block_size))  # [L, r + dr]
+            lat, pe = cached[:, :r], cached[:, r:]
+            k = torch.cat([torch.einsum("lr,hdr->hld", lat, w_uk), pe[None].expand(H, clen, -1)], dim=-1)
+            v = torch.einsum("lr,hvr->hlv", lat, w_uv)  # [H, L, v]
+            if vd < dk:
+                v = F.pad(v, (0, dk - vd))
+            qi = q[start:start + qlen].transpose(0, 1)  # [H, qlen, dk]
+            if qlen == clen:
+                oi = F.scaled_dot_product_attention(qi, k, v, is_causal=True, scale=self.scale)
+            else:  # a cached prefix: query t sits at position clen - qlen + t
+                qpos = torch.arange(clen - qlen, clen, device=q.device)
+                mask = torch.arange(clen, device=q.device)[None, :] <= qpos[:, None]
+                oi = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=self.scale)
+            outs.append(oi[..., :vd].transpose(0, 1))  # [qlen, H, v]
+            start += qlen
+        return torch.cat(outs, dim=0)
 
     def forward(self, q_latent: torch.Tensor, q_pe: torch.Tensor, kv_latent: torch.Tensor,
                 k_pe: torch.Tensor) -> torch.Tensor:
