@@ -66,6 +66,7 @@ PREFILL_SCORE_ELEMENTS = 1 << 27
 # MLA prefill on the GPU with each head's keys and values expanded from the latent (MLAAttention.prefill_expanded);
 # LOWBIT_MLA_PREFILL=absorbed keeps the absorbed form of the CPU path
 EXPANDED_PREFILL = os.environ.get("LOWBIT_MLA_PREFILL", "expanded") != "absorbed"
+EXPANDED_PREFILL_BYTES = 1 << 31  # one sequence's expanded keys and values at most (R1, 128 heads: 21,845 tokens)
 
 
 def gather_slots(block_table: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
@@ -194,9 +195,15 @@ class MLAAttention(nn.Module):
         o_latent = mla_decode(q, self.kv_cache, ctx.block_tables, ctx.context_lens, self.scale, self.kv_lora_rank)
         return mla_out(o_latent, w_uv)  # [T, H * v]
 
-    def prefills_expanded(self) -> bool:
-        """A prefill on the GPU: the caller attends through `prefill_expanded` (LOWBIT_MLA_PREFILL=absorbed: not)."""
-        return getattr(self, "decode_kernel", False) and get_context().is_prefill and EXPANDED_PREFILL
+    def prefills_expanded(self, head_dim: int) -> bool:
+        """A prefill on the GPU whose longest sequence's expanded keys and values (heads x context x head_dim, each)
+        fit EXPANDED_PREFILL_BYTES: the caller attends through `prefill_expanded` (LOWBIT_MLA_PREFILL=absorbed: never;
+        longer contexts keep the absorbed form, whose scores go in query chunks)."""
+        ctx = get_context()
+        if not (getattr(self, "decode_kernel", False) and ctx.is_prefill and EXPANDED_PREFILL):
+            return False
+        longest = max(ctx.context_lens_list, default=0)
+        return 2 * self.num_heads * longest * head_dim * self.kv_cache.element_size() <= EXPANDED_PREFILL_BYTES
 
     def prefill_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_latent: torch.Tensor, k_pe: torch.Tensor,
                          w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:

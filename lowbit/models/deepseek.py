@@ -95,7 +95,7 @@ class MLA(nn.Module):
         kv_latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv_latent = self.kv_a_layernorm(kv_latent)  # [T, r]
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe[:, None, :])  # k_pe [T, 1, rope]
-        if self.attn.prefills_expanded():  # a GPU prefill: keys and values expanded per head, SDPA's fused kernels
+        if self.attn.prefills_expanded(self.nope_dim + self.rope_dim):  # a GPU prefill: keys and values expanded per head, SDPA's fused kernels
             o = self.attn.prefill_expanded(q_nope, q_pe, kv_latent, k_pe[:, 0], self.w_uk, self.w_uv)  # [T, H, v]
             return self.o_proj(o.reshape(T, self.num_heads * self.v_dim))
         q_latent = torch.einsum("thd,hdr->thr", q_nope, self.w_uk)  # [T, H, r]

@@ -48,3 +48,23 @@ def test_expanded_prefill_equals_the_absorbed_form(prefix):
             attention.reset_context()
     assert outs["expanded"].shape == (sum(lens), H, vd)
     torch.testing.assert_close(outs["expanded"], outs["absorbed"], rtol=1e-9, atol=1e-9)
+
+
+def test_expanded_prefill_only_where_it_fits(monkeypatch):
+    """The expanded form is taken on the kernel path for a prefill whose longest sequence's keys and values fit
+    EXPANDED_PREFILL_BYTES; decode steps, the CPU path, LOWBIT_MLA_PREFILL=absorbed and longer contexts keep the
+    absorbed form."""
+    attn = attention.MLAAttention(128, 512, 64, scale=1.0)
+    attn.bind_cache([torch.zeros(4, 16, 1, 576, dtype=torch.bfloat16)])
+    assert not attn.decode_kernel  # the CPU: no kernels
+    attn.decode_kernel = True
+    fits = 21845  # 2 x 128 heads x 21845 x 192 x 2 bytes <= 2 GiB < the same at 21846
+    try:
+        for lens, prefill, want in (([fits, 10], True, True), ([fits + 1], True, False), ([8], False, False)):
+            attention.set_context(attention.Context(is_prefill=prefill, context_lens_list=lens, query_lens=lens))
+            assert attn.prefills_expanded(192) == want, (lens, prefill)
+        attention.set_context(attention.Context(is_prefill=True, context_lens_list=[8], query_lens=[8]))
+        monkeypatch.setattr(attention, "EXPANDED_PREFILL", False)
+        assert not attn.prefills_expanded(192)
+    finally:
+        attention.reset_context()
