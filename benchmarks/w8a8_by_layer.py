@@ -66,10 +66,16 @@ def main() -> None:
                     help="the checkpoint takes --online-hadamard B (down_proj's inputs turned at run time)")
     ap.add_argument("--per-layer", type=int, nargs="*", default=None, metavar="I",
                     help="also each decoder layer's inputs in float, one at a time (only layers I ... if given)")
+    ap.add_argument("--text", default=None, metavar="FILE",
+                    help="the text scored (default: the GPL-3 text lowbit eval scores; a calibration text such as "
+                         "lowbit/data/calib_apache2.txt ranks layers without looking at the evaluation's tokens)")
+    ap.add_argument("--layers-only", action="store_true", help="with --per-layer: only the per-layer rows")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     ckpt, recipe = w8a8_checkpoint(args.workdir, online_hadamard=args.online_hadamard)
     variants = VARIANTS + ([] if args.online_hadamard else DOWN_PROJ_VARIANTS)
+    if args.layers_only:
+        variants = VARIANTS[:1]  # (the scheme's own row, what each layer's gain is read against)
     if args.per_layer is not None:
         with open(os.path.join(ckpt, "config.json")) as f:
             layers = args.per_layer or range(json.load(f)["num_hidden_layers"])
@@ -81,12 +87,15 @@ def main() -> None:
         return forward(self, x)
     rows = []
     date = datetime.date.today().isoformat()
-    name = f"w8a8-by-layer-cpu-{date}" + (f"-oh{args.online_hadamard}" if args.online_hadamard else "")
+    name = f"w8a8-by-layer-cpu-{date}" + (f"-oh{args.online_hadamard}" if args.online_hadamard else "") + (
+        f"-{os.path.splitext(os.path.basename(args.text))[0]}" if args.text else "")
+    text_label = f"`{args.text}`" if args.text else "the GPL-3 text"
+
 
     def save(tokens: int) -> None:  # after every row: a run stopped early keeps what it measured
         lines = [f"# w8a8's activation error by layer: the default model, CPU, {date}", "",
                  f"`python benchmarks/w8a8_by_layer.py {' '.join(sys.argv[1:])}`: the checkpoint of "
-                 f"`lowbit quantize {' '.join(recipe)}`, {tokens} tokens of the GPL-3 text, reference the default "
+                 f"`lowbit quantize {' '.join(recipe)}`, {tokens} tokens of {text_label}, reference the default "
                  "GGUF in float32. Q8_0 of the same weights measured 0.00153 on 4,096 tokens (weights only) and "
                  "0.00396 with its activations in Q8_0 too (`w8a8-act-groups-cpu-2026-11-23.md`).", "",
                  "| activations | mean KLD | top-1 |", "| --- | ---: | ---: |"]
@@ -102,8 +111,8 @@ def main() -> None:
                     return x if special is None else special(x)
                 return PER_TOKEN(x)
             methods.fake_quant_int8_per_token = fake_quant
-            report = evaluate([ckpt], reference="default", max_tokens=args.max_tokens, dtype="float32", device="cpu",
-                              log=lambda *a: None)
+            report = evaluate([ckpt], reference="default", text_path=args.text, max_tokens=args.max_tokens,
+                              dtype="float32", device="cpu", log=lambda *a: None)
             r = report["results"][0]
             rows.append((label, r["kld_mean"], r["top1_agreement"]))
             print(f"{label}: KLD {r['kld_mean']:.5f}, top-1 {100 * r['top1_agreement']:.1f}%", flush=True)
