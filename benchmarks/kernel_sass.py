@@ -193,17 +193,18 @@ def engine_moe_config(act: int, proj: str, paired: bool, r1: bool = False) -> di
 
 
 def one_token_moe(act: int, proj: str, paired: bool, cfg: dict, has_zp: bool = False, split_k: int = 1,
-                  r1: bool = False) -> dict:
+                  r1: bool = False, out_grid: bool = False) -> dict:
     """The fused MoE's projection at one token (a program row per slot) on V2-Lite-sized experts (K = 2048 for
     gate_up, 1408 for down; r1: R1's, 7168 and 2048) in launch configuration cfg, planar or paired int4 weights."""
     gate_up = proj == "gate_up"
     # (down sums the token's slots, as fused_moe launches it at one token)
     const = dict(BITS=4, GROUP=128, HAS_ZP=has_zp, ACT=act, MOE=2, FUSE_SILU=gate_up, ROUTED_WEIGHT=not gate_up,
                  BM=16, BN=cfg["BN"], TK=256, SPLIT_K=split_k, SWAP=cfg.get("SWAP", False), EVEN_K=gate_up or r1,
-                 FIXUP=False, PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up)
+                 FIXUP=False, PAIRED=paired, ASM=True, SUM_SLOTS=not gate_up,
+                 **({"OUT_GRID": True} if out_grid else {}))
     x_t = "*i8" if act == mp.ACT_INT8_TOKEN else "*bf16"
-    r = inspect(compile_variant(mp._packed_matmul_kernel, dict(PACKED_PTRS, x_ptr=x_t), const, cfg["num_warps"],
-                                cfg["num_stages"]))
+    ptrs = dict(PACKED_PTRS, x_ptr=x_t, **({"og_ptr": "*fp32"} if out_grid else {}))
+    r = inspect(compile_variant(mp._packed_matmul_kernel, ptrs, const, cfg["num_warps"], cfg["num_stages"]))
     r["weight rows"] = 2 * cfg["BN"] if gate_up else cfg["BN"]
     r["per weight"] = r["loop instructions"] / (r["weight rows"] * 256 / (32 * cfg["num_warps"]))
     return r
@@ -427,15 +428,18 @@ def check_engine_configs() -> list[str]:
         for proj, split, r1 in (("gate_up", 1, False), ("down", 1, False), ("down", 2, False), ("gate_up", 1, True),
                                 ("down", 1, True)):
             cfg = engine_moe_config(act, proj, paired=True, r1=r1)
-            r = one_token_moe(act, proj, True, cfg, split_k=split, r1=r1)
-            name = (f"one-token MoE {'R1 ' if r1 else ''}{proj} act={act} paired"
-                    f"{' swapped' if cfg.get('SWAP') else ''} split {split} stages {cfg['num_stages']}")
-            # swapped, the weights are the warpgroup MMA's first operand; unswapped (w4a8's gate_up) 16 token rows
-            # take the warp-level MMA
-            if r["spill_bytes"] or r["smem"] > SMEM_LIMIT or r["HGMMA" if cfg.get("SWAP") else "HMMA"] == 0:
-                problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled, "
-                                f"{r['HGMMA']} HGMMA, {r['HMMA']} HMMA")
-            print(f"{name}: {r}", flush=True)
+            # (w4a8's gate_up also writes the down projection's input on its FP8 grids: tuning.W4A8_FUSED)
+            for out_grid in (False, True) if act == mp.ACT_FP8_GRID and proj == "gate_up" else (False,):
+                r = one_token_moe(act, proj, True, cfg, split_k=split, r1=r1, out_grid=out_grid)
+                name = (f"one-token MoE {'R1 ' if r1 else ''}{proj} act={act} paired"
+                        f"{' swapped' if cfg.get('SWAP') else ''} split {split} stages {cfg['num_stages']}"
+                        f"{' out on the FP8 grid' if out_grid else ''}")
+                # swapped, the weights are the warpgroup MMA's first operand; unswapped (w4a8's gate_up) 16 token
+                # rows take the warp-level MMA
+                if r["spill_bytes"] or r["smem"] > SMEM_LIMIT or r["HGMMA" if cfg.get("SWAP") else "HMMA"] == 0:
+                    problems.append(f"{name}: {r['smem']} bytes of shared memory, {r['spill_bytes']} spilled, "
+                                    f"{r['HGMMA']} HGMMA, {r['HMMA']} HMMA")
+                print(f"{name}: {r}", flush=True)
     for name, fn, ptrs, const, warps, floats in small:
         fits(problems, name, inspect(compile_variant(fn, ptrs, const, warps, 1, floats=floats)))
     return problems
