@@ -13,7 +13,6 @@ import collections
 import datetime
 import os
 import sys
-import time
 
 import torch
 
@@ -22,31 +21,23 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import make_random_checkpoint as mrc  # noqa: E402
+from e2e import best  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 from lowbit import LLM, SamplingParams  # noqa: E402
 
 
-def kernels(fn) -> tuple[float, dict, int]:
-    """(wall seconds of fn, {kernel: GPU us}, launches), fn run once under torch.profiler."""
+def kernels(fn) -> tuple[dict, int]:
+    """({kernel: GPU us}, launches) of fn, run once under torch.profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
         fn()
         torch.cuda.synchronize()
-        wall = time.perf_counter() - t
     times, launches = collections.Counter(), 0
     for e in prof.key_averages():
         if e.self_device_time_total > 0:
             times[e.key] += e.self_device_time_total
             launches += e.count
-    return wall, times, launches
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return times, launches
 
 
 def main() -> None:
@@ -84,10 +75,9 @@ def main() -> None:
 
         def gen(n, llm=llm):
             return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        pre_wall = min(timed(lambda: gen(1)) for _ in range(2))
-        all_wall = min(timed(lambda: gen(args.output + 1)) for _ in range(2))
-        _, pre_k, pre_n = kernels(lambda: gen(1))
-        _, all_k, all_n = kernels(lambda: gen(args.output + 1))
+        pre_wall, all_wall = best(lambda: gen(1)), best(lambda: gen(args.output + 1))
+        pre_k, pre_n = kernels(lambda: gen(1))
+        all_k, all_n = kernels(lambda: gen(args.output + 1))
         dec = {k: all_k[k] - pre_k.get(k, 0) for k in all_k}
         steps = args.output
         pre_gpu, all_gpu = sum(pre_k.values()) * 1e-6, sum(all_k.values()) * 1e-6

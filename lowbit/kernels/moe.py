@@ -164,7 +164,7 @@ class PackedExperts:
             xs = self.expert_input_scales()
             if on_grid:
                 act = mp.ACT_FP8_GRID
-            elif config["BM"] < FP8_TENSOR_CORES_FROM_BM and slot_experts is not None:
+            elif self.takes_grid_rows(config) and slot_experts is not None:
                 # each slot's row on its expert's FP8 grid once, in 16 bits, then the 16-bit product (the FP8 tensor
                 # cores only pay from BM = 64; quantizing in the GEMM repeats it in every N tile)
                 xq = act_quant.fp8_grid_rows(x, xs, slot_experts, x_row_div)
