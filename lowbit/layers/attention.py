@@ -65,7 +65,13 @@ def prefill_context(seq_lens: list[int], block_size: int, device) -> tuple[Conte
 PREFILL_SCORE_ELEMENTS = 1 << 27
 # MLA prefill on the GPU with each head's keys and values expanded from the latent (MLAAttention.prefill_expanded);
 # LOWBIT_MLA_PREFILL=absorbed keeps the absorbed form of the CPU path
-EXPANDED_PREFILL = os.environ.get("LOWBIT_MLA_PREFILL", "expanded") != "absorbed"
+def _mla_prefill_form(text: str) -> bool:
+    if text not in ("expanded", "absorbed"):
+        raise ValueError(f"LOWBIT_MLA_PREFILL={text!r}: expanded (the default) or absorbed")
+    return text == "expanded"
+
+
+EXPANDED_PREFILL = _mla_prefill_form(os.environ.get("LOWBIT_MLA_PREFILL", "expanded"))
 EXPANDED_PREFILL_BYTES = 1 << 31  # one sequence's expanded keys and values at most (R1, 128 heads: 21,845 tokens)
 
 

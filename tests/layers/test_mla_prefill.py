@@ -68,3 +68,9 @@ def test_expanded_prefill_only_where_it_fits(monkeypatch):
         assert not attn.prefills_expanded(192)
     finally:
         attention.reset_context()
+
+
+def test_mla_prefill_switch_takes_its_two_words_only():
+    assert attention._mla_prefill_form("expanded") and not attention._mla_prefill_form("absorbed")
+    with pytest.raises(ValueError, match="LOWBIT_MLA_PREFILL"):
+        attention._mla_prefill_form("absorb")
