@@ -47,6 +47,12 @@ CONFIGS = {
                                                                                 "128", "--smoothquant", "auto"]),
     "w8a8 GPTQ + rotate + online-hadamard 256 + SmoothQuant auto": ("w8a8", "gptq", ["--rotate", "--online-hadamard",
                                                                                     "256", "--smoothquant", "auto"]),
+    # w8a8 with one int8 activation scale per token and 32 features (--act-group-size 32), not one per token
+    "w8a8 act-g32 GPTQ + rotate": ("w8a8", "gptq", ["--act-group-size", "32", "--rotate"]),
+    "w8a8 act-g32 GPTQ + rotate + online-hadamard 256": ("w8a8", "gptq", ["--act-group-size", "32", "--rotate",
+                                                                         "--online-hadamard", "256"]),
+    "w8a8 act-g32 GPTQ + rotate + online-hadamard 256 + SmoothQuant auto": (
+        "w8a8", "gptq", ["--act-group-size", "32", "--rotate", "--online-hadamard", "256", "--smoothquant", "auto"]),
     "w4a16 g64 RTN sym": ("w4a16", "rtn", ["--group-size", "64"]),
     "w4a16 g64 RTN asym": ("w4a16", "rtn", ["--group-size", "64", "--asym"]),
     "w4a16 g64 GPTQ sym": ("w4a16", "gptq", ["--group-size", "64"]),

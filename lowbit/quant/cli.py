@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asym", action="store_true", help="asymmetric int weights with zero points (w4a16, w8a16)")
     p.add_argument("--dynamic", action="store_true", help="w4a8: per-token dynamic FP8 activation scales instead "
                                                           "of calibrated static ones")
+    p.add_argument("--act-group-size", type=int, default=None, metavar="32",
+                   help="w8a8: one int8 activation scale per token and 32 features (llama.cpp Q8_0's block) instead "
+                        "of one per token; lowbit runs it, vLLM's int8 path takes per-token scales only")
     p.add_argument("--actorder", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: visit columns by decreasing activation energy (default on; groups and the "
                         "checkpoint layout are unchanged)")
@@ -61,12 +64,12 @@ def _alpha(text: str) -> float | str:
 def _recipe(args):
     from lowbit.quant.recipe import Recipe
     if args.recipe:
-        if args.group_size is not None or args.asym or args.dynamic:
-            raise ValueError("--group-size/--asym/--dynamic apply to --scheme; a recipe sets them per group "
-                             "(options: {group_size, symmetric, dynamic})")
+        if args.group_size is not None or args.asym or args.dynamic or args.act_group_size is not None:
+            raise ValueError("--group-size/--asym/--dynamic/--act-group-size apply to --scheme; a recipe sets them "
+                             "per group (options: {group_size, symmetric, dynamic, act_group_size})")
         return Recipe.load(args.recipe)
     return Recipe.from_scheme(args.scheme, group_size=args.group_size, symmetric=False if args.asym else None,
-                              dynamic=True if args.dynamic else None)
+                              dynamic=True if args.dynamic else None, act_group_size=args.act_group_size)
 
 
 def run(args: argparse.Namespace) -> int:

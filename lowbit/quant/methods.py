@@ -3,7 +3,8 @@
 Each `apply` here is the torch reference path (CPU, and the oracle for the GPU kernels in `lowbit.kernels`): the
 packed tensors stay the source of truth, `dequantized_weight` turns them into the float weight through the one
 function of `lowbit.quant.formats` for that format, and activations are fake-quantized as the scheme says
-(FP8 e4m3 static per-tensor through `input_scale`, int8 per-token dynamic, FP8 per-token-group dynamic).
+(FP8 e4m3 static per-tensor through `input_scale`, int8 per-token or per-token-group dynamic, FP8 per-token-group
+dynamic).
 """
 from __future__ import annotations
 
@@ -53,9 +54,16 @@ def fake_quant_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
     """x [T, in] through int8 with one dynamic scale per token (absmax / 127), back to x's dtype."""
-    xf = x.float()
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0  # [T, 1]
-    return (torch.round(xf / s).clamp(-128, 127) * s).to(x.dtype)
+    return fake_quant_int8_per_token_group(x, x.shape[-1])
+
+
+def fake_quant_int8_per_token_group(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [T, in] through int8 with one dynamic scale per token and group of `group_size` features (absmax / 127,
+    rounded half to even as the kernels: lowbit.kernels.act_quant), back to x's dtype."""
+    T, n = x.shape
+    xf = F.pad(x.float(), (0, -n % group_size)).view(T, -1, group_size)  # [T, G, g]
+    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
+    return (torch.round(xf / s).clamp(-128, 127) * s).view(T, -1)[:, :n].to(x.dtype)
 
 
 def fake_quant_fp8_per_token_group(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -80,6 +88,8 @@ def activation_quantizer(args: QuantArgs | None) -> Callable[[LinearBase, torch.
             return lambda layer, x: fake_quant_fp8_per_token_group(x, x.shape[-1])
     if args.type == "int" and args.num_bits == 8 and args.dynamic and args.strategy == "token":
         return lambda layer, x: fake_quant_int8_per_token(x)
+    if args.type == "int" and args.num_bits == 8 and args.dynamic and args.strategy == "group":
+        return lambda layer, x: fake_quant_int8_per_token_group(x, args.group_size)
     raise ValueError(f"input activations {args.to_dict()} are not supported")
 
 

@@ -6,7 +6,8 @@
     groups:
       - targets: ["re:.*mlp\\.experts\\.\\d+\\..*"]
         scheme: w4a8
-        options: {group_size: 128}    # optional: group_size, symmetric, dynamic
+        options: {group_size: 128}    # optional: group_size, symmetric, dynamic, act_group_size
+    # default: {scheme: w8a8, options: {act_group_size: 32}}   # a default with options
 
 Names are the checkpoint's module names (`model.layers.3.mlp.experts.7.down_proj`); a target is matched as
 compressed-tensors matches it (`re:REGEX` searched, else the name or its trailing dotted parts). Groups are tried in
@@ -56,7 +57,18 @@ class Recipe:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{source}: groups[{i}]: {e}") from None
             groups.append(RecipeGroup(targets, scheme))
-        default = get_scheme(d["default"]) if d.get("default") else None
+        default = d.get("default")
+        if isinstance(default, dict):
+            if set(default) - {"scheme", "options"} or "scheme" not in default:
+                raise ValueError(f"{source}: default is a scheme name or {{scheme: NAME, options: {{...}}}}")
+            try:
+                default = get_scheme(default["scheme"], **(default.get("options") or {}))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{source}: default: {e}") from None
+        elif default:
+            default = get_scheme(default)
+        else:
+            default = None
         ignore = d.get("ignore")
         return cls(groups, default, list(DEFAULT_IGNORE if ignore is None else ignore))
 

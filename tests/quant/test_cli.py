@@ -71,6 +71,8 @@ def test_output_inside_the_source(tiny_llama, capsys):
 @pytest.mark.parametrize("args,match", [(["--scheme", "w8a8", "--asym"], "asymmetric"),
                                         (["--scheme", "w4a16", "--group-size", "48"], "e.g. 128"),
                                         (["--scheme", "w4a16", "--smoothquant", "0.5"], "quantize activations"),
+                                        (["--scheme", "w8a8", "--act-group-size", "64"], "groups of 32"),
+                                        (["--scheme", "w4a8", "--act-group-size", "32"], "only to w8a8"),
                                         (["--scheme", "w4a16", "--parts", "2", "--rank", "2"], "--rank")])
 def test_bad_options(tiny_llama, tmp_path, capsys, args, match):
     fails(args, capsys, tiny_llama, tmp_path / "out", match)

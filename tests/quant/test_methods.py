@@ -6,7 +6,8 @@ import torch
 from lowbit.layers.linear import MergedColumnParallelLinear, ReplicatedLinear
 from lowbit.quant.compressed import CompressedTensorsConfig
 from lowbit.quant.formats import compress, dequantize
-from lowbit.quant.methods import (fake_quant_fp8_per_token_group, fake_quant_fp8_static, fake_quant_int8_per_token)
+from lowbit.quant.methods import (fake_quant_fp8_per_token_group, fake_quant_fp8_static, fake_quant_int8_per_token,
+                                  fake_quant_int8_per_token_group)
 from lowbit.quant.rtn import rtn_quantize
 from lowbit.quant.schemes import get_scheme
 
@@ -18,6 +19,21 @@ def test_int8_per_token_matches_definition():
     s = ref.abs().amax(-1, keepdim=True) / 127
     ref = torch.round(ref / s).clamp(-128, 127) * s
     assert torch.allclose(fake_quant_int8_per_token(x).double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_per_token_group_matches_definition():
+    """w8a8 --act-group-size 32: one scale per token and 32 features, a last partial group on its own."""
+    x = torch.randn(4, 80) * 3
+    x[1, 40] = 500.0
+    ref = x.double()
+    out = torch.empty_like(ref)
+    for g in range(0, 80, 32):
+        part = ref[:, g:g + 32]
+        s = part.abs().amax(-1, keepdim=True) / 127
+        out[:, g:g + 32] = torch.round(part / s).clamp(-128, 127) * s
+    assert torch.allclose(fake_quant_int8_per_token_group(x, 32).double(), out, rtol=1e-6, atol=1e-6)
+    # the outlier costs only its own group: the others keep their precision
+    assert (fake_quant_int8_per_token_group(x, 32)[1, :32] - x[1, :32]).abs().max() < 3 / 127
 
 
 def test_fp8_static_clamps_at_448_scale_units():
@@ -199,3 +215,15 @@ def test_a_layer_no_kernel_takes_is_named_once(monkeypatch, caplog):
     methods._WARNED.clear()
     layer.quant_method.process_weights_after_loading(layer)
     assert not caplog.records
+
+
+def test_recipe_default_with_options():
+    """A recipe's default takes options as its groups do: w8a8 with activation groups for every layer."""
+    from lowbit.quant.recipe import Recipe
+    r = Recipe.from_dict({"default": {"scheme": "w8a8", "options": {"act_group_size": 32}}})
+    assert r.default == get_scheme("w8a8", act_group_size=32) and r.default.input_activations.group_size == 32
+    assert Recipe.from_dict({"default": "w8a8"}).default == get_scheme("w8a8")
+    for bad, match in (({"scheme": "w8a8", "opts": {}}, "default is a scheme name"),
+                       ({"scheme": "w8a8", "options": {"act_group_size": 16}}, "default: w8a8: activation groups")):
+        with pytest.raises(ValueError, match=match):
+            Recipe.from_dict({"default": bad})

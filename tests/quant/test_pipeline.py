@@ -72,14 +72,17 @@ def write_dequantized(qdir, out):
         json.dump(config, f)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_round_trip(tiny_deepseek, tmp_path, scheme):
+@pytest.mark.parametrize("scheme,opts", [(s, {}) for s in SCHEMES] + [("w8a8", {"act_group_size": 32})])
+def test_round_trip(tiny_deepseek, tmp_path, scheme, opts):
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
     out = tmp_path / "q"
-    run(tiny_deepseek, out, scheme)
+    run(tiny_deepseek, out, scheme, scheme_opts=opts)
     config = json.loads((out / "config.json").read_text())
     QuantizationConfig.model_validate(config["quantization_config"])
+    if opts:  # w8a8's activation groups, in compressed-tensors' words
+        acts = [g["input_activations"] for g in config["quantization_config"]["config_groups"].values()]
+        assert acts and all(a["strategy"] == "group" and a["group_size"] == 32 and a["dynamic"] for a in acts)
     ct_groups = CompressedTensorsConfig.from_dict(config["quantization_config"])
     llm = LLM(str(out), device="cpu", num_kv_blocks=64)
     model = llm.engine.runner.model
