@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import make_random_checkpoint as mrc  # noqa: E402
 from results_file import write_results  # noqa: E402
 
-SCHEMES = ["bf16", "w4a16", "w4a8", "w4a8-int8", "w8a16", "w8a8", "fp8-block"]
-TARGETS = {"w4a16": 2.0, "w4a8": 2.0, "w8a16": 1.5, "w8a8": 1.5}  # batch-1 decode over lowbit's own bf16
+SCHEMES = ["bf16", "w4a16", "w4a8", "w4a8-int8", "w8a16", "w8a8", "w8a8-g32", "fp8-block"]
+# batch-1 decode over lowbit's own bf16 (w8a8-g32: w8a8 --act-group-size 32, make_random_checkpoint.VARIANTS)
+TARGETS = {"w4a16": 2.0, "w4a8": 2.0, "w8a16": 1.5, "w8a8": 1.5, "w8a8-g32": 1.5}
 PROMPT_LEN, DECODE_TOKENS = 32, 128
 OFFLINE = (256, 512, 256)  # requests, tokens in, tokens out
 

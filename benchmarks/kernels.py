@@ -141,9 +141,10 @@ def make_weight(scheme: str, N: int, K: int):
         in_scale = torch.tensor([0.01], device=dev)
         nbytes = pw.words.numel() * 4 + pw.scales.numel() * 2  # scales stored bf16 in the checkpoint
         return pw, act, in_scale, nbytes
-    if scheme == "w8a8":
+    if scheme in ("w8a8", "w8a8-g32"):  # (w8a8-g32: --act-group-size 32)
         w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
-        return w, mu.KIND_INT8_CHANNEL, torch.rand(N, 1, device=dev) * 1e-3, N * K + N * 2
+        kind = mu.KIND_INT8_G32 if scheme == "w8a8-g32" else mu.KIND_INT8_CHANNEL
+        return w, kind, torch.rand(N, 1, device=dev) * 1e-3, N * K + N * 2
     w = (torch.randn(N, K, device=dev) * 50).to(torch.float8_e4m3fn)
     s = torch.rand(N // 128, K // 128, device=dev) * 1e-3
     return w, mu.KIND_FP8_BLOCK, s, N * K + s.numel() * 4
@@ -221,9 +222,10 @@ def moe_experts(scheme: str, E: int, N: int, K: int):
     if scheme == "bf16":
         w = torch.randn(E, N, K, device=dev, dtype=torch.bfloat16) * 0.02
         return moe.UnpackedExperts(w), N * K * 2
-    if scheme == "w8a8":
+    if scheme in ("w8a8", "w8a8-g32"):
         w = torch.randint(-127, 128, (E, N, K), dtype=torch.int8, device=dev)
-        return moe.UnpackedExperts(w, mu.KIND_INT8_CHANNEL, torch.rand(E, N, device=dev) * 1e-3), N * K + N * 4
+        kind = mu.KIND_INT8_G32 if scheme == "w8a8-g32" else mu.KIND_INT8_CHANNEL
+        return moe.UnpackedExperts(w, kind, torch.rand(E, N, device=dev) * 1e-3), N * K + N * 4
     if scheme == "fp8-block":
         w = (torch.randn(E, N, K, device=dev, dtype=torch.bfloat16) * 50).to(torch.float8_e4m3fn)
         s = torch.rand(E, N // 128, -(-K // 128), device=dev) * 1e-3

@@ -129,14 +129,21 @@ def random_module(name: str, shape: tuple[int, ...], scheme, gen: torch.Generato
     return tensors
 
 
+# benchmark names of a scheme with options: (scheme, its options)
+VARIANTS = {"w8a8-g32": ("w8a8", {"act_group_size": 32})}  # w8a8 --act-group-size 32
+
+
 def recipe_for(cfg: dict, scheme_name: str):
     """The recipe `lowbit quantize --scheme` would take for this geometry: the scheme's group size where every linear
     layer's input features divide by it, else the largest of 64 and 32 that does (V2-Lite's dense MLP has 10944
-    inputs, not a multiple of 128)."""
+    inputs, not a multiple of 128). scheme_name may name one of VARIANTS."""
     from lowbit.quant.recipe import Recipe
     from lowbit.quant.schemes import get_scheme
     if scheme_name == "bf16":
         return None
+    if scheme_name in VARIANTS:
+        name, options = VARIANTS[scheme_name]
+        return Recipe.from_scheme(name, **options)
     w = get_scheme(scheme_name).weights
     if w.strategy != "group":
         return Recipe.from_scheme(scheme_name)

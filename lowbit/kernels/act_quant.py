@@ -1,4 +1,5 @@
-"""Activation quantization: int8 per token, FP8 e4m3 per token and group of features, FP8 static per tensor.
+"""Activation quantization: int8 per token (or per token and group of features), FP8 e4m3 per token and group of
+features, FP8 static per tensor.
 
 Each returns (values, scales) with values * scales == x up to rounding; the GEMMs take both. One program per row (per
 token) or per group: read once for its absmax and quantized from registers (ONE_PASS_MAX).
@@ -16,6 +17,7 @@ FP8 = torch.float8_e4m3fn
 # Decode quantizes one row at a time: a loop of dependent loads in one program cost about a microsecond a step.
 ONE_PASS_MAX = 32768
 GRID_BLOCK = 1024  # features per program of fp8_grid_rows
+GROUPS_BLOCK = 1024  # features per program of int8_per_token_group
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -25,6 +27,15 @@ def int8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = xf.abs().amax(dim=-1).clamp(min=1e-10) / 127.0
     q = torch.round(xf / s[:, None]).clamp(-128, 127).to(torch.int8)
     return q, s
+
+
+def int8_per_token_group_ref(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> int8 [M, K], float32 scales [M, ceil(K / group_size)] (absmax / 127 per group, half to even)."""
+    M, K = x.shape
+    xf = torch.nn.functional.pad(x.float(), (0, -K % group_size)).view(M, -1, group_size)
+    s = xf.abs().amax(dim=-1).clamp(min=1e-10) / 127.0
+    q = torch.round(xf / s[..., None]).clamp(-128, 127).to(torch.int8)
+    return q.view(M, -1)[:, :K].contiguous(), s
 
 
 def fp8_per_token_group_ref(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +135,22 @@ if triton is not None:
                 v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
                 _quant_group(v, mask, q_ptr + row * stride_q + cols, TO_FP8, scale)
 
+    @triton.jit
+    def _int8_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, num_groups, GROUP: tl.constexpr,
+                            BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """BLOCK features of one row, BLOCK // GROUP groups of them: each group's scale and codes as
+        quant_group_once computes them (a program per group was one program per 32 features: 917K programs for
+        4096 rows of 7168)."""
+        enter(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        v = tl.reshape(v, [BLOCK // GROUP, GROUP])
+        scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-10) / 127.0  # (absmax_scale, per group)
+        q = tl.reshape(int8_codes(v, scale[:, None]), [BLOCK])
+        tl.store(q_ptr + row * stride_q + cols, q, mask=cols < K)
+        g = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+        tl.store(s_ptr + row * num_groups + g, scale, mask=g < num_groups)
 
     @triton.jit
     def _fp8_grid_kernel(x_ptr, out_ptr, s_ptr, e_ptr, K, stride_x, stride_o, row_div,
@@ -195,6 +222,22 @@ def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return done
     q, s = _quant_rows(x, x.shape[1], to_fp8=False)
     return q, s.view(-1)
+
+
+def int8_per_token_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel of int8_per_token_group_ref: int8 [M, K], float32 scales [M, ceil(K / group_size)], a program per
+    row and GROUPS_BLOCK features (group_size a power of two up to it)."""
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K] with contiguous rows"
+    assert group_size & (group_size - 1) == 0 and group_size <= GROUPS_BLOCK, group_size
+    M, K = x.shape
+    groups = cdiv(K, group_size)
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    s = torch.empty(M, groups, dtype=torch.float32, device=x.device)
+    if M:
+        block = max(group_size, min(GROUPS_BLOCK, triton.next_power_of_2(K)))
+        _int8_groups_kernel[(M, cdiv(K, block))](x, q, s, K, x.stride(0), q.stride(0), groups, GROUP=group_size,
+                                                 BLOCK=block, num_warps=4, **pdl.launch(x.device))
+    return q, s
 
 
 def fp8_per_token_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

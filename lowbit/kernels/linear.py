@@ -86,7 +86,7 @@ class UnpackedLinear:
     def dequantized(self) -> torch.Tensor:
         from lowbit.quant.formats import dequantize_values
         from lowbit.quant.schemes import QuantArgs
-        if self.kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16):
+        if self.kind in mu.CHANNEL_SCALED:
             return dequantize_values(self.weight, self.scale, None, QuantArgs(8, "int", "channel"))
         if self.kind == mu.KIND_FP8_BLOCK:
             block = (mu.FP8_BLOCK, mu.FP8_BLOCK)
@@ -168,11 +168,18 @@ def packed_linear(values: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 
 
 def int8_linear(weight: torch.Tensor, scale: torch.Tensor, weights, input_activations) -> UnpackedLinear | None:
+    """w8a8: int8 per-channel weights with int8 dynamic activations, per token or per token and 32 features."""
     a = input_activations
-    if weights.strategy != "channel" or a is None or not (a.type == "int" and a.dynamic and a.strategy == "token"):
+    if weights.strategy != "channel" or a is None or not (a.type == "int" and a.num_bits == 8 and a.dynamic):
+        return None
+    if a.strategy == "token":
+        kind = mu.KIND_INT8_CHANNEL
+    elif a.strategy == "group" and a.group_size == mu.ACT_GROUP:
+        kind = mu.KIND_INT8_G32
+    else:
         return None
     # .data: a tensor of its own, which the layer's parameter giving up its storage does not empty
-    return UnpackedLinear(weight.data.contiguous(), mu.KIND_INT8_CHANNEL, scale.data.float().reshape(-1, 1).contiguous())
+    return UnpackedLinear(weight.data.contiguous(), kind, scale.data.float().reshape(-1, 1).contiguous())
 
 
 def fp8_block_linear(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
@@ -226,7 +233,7 @@ def stack_experts(parts: list) -> moe.PackedExperts | moe.UnpackedExperts | None
                    for p in parts):
             return None
         scale = None if first.scale is None else torch.stack([p.scale for p in parts])
-        if first.kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16):
+        if first.kind in mu.CHANNEL_SCALED:
             scale = scale.reshape(len(parts), -1)
         return moe.UnpackedExperts(torch.stack([p.weight for p in parts]).contiguous(), first.kind, scale)
     return None
@@ -280,7 +287,7 @@ def _rows_cols(part, rows: slice, cols: slice):
         return None if pw is None else PackedLinear(pw, part.act, part.input_scale)
     if isinstance(part, UnpackedLinear):
         w, scale = part.weight[rows, cols], part.scale
-        if part.kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16):
+        if part.kind in mu.CHANNEL_SCALED:
             scale = scale[rows]
         elif part.kind == mu.KIND_FP8_BLOCK:
             b = mu.FP8_BLOCK

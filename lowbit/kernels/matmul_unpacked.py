@@ -3,7 +3,9 @@ with int8 per-token activations (w8a8: int8 tensor cores, int32 accumulation), i
 activations (w8a16's experts: each int8 tile turned into the activations' dtype, exactly, for the 16-bit tensor
 cores; the channel's scale applied at the end), and FP8 e4m3 with 128x128 block scales and per-token-group FP8
 activations (fp8-block, DeepSeek's `fp8_gemm`: one FP8 product per 128 input features, scaled by the activation
-group's and the weight block's scales).
+group's and the weight block's scales), and int8 per channel with int8 activations scaled per token and 32 features
+(w8a8 --act-group-size 32: one int8 product per 32-feature K step, scaled by the activation group's scale as it
+lands, the channel's scale at the end).
 
 Weights are [E, N, K], K contiguous (the operand order FP8 and int8 tensor cores want); dense layers use E = 1.
 The grouped (MOE) and FUSE_SILU modes are those of matmul_packed.
@@ -15,8 +17,10 @@ import torch
 from lowbit.kernels import act_quant, cdiv, pdl
 from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split_buffers
 
-KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK, KIND_INT8_W16 = 0, 1, 2, 3
+KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK, KIND_INT8_W16, KIND_INT8_G32 = 0, 1, 2, 3, 4
+CHANNEL_SCALED = (KIND_INT8_CHANNEL, KIND_INT8_W16, KIND_INT8_G32)  # int8 weights, one float32 scale a channel
 FP8_BLOCK = 128
+ACT_GROUP = 32  # KIND_INT8_G32's activation group: one K tile (BK) each
 GROUP_M = 8  # row tiles the persistent kernel walks together (their weight tiles shared in L2)
 
 
@@ -31,6 +35,10 @@ def unpacked_matmul_ref(x: torch.Tensor, w: torch.Tensor, kind: int, w_scale: to
     if kind == KIND_INT8_CHANNEL:
         q, s = act_quant.int8_per_token_ref(x)
         return (q.double() * s.double()[:, None]) @ (w.double() * w_scale.double().reshape(N, 1)).t()
+    if kind == KIND_INT8_G32:
+        q, s = act_quant.int8_per_token_group_ref(x, ACT_GROUP)
+        xd = q.double() * s.double().repeat_interleave(ACT_GROUP, 1)[:, :K]
+        return xd @ (w.double() * w_scale.double().reshape(N, 1)).t()
     q, s = act_quant.fp8_per_token_group_ref(x, FP8_BLOCK)
     xd = q.double() * s.double().repeat_interleave(FP8_BLOCK, 1)[:, :K]
     wd = w.double() * w_scale.double().repeat_interleave(FP8_BLOCK, 0)[:N].repeat_interleave(FP8_BLOCK, 1)[:, :K]
@@ -57,7 +65,8 @@ if triton is not None:
                       QUANT_IN: tl.constexpr = False, in_scale=1.0, x_row=0):
         """QUANT_IN (int8): x's one row x_row of this program in 16 bits, quantized here with its scale in_scale (a
         K tile's codes made once, as a vector, and put in the tile's row of the program's one real row: the
-        whole tile's took 2-4x the product's time, H100, 2026-11-25)."""
+        whole tile's took 2-4x the product's time, H100, 2026-11-25); KIND 4 (groups of 32 = BK): each tile's codes
+        with the tile's own scale, in_scale unused."""
         offs_k = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         acc_i = tl.zeros([BM, BN], dtype=tl.int32)
@@ -65,7 +74,11 @@ if triton is not None:
             cols = t * BK + offs_k
             if QUANT_IN:
                 v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-                a = tl.where(row_mask[:, None], int8_codes(v, in_scale)[None, :], 0).to(tl.int8)
+                if KIND == 4:
+                    tile_scale = absmax_scale(v, 127.0)
+                    a = tl.where(row_mask[:, None], int8_codes(v, tile_scale)[None, :], 0).to(tl.int8)
+                else:
+                    a = tl.where(row_mask[:, None], int8_codes(v, in_scale)[None, :], 0).to(tl.int8)
             else:
                 a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
                             mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
@@ -80,6 +93,12 @@ if triton is not None:
                     acc += tl.dot(a, tl.trans(b))
             elif KIND == 1:
                 acc_i += tl.dot(a, tl.trans(b))
+            elif KIND == 4:  # one activation group a K tile: its int32 product scaled as it lands
+                if QUANT_IN:
+                    acc += tl.dot(a, tl.trans(b)).to(tl.float32) * tile_scale
+                else:
+                    xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
+                    acc += tl.dot(a, tl.trans(b)).to(tl.float32) * xs[:, None]
             else:
                 xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
                 ws = tl.load(ws_base + (n_rows // 128) * stride_wsn + t, mask=n_mask, other=0.0)
@@ -95,7 +114,7 @@ if triton is not None:
                 xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
             ws = tl.load(ws_base + n_rows, mask=n_mask, other=0.0)
             acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
-        elif KIND == 3:
+        elif KIND == 3 or KIND == 4:
             acc = acc * tl.load(ws_base + n_rows, mask=n_mask, other=0.0)[None, :]
         return acc
 
@@ -111,7 +130,8 @@ if triton is not None:
                                 KP: tl.constexpr = 16, PDL: tl.constexpr = 0):
         """QUANT_IN (int8, one row a program: M = 1 or one token's slots): x is that row in 16 bits, K <= KP, its
         per-token int8 scale taken from the whole row read at once, its codes made in the K loop: what
-        act_quant.int8_per_token's launch would give, without the launch."""
+        act_quant.int8_per_token's launch would give, without the launch (KIND 4: each K tile's group scale taken
+        in the loop, any K)."""
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -129,10 +149,11 @@ if triton is not None:
         in_scale = 1.0
         xr = 0
         if QUANT_IN:
-            kk = tl.arange(0, KP)
             xr = tl.max(tl.where(row_mask, x_rows, 0), axis=0)  # (the program's one row)
-            v = tl.load(x_ptr + xr * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            in_scale = absmax_scale(v, 127.0)
+            if KIND == 1:
+                kk = tl.arange(0, KP)
+                v = tl.load(x_ptr + xr * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+                in_scale = absmax_scale(v, 127.0)
         tiles = tl.cdiv(k_tiles, SPLIT_K)  # the last split may have fewer K tiles (V2-Lite's 1408 = 11 x 128)
         t_start = pid_k * tiles
         t_end = tl.minimum(t_start + tiles, k_tiles)
@@ -234,6 +255,8 @@ def dequantize_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if kind == KIND_INT8_CHANNEL:
         return act_quant.int8_per_token(x)
+    if kind == KIND_INT8_G32:
+        return act_quant.int8_per_token_group(x, ACT_GROUP)
     if kind == KIND_FP8_BLOCK:
         return act_quant.fp8_per_token_group(x, FP8_BLOCK)
     return x, None
@@ -248,7 +271,9 @@ def kernel_input(x: torch.Tensor, kind: int, one_row: bool) -> tuple[torch.Tenso
     """-> (the rows the kernel reads, their scales, QUANT_IN): an int8 product whose programs each own one row
     (one_row: M = 1, or one token's slots) of K <= QUANT_IN_MAX_K takes the 16-bit row and quantizes it itself,
     one launch fewer at batch-1 decode, unless the row comes quantized already (the norm before it did it:
-    act_quant.attach_int8_rows)."""
+    act_quant.attach_int8_rows). Groups of 32 (KIND_INT8_G32) are quantized tile by tile in the product at any K."""
+    if one_row and kind == KIND_INT8_G32:
+        return x, None, True
     if (kind == KIND_INT8_CHANNEL and one_row and x.shape[1] <= QUANT_IN_MAX_K
             and act_quant.attached_int8_rows(x) is None):
         return x, None, True
@@ -280,6 +305,8 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
     bm, bn, bk = config["BM"], config["BN"], config["BK"]
     if kind == KIND_FP8_BLOCK:
         assert bk == FP8_BLOCK, "fp8-block takes one K tile per 128-feature block"
+    if kind == KIND_INT8_G32:
+        assert bk == ACT_GROUP, f"int8 activation groups take one K tile per {ACT_GROUP}-feature group"
     split_k = config.get("SPLIT_K", 1) if not fuse_silu else 1  # SiLU needs the whole sum
     k_tiles = cdiv(K, bk)
     assert split_k <= k_tiles, f"SPLIT_K={split_k}: at most the {k_tiles} K tiles"
@@ -288,7 +315,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         w_scale = torch.empty(E, 1, 1, device=w.device)
     ws3 = w_scale.view(E, w_scale.shape[1], -1)
     if quant_in:
-        assert kind == KIND_INT8_CHANNEL and xs is None and K <= QUANT_IN_MAX_K
+        assert xs is None and (kind == KIND_INT8_G32 or (kind == KIND_INT8_CHANNEL and K <= QUANT_IN_MAX_K))
         assert (moe is not None and moe[0] is None) or (moe is None and x.shape[0] == 1), "one row a program"
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
     # (a zeroed float32 output takes atomic adds instead; the slots' sum adds the splits itself)
@@ -302,7 +329,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
     _unpacked_matmul_kernel[grid](
         x, xs if xs is not None else dummy, w, ws3, out,
         sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, part, counters,
-        m, n, K, k_tiles, cdiv(K, FP8_BLOCK), x_row_div,
+        m, n, K, k_tiles, cdiv(K, ACT_GROUP if kind == KIND_INT8_G32 else FP8_BLOCK), x_row_div,
         x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
         KIND=kind, MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup, SUM_SLOTS=sum_slots, QUANT_IN=quant_in,

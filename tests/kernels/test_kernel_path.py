@@ -19,13 +19,14 @@ from tests.quant.conftest import make_deepseek  # noqa: E402
 
 GPU = torch.cuda.is_available()
 DEV, DTYPE = ("cuda", "bfloat16") if GPU else ("cpu", "float16")
-# w8a16:planes: w8a16 on the packed kernel's 8-bit planes (LOWBIT_W8A16_UNPACKED=0), not its unpacked int8
-CPU_SCHEMES = ["bf16", "w4a16", "w8a16", "w8a16:planes", "w4a8-int8", "w8a8"]
+# w8a16:planes: w8a16 on the packed kernel's 8-bit planes (LOWBIT_W8A16_UNPACKED=0), not its unpacked int8;
+# w8a8:g32: w8a8 with its int8 activations scaled per token and 32 features (--act-group-size 32)
+CPU_SCHEMES = ["bf16", "w4a16", "w8a16", "w8a16:planes", "w4a8-int8", "w8a8", "w8a8:g32"]
 SCHEMES = CPU_SCHEMES + ["w4a8", "fp8-block"]
 # Where activations are quantized, the kernel and the reference quantize bf16 inputs that already differ in their
 # last bits, so some values round to the neighbouring int8 / FP8 code: per-layer errors scale with the code's step
 # (measured on an H100, 2026-11-23: int8 1.3%, FP8 e4m3 2.2% at most; weight-only layers stay under 1%)
-LAYER_BOUND = {"w8a8": 2e-2, "w4a8-int8": 2e-2, "w4a8": 4e-2, "fp8-block": 4e-2}
+LAYER_BOUND = {"w8a8": 2e-2, "w8a8:g32": 2e-2, "w4a8-int8": 2e-2, "w4a8": 4e-2, "fp8-block": 4e-2}
 ACT_QUANT = set(LAYER_BOUND)
 
 
@@ -43,7 +44,8 @@ def quantized(source, tmp_path, scheme, monkeypatch=None):
     if scheme == "bf16":
         return source
     out = tmp_path / scheme
-    quantize(Job(source, str(out), Recipe.from_scheme(scheme), QuantOptions(algo="rtn"), num_calib_tokens=256,
+    opts = {"act_group_size": 32} if variant == "g32" else {}
+    quantize(Job(source, str(out), Recipe.from_scheme(scheme, **opts), QuantOptions(algo="rtn"), num_calib_tokens=256,
                  seq_len=64), progress=False)
     return str(out)
 
@@ -71,6 +73,11 @@ def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
         assert all(isinstance(e, moe.PackedExperts) if planes else e.kind == mu.KIND_INT8_W16 for e in experts)
         dense = {type(m._kernel) for m in model.modules() if getattr(m, "_kernel", None) is not None}
         assert dense == {linear.PackedLinear if planes else linear.UnpackedLinear}
+    if scheme == "w8a8:g32":  # every int8 layer and expert on the kernel of groups of 32
+        from lowbit.kernels import matmul_unpacked as mu
+        kinds = {m._kernel.kind for m in model.modules() if getattr(m, "_kernel", None) is not None}
+        kinds |= {model.get_submodule(n).experts._fused[i].kind for n in fused for i in (0, 1)}
+        assert kinds == {mu.KIND_INT8_G32}, kinds
     # the norms quantize their output for int8 per-token layers (on CUDA: the CPU runs the torch norm)
     from lowbit.layers.norm import RMSNorm
     assert {m.int8_rows for m in model.modules() if isinstance(m, RMSNorm)} == {scheme in ("w8a8", "w4a8-int8")}

@@ -80,6 +80,20 @@ def test_int8_per_token_rounds_half_to_even():
     assert torch.equal(q.cpu(), qr)
 
 
+@pytest.mark.parametrize("M,K", [(1, 64), (5, 300), (3, 2080), (2, 16)])
+def test_int8_per_token_group(M, K):
+    """w8a8 --act-group-size 32: a scale per token and 32 features, a partial last group (300, 16) included; an
+    outlier costs only its group."""
+    x = torch.randn(M, K, generator=gen(K)) * 3
+    x[0, K // 2] = 400.0
+    q, s = aq.int8_per_token_group(x.to(DEV), 32)
+    qr, sr = aq.int8_per_token_group_ref(x, 32)
+    assert s.shape == (M, -(-K // 32))
+    torch.testing.assert_close(s.cpu(), sr)
+    assert torch.equal(q.cpu(), qr)
+    assert (sr[0] < 1).sum() >= sr.shape[1] - 1
+
+
 @gpu_only
 @pytest.mark.parametrize("M,K,group", [(1, 128, 128), (5, 300, 128), (9, 512, 64), (2, 5000, 5000)])
 def test_fp8_per_token_group(M, K, group):
@@ -176,14 +190,15 @@ def test_float32_rows_take_the_k_splits(packed):
 
 
 # ---------------------------------------------------------------------------------------------- unpacked GEMMs
-UNPACKED = [mu.KIND_BF16, mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)]
+UNPACKED = [mu.KIND_BF16, mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16, mu.KIND_INT8_G32,
+            pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)]
 
 
 def random_unpacked(kind, N, K, seed):
     g = gen(seed)
     if kind == mu.KIND_BF16:
         return (torch.randn(N, K, generator=g) * 0.05).to(DTYPE), None
-    if kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_W16):
+    if kind in mu.CHANNEL_SCALED:
         return torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8), torch.rand(N, 1, generator=g) * 1e-3
     w = (torch.randn(N, K, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     return w, torch.rand(-(-N // 128), -(-K // 128), generator=g) * 1e-3 + 1e-4
@@ -195,7 +210,8 @@ def test_unpacked_matmul(kind, M, N, K):
     w, ws = random_unpacked(kind, N, K, seed=M * N)
     x = torch.randn(M, K, generator=gen(M + K)).to(DTYPE)
     ref = mu.unpacked_matmul_ref(x.float(), w, kind, ws)
-    for config in (None, dict(BM=16, BN=32, BK=128), dict(BM=16, BN=64, BK=128, SPLIT_K=-(-K // 128))):
+    bk = mu.ACT_GROUP if kind == mu.KIND_INT8_G32 else 128
+    for config in (None, dict(BM=16, BN=32, BK=bk), dict(BM=16, BN=64, BK=bk, SPLIT_K=-(-K // bk))):
         out = mu.unpacked_matmul(x.to(DEV), w.to(DEV), kind, None if ws is None else ws.to(DEV), config=config)
         assert out.shape == (M, N) and out.dtype == DTYPE
         assert rel(out, ref) < BOUND, config
@@ -221,6 +237,27 @@ def test_one_int8_row_quantized_in_the_product_is_the_launch_bit_for_bit(N, K, m
     q, s = aq.int8_per_token(x)
     aq.attach_int8_rows(x, q, s)  # (as the norm does)
     assert mu.kernel_input(x, mu.KIND_INT8_CHANNEL, True) == (q, s, False)
+
+
+@pytest.mark.parametrize("N,K", [(96, 640), (72, 5000)])
+def test_int8_groups_quantized_in_the_product_are_the_launch_bit_for_bit(N, K, monkeypatch):
+    """w8a8 with activation groups of 32 at one row: the product quantizes each K tile's group itself (QUANT_IN, at
+    any K) and gives exactly what act_quant's launch first gives; the reference within the bound."""
+    w, ws = random_unpacked(mu.KIND_INT8_G32, N, K, seed=N)
+    x = (torch.randn(1, K, generator=gen(K)) * 3).to(DTYPE).to(DEV)
+    x[0, 7] = 300.0
+    w, ws = w.to(DEV), ws.to(DEV)
+    launches = []
+    monkeypatch.setattr(aq, "int8_per_token_group", lambda *a, f=aq.int8_per_token_group: launches.append(1) or f(*a))
+    for config in (None, dict(BM=16, BN=64, BK=32, SPLIT_K=3)):
+        cfg = config or tuning.unpacked_config(1, N, K, mu.KIND_INT8_G32)
+        fused = mu.unpacked_matmul(x, w, mu.KIND_INT8_G32, ws, config=cfg)
+        assert not launches
+        out = torch.empty_like(fused)
+        xq, xs = mu.quantize_input(x, mu.KIND_INT8_G32)
+        assert torch.equal(fused, mu.quantized_matmul(xq, xs, w, mu.KIND_INT8_G32, ws, out, cfg)) and launches
+        launches.clear()
+    assert rel(fused, mu.unpacked_matmul_ref(x.cpu().float(), w.cpu(), mu.KIND_INT8_G32, ws.cpu())) < BOUND
 
 
 @pytest.mark.parametrize("kind", [mu.KIND_INT8_CHANNEL, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)])
@@ -289,6 +326,7 @@ MOE_SCHEMES = {  # name -> (make experts from (E, N, K, seed), reference dequant
     "bf16": "unpacked", "w8a8": "unpacked", "fp8-block": "unpacked",
     "w4a16": "packed", "w8a16": "packed", "w4a8-int8": "packed", "w4a8": "packed",
     "w8a16-unpacked": "unpacked",  # w8a16's per-expert layers as the loader stacks them (KIND_INT8_W16)
+    "w8a8-g32": "unpacked",  # w8a8 --act-group-size 32 (KIND_INT8_G32)
 }
 
 
@@ -326,6 +364,14 @@ def make_experts(scheme, E, N, K, seed):
         s = torch.rand(E, N, generator=g) * 1e-3
         fq = lambda t: (lambda q, s: (q.double() * s.double()[:, None]).to(t.dtype))(*aq.int8_per_token_ref(t))
         return moe.UnpackedExperts(w.to(DEV), mu.KIND_INT8_CHANNEL, s.to(DEV)), w.float() * s[..., None], fq
+    if scheme == "w8a8-g32":
+        w = torch.randint(-127, 128, (E, N, K), generator=g, dtype=torch.int8)
+        s = torch.rand(E, N, generator=g) * 1e-3
+
+        def fq(t):
+            q, sc = aq.int8_per_token_group_ref(t, mu.ACT_GROUP)
+            return (q.double() * sc.double().repeat_interleave(mu.ACT_GROUP, 1)[:, :t.shape[1]]).to(t.dtype)
+        return moe.UnpackedExperts(w.to(DEV), mu.KIND_INT8_G32, s.to(DEV)), w.float() * s[..., None], fq
     w = (torch.randn(E, N, K, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     s = torch.rand(E, N // 128, K // 128, generator=g) * 1e-3 + 1e-4
     deq = w.float() * s.repeat_interleave(128, 1).repeat_interleave(128, 2)
@@ -364,7 +410,7 @@ def test_fused_moe(scheme, T):
         assert rel(out, ref) < bound
 
 
-@pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a16", "w8a16-unpacked", "w4a8-int8", "w8a8",
+@pytest.mark.parametrize("scheme", ["bf16", "w4a16", "w8a16", "w8a16-unpacked", "w4a8-int8", "w8a8", "w8a8-g32",
                                     pytest.param("w4a8", marks=gpu_only)])
 @pytest.mark.parametrize("gemv_moe", [False, True])
 def test_one_token_moe_sorts_nothing(scheme, gemv_moe, monkeypatch):
@@ -388,8 +434,9 @@ def test_one_token_moe_sorts_nothing(scheme, gemv_moe, monkeypatch):
     ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
     assert out.shape == (1, H) and rel(out, ref) < BOUND * (3 if fq is not None else 1)
     assert calls == []
-    if scheme == "w8a8":  # int8 experts quantize each slot's row in the product: no launch of their own
+    if scheme in ("w8a8", "w8a8-g32"):  # int8 experts quantize each slot's row in the product: no launch of their own
         monkeypatch.setattr(aq, "_quant_rows", lambda *a, **kw: calls.append("quant"))
+        monkeypatch.setattr(aq, "int8_per_token_group", lambda *a, **kw: calls.append("quant"))
         assert torch.equal(out, moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), may_skip=True))
         assert calls == []
     assert all(int(c.abs().sum()) == 0 for c in rows._COUNTERS.values())
