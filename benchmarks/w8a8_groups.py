@@ -4,8 +4,8 @@ per token (KIND_INT8_CHANNEL) and cuBLAS bf16, on one GPU, in one run: what the 
 The ceilings first (copy bandwidth, bf16 matrix rate: kernels.ceilings). Then R1's three dense shapes at M = 1, 16,
 64, 4096 (decode sizes replayed from a CUDA graph with the L2 flushed, as kernels.py; 4096 eagerly), each path as
 the engine calls it (UnpackedLinear: the activations' quantization launch, or quantized inside the product at one
-row), with the heuristic configuration (tuning.unpacked_config) and, for the groups, a sweep of configurations
-around it (--sweep). Last, the one-token fused MoE at R1's and V2-Lite's expert shapes, routed and shared experts as
+row; above 64 rows the matrix library on dequantized weights), with the heuristic configuration
+(tuning.unpacked_config) and, for the groups at one row, a sweep of configurations around it (--sweep). Last, the one-token fused MoE at R1's and V2-Lite's expert shapes, routed and shared experts as
 the engine stacks them.
 
     python benchmarks/w8a8_groups.py [--sweep] [--out benchmarks/results]
@@ -53,18 +53,12 @@ def sweep_configs(m: int, N: int, K: int) -> list[dict]:
     out = [base]
     if m <= 64:
         for bn in (32, 64, 128):
-            for stages in (4, 6, 8, 12):
+            for stages in (3, 4, 6):
                 for split in {base.get("SPLIT_K", 1), max(1, base.get("SPLIT_K", 1) // 2),
                               2 * base.get("SPLIT_K", 1)}:
                     c = dict(base, BN=bn, num_stages=stages, SPLIT_K=split)
                     if c not in out and split <= -(-K // 32):
                         out.append(c)
-    else:
-        for bm, bn, warps in ((128, 128, 8), (128, 256, 8), (64, 128, 4), (256, 128, 8)):
-            for stages in (3, 4, 6):
-                c = dict(base, BM=bm, BN=bn, num_warps=warps, num_stages=stages)
-                if c not in out:
-                    out.append(c)
     return out
 
 
@@ -77,7 +71,7 @@ def dense_table(ceil: dict, sweep: bool) -> tuple[list[dict], list[dict]]:
             for scheme in SCHEMES:
                 fn, nbytes, kind = dense_layer(scheme, N, K)
                 times[scheme] = timed(lambda fn=fn, x=x: fn(x), m)
-                if scheme == "w8a8-g32" and sweep and m in (1, 4096):
+                if scheme == "w8a8-g32" and sweep and m == 1:
                     for cfg in sweep_configs(m, N, K):
                         try:
                             t = timed(lambda fn=fn, cfg=cfg, x=x: fn(x, cfg), m)

@@ -137,20 +137,24 @@ if triton is not None:
 
     @triton.jit
     def _int8_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, num_groups, GROUP: tl.constexpr,
-                            BLOCK: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr, DEQUANT: tl.constexpr = False):
         """BLOCK features of one row, BLOCK // GROUP groups of them: each group's scale and codes as
         quant_group_once computes them (a program per group was one program per 32 features: 917K programs for
-        4096 rows of 7168)."""
+        4096 rows of 7168). DEQUANT: codes times their scale, rounded once to q's dtype, and no scales stored."""
         enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
         v = tl.reshape(v, [BLOCK // GROUP, GROUP])
         scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-10) / 127.0  # (absmax_scale, per group)
-        q = tl.reshape(int8_codes(v, scale[:, None]), [BLOCK])
-        tl.store(q_ptr + row * stride_q + cols, q, mask=cols < K)
-        g = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
-        tl.store(s_ptr + row * num_groups + g, scale, mask=g < num_groups)
+        q = int8_codes(v, scale[:, None])
+        if DEQUANT:
+            out = tl.reshape(q.to(tl.float32) * scale[:, None], [BLOCK]).to(q_ptr.dtype.element_ty)
+            tl.store(q_ptr + row * stride_q + cols, out, mask=cols < K)
+        else:
+            tl.store(q_ptr + row * stride_q + cols, tl.reshape(q, [BLOCK]), mask=cols < K)
+            g = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+            tl.store(s_ptr + row * num_groups + g, scale, mask=g < num_groups)
 
     @triton.jit
     def _fp8_grid_kernel(x_ptr, out_ptr, s_ptr, e_ptr, K, stride_x, stride_o, row_div,
@@ -224,19 +228,23 @@ def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s.view(-1)
 
 
-def int8_per_token_group(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_per_token_group(x: torch.Tensor, group_size: int, dequant: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel of int8_per_token_group_ref: int8 [M, K], float32 scales [M, ceil(K / group_size)], a program per
-    row and GROUPS_BLOCK features (group_size a power of two up to it)."""
+    row and GROUPS_BLOCK features (group_size a power of two up to it). dequant: ([M, K] in x's dtype, the codes
+    times their scale rounded once, None): the activations as a 16-bit matrix product on dequantized weights takes
+    them (prefill)."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be [M, K] with contiguous rows"
     assert group_size & (group_size - 1) == 0 and group_size <= GROUPS_BLOCK, group_size
     M, K = x.shape
     groups = cdiv(K, group_size)
-    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    s = torch.empty(M, groups, dtype=torch.float32, device=x.device)
+    q = torch.empty(M, K, dtype=x.dtype if dequant else torch.int8, device=x.device)
+    s = None if dequant else torch.empty(M, groups, dtype=torch.float32, device=x.device)
     if M:
         block = max(group_size, min(GROUPS_BLOCK, triton.next_power_of_2(K)))
-        _int8_groups_kernel[(M, cdiv(K, block))](x, q, s, K, x.stride(0), q.stride(0), groups, GROUP=group_size,
-                                                 BLOCK=block, num_warps=4, **pdl.launch(x.device))
+        _int8_groups_kernel[(M, cdiv(K, block))](x, q, q if dequant else s, K, x.stride(0), q.stride(0), groups,
+                                                 GROUP=group_size, BLOCK=block, DEQUANT=dequant, num_warps=4,
+                                                 **pdl.launch(x.device))
     return q, s
 
 

@@ -74,12 +74,16 @@ class UnpackedLinear:
     scale: torch.Tensor | None
 
     def runs_dequantized(self, rows: int) -> bool:
-        """w8a16's int8 weights above DEQUANT_ABOVE_ROWS rows, as PackedLinear."""
-        return self.kind == mu.KIND_INT8_W16 and rows > DEQUANT_ABOVE_ROWS
+        """w8a16's int8 weights and w8a8's with activation groups above DEQUANT_ABOVE_ROWS rows, as PackedLinear."""
+        return self.kind in (mu.KIND_INT8_W16, mu.KIND_INT8_G32) and rows > DEQUANT_ABOVE_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_dequantized(x.shape[0]):
-            # prefill: the 16-bit weights in a transient buffer and the matrix library, as PackedLinear does
+            # prefill: the 16-bit weights in a transient buffer and the matrix library, as PackedLinear does; w8a8's
+            # grouped activations as their codes times their group's scale, rounded once to x's dtype (the int8
+            # kernel's product scaled per 32 features ran at 0.3-0.4x bf16's rate at 4096 rows: H100, 2026-11-25,
+            # w8a8-groups-h100-80gb-hbm3-2026-11-25.md)
+            x = mu.activations_16bit(x.contiguous(), self.kind)
             return torch.nn.functional.linear(x, mu.dequantize_int8(self.weight[None], self.scale[None], x.dtype)[0])
         return mu.unpacked_matmul(x.contiguous(), self.weight, self.kind, self.scale)
 

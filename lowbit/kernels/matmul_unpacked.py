@@ -4,8 +4,9 @@ activations (w8a16's experts: each int8 tile turned into the activations' dtype,
 cores; the channel's scale applied at the end), and FP8 e4m3 with 128x128 block scales and per-token-group FP8
 activations (fp8-block, DeepSeek's `fp8_gemm`: one FP8 product per 128 input features, scaled by the activation
 group's and the weight block's scales), and int8 per channel with int8 activations scaled per token and 32 features
-(w8a8 --act-group-size 32: one int8 product per 32-feature K step, scaled by the activation group's scale as it
-lands, the channel's scale at the end).
+(w8a8 --act-group-size 32: one int8 product per 32-feature slice of each K tile, scaled by the activation group's
+scale as it lands, the channel's scale at the end; above DEQUANT_ABOVE_ROWS rows the callers run the matrix library
+on dequantized weights instead).
 
 Weights are [E, N, K], K contiguous (the operand order FP8 and int8 tensor cores want); dense layers use E = 1.
 The grouped (MOE) and FUSE_SILU modes are those of matmul_packed.
@@ -59,54 +60,82 @@ if triton is not None:
                                      store_slot_sum, store_split)
 
     @triton.jit
+    def _int8_groups_tile(acc, x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, n_rows, n_mask, K,
+                          k_groups, t, BK: tl.constexpr, QUANT_IN: tl.constexpr, x_row, GROUP: tl.constexpr = 32):
+        """One BK-wide K tile of KIND 4 (int8 activations per token and GROUP features) into acc: an int8 product per
+        group, scaled by the group's activation scale as it lands. The tile's GROUP-wide slices are loaded apiece (a
+        loop of GROUP-wide tiles ran at 0.5-0.65x w8a8's time on R1's shapes at one row, its loop overhead per byte
+        4x: H100, 2026-11-25). QUANT_IN: the program's one row x_row in 16 bits, each group's scale and codes made
+        here, as act_quant.int8_per_token_group makes them."""
+        offs = tl.arange(0, GROUP)
+        for j in tl.static_range(BK // GROUP):
+            cols = t * BK + j * GROUP + offs
+            if QUANT_IN:
+                v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+                s = absmax_scale(v, 127.0)
+                a = tl.where(row_mask[:, None], int8_codes(v, s)[None, :], 0).to(tl.int8)
+            else:
+                g = t * (BK // GROUP) + j
+                a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
+                            mask=row_mask[:, None] & (cols[None, :] < K), other=0)
+                s = tl.load(xs_ptr + x_rows * k_groups + g, mask=row_mask & (x_rows * 0 + g < k_groups),
+                            other=0.0)[:, None]
+            b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
+                        mask=n_mask[:, None] & (cols[None, :] < K), other=0)
+            acc += tl.dot(a, tl.trans(b)).to(tl.float32) * s
+        return acc
+
+    @triton.jit
+    def _unpacked_tile(acc, acc_i, x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
+                       n_rows, n_mask, K, k_groups, t, KIND: tl.constexpr, BK: tl.constexpr, QUANT_IN: tl.constexpr,
+                       in_scale, x_row):
+        """One K tile of KINDs 0-3 into acc (float32) or acc_i (int32, KIND 1)."""
+        cols = t * BK + tl.arange(0, BK)
+        if QUANT_IN:
+            v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+            a = tl.where(row_mask[:, None], int8_codes(v, in_scale)[None, :], 0).to(tl.int8)
+        else:
+            a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
+                        mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+        b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
+                    mask=n_mask[:, None] & (cols[None, :] < K), other=0.0)
+        if KIND == 0 or KIND == 3:
+            if KIND == 3:  # int8 values are exact in 16 bits (and in float32)
+                b = b.to(a.dtype)
+            if a.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
+                acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(b))
+        elif KIND == 1:
+            acc_i += tl.dot(a, tl.trans(b))
+        else:
+            xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
+            ws = tl.load(ws_base + (n_rows // 128) * stride_wsn + t, mask=n_mask, other=0.0)
+            # each block's product scaled as it lands: Triton waits for the MMA here (wgmma.wait_group 0 after
+            # every K step, so the tensor cores idle while it scales; 641-667 TFLOP/s at M = 4096 on an H100).
+            # Scaling the previous block's product while this one's runs (tried 2026-11-24) compiled to the same
+            # wait and a second accumulator: 386 TFLOP/s
+            acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
+        return acc, acc_i
+
+    @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                       n_rows, n_mask, K, k_groups, t_start, t_end,
                       KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       QUANT_IN: tl.constexpr = False, in_scale=1.0, x_row=0):
         """QUANT_IN (int8): x's one row x_row of this program in 16 bits, quantized here with its scale in_scale (a
         K tile's codes made once, as a vector, and put in the tile's row of the program's one real row: the
-        whole tile's took 2-4x the product's time, H100, 2026-11-25); KIND 4 (groups of 32 = BK): each tile's codes
-        with the tile's own scale, in_scale unused."""
-        offs_k = tl.arange(0, BK)
+        whole tile's took 2-4x the product's time, H100, 2026-11-25); KIND 4: _int8_groups_tile, in_scale unused."""
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         acc_i = tl.zeros([BM, BN], dtype=tl.int32)
         for t in range(t_start, t_end):
-            cols = t * BK + offs_k
-            if QUANT_IN:
-                v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-                if KIND == 4:
-                    tile_scale = absmax_scale(v, 127.0)
-                    a = tl.where(row_mask[:, None], int8_codes(v, tile_scale)[None, :], 0).to(tl.int8)
-                else:
-                    a = tl.where(row_mask[:, None], int8_codes(v, in_scale)[None, :], 0).to(tl.int8)
+            if KIND == 4:
+                acc = _int8_groups_tile(acc, x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, n_rows,
+                                        n_mask, K, k_groups, t, BK, QUANT_IN, x_row)
             else:
-                a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
-                            mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
-            b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
-                        mask=n_mask[:, None] & (cols[None, :] < K), other=0.0)
-            if KIND == 0 or KIND == 3:
-                if KIND == 3:  # int8 values are exact in 16 bits (and in float32)
-                    b = b.to(a.dtype)
-                if a.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
-                    acc += tl.dot(a, tl.trans(b), input_precision="ieee")
-                else:
-                    acc += tl.dot(a, tl.trans(b))
-            elif KIND == 1:
-                acc_i += tl.dot(a, tl.trans(b))
-            elif KIND == 4:  # one activation group a K tile: its int32 product scaled as it lands
-                if QUANT_IN:
-                    acc += tl.dot(a, tl.trans(b)).to(tl.float32) * tile_scale
-                else:
-                    xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
-                    acc += tl.dot(a, tl.trans(b)).to(tl.float32) * xs[:, None]
-            else:
-                xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
-                ws = tl.load(ws_base + (n_rows // 128) * stride_wsn + t, mask=n_mask, other=0.0)
-                # each block's product scaled as it lands: Triton waits for the MMA here (wgmma.wait_group 0 after
-                # every K step, so the tensor cores idle while it scales; 641-667 TFLOP/s at M = 4096 on an H100).
-                # Scaling the previous block's product while this one's runs (tried 2026-11-24) compiled to the same
-                # wait and a second accumulator: 386 TFLOP/s
-                acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
+                acc, acc_i = _unpacked_tile(acc, acc_i, x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base,
+                                            stride_wn, ws_base, stride_wsn, n_rows, n_mask, K, k_groups, t, KIND, BK,
+                                            QUANT_IN, in_scale, x_row)
         if KIND == 1:
             if QUANT_IN:
                 xs = tl.zeros([BM], dtype=tl.float32) + in_scale
@@ -262,6 +291,15 @@ def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tens
     return x, None
 
 
+def activations_16bit(x: torch.Tensor, kind: int) -> torch.Tensor:
+    """x as the kind's product sees it, in x's dtype, for a 16-bit product on dequantized weights (prefill): int8
+    groups of 32 (KIND_INT8_G32) their codes times their scale rounded once; weight-only kinds x itself."""
+    if kind == KIND_INT8_G32:
+        return act_quant.int8_per_token_group(x, ACT_GROUP, dequant=True)[0]
+    assert kind in (KIND_BF16, KIND_INT8_W16), f"kind {kind} has no 16-bit activations"
+    return x
+
+
 # one-row int8 products whose K is at most this quantize their row themselves (QUANT_IN: the row read at once, in
 # registers; R1's o_proj, K = 16384, keeps the launch)
 QUANT_IN_MAX_K = 4096
@@ -306,7 +344,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
     if kind == KIND_FP8_BLOCK:
         assert bk == FP8_BLOCK, "fp8-block takes one K tile per 128-feature block"
     if kind == KIND_INT8_G32:
-        assert bk == ACT_GROUP, f"int8 activation groups take one K tile per {ACT_GROUP}-feature group"
+        assert bk % ACT_GROUP == 0, f"int8 activation groups: K tiles of whole {ACT_GROUP}-feature groups"
     split_k = config.get("SPLIT_K", 1) if not fuse_silu else 1  # SiLU needs the whole sum
     k_tiles = cdiv(K, bk)
     assert split_k <= k_tiles, f"SPLIT_K={split_k}: at most the {k_tiles} K tiles"

@@ -219,15 +219,29 @@ DEQUANT_MAX_BYTES = 2 << 30  # and only where all of a layer's experts fit in th
 
 
 def _dequantizes(w) -> bool:
-    """Experts that run dequantized to 16 bits at prefill: packed ones (every packed scheme) and w8a16's int8."""
-    return isinstance(w, PackedExperts) or (isinstance(w, UnpackedExperts) and w.kind == mu.KIND_INT8_W16)
+    """Experts that run dequantized to 16 bits at prefill: packed ones (every packed scheme), w8a16's int8 and w8a8's
+    with activation groups."""
+    return isinstance(w, PackedExperts) or (isinstance(w, UnpackedExperts)
+                                            and w.kind in (mu.KIND_INT8_W16, mu.KIND_INT8_G32))
+
+
+@dataclass
+class GroupedInt8Dequantized(UnpackedExperts):
+    """w8a8 experts with activation groups (KIND_INT8_G32) dequantized to 16 bits for one call (prefill): their
+    activations as mu.activations_16bit gives them, the 16-bit kernel."""
+
+    def run(self, x, out, moe, config, fuse_silu=False, routed_weights=None, x_row_div=1, slot_experts=None,
+            sum_slots=False):
+        rows = mu.activations_16bit(x.contiguous(), mu.KIND_INT8_G32)
+        return super().run(rows, out, moe, config, fuse_silu, routed_weights, x_row_div, slot_experts, sum_slots)
 
 
 def _dequantized(w, dtype: torch.dtype) -> UnpackedExperts:
     """_dequantizes' experts in 16 bits, for one call."""
     if isinstance(w, PackedExperts):
         return DequantizedExperts.of(w, dtype)
-    return UnpackedExperts(mu.dequantize_int8(w.weight, w.scale, dtype))
+    weight = mu.dequantize_int8(w.weight, w.scale, dtype)
+    return GroupedInt8Dequantized(weight) if w.kind == mu.KIND_INT8_G32 else UnpackedExperts(weight)
 
 
 def gate_up_config(cfg: dict, packed: bool) -> dict:

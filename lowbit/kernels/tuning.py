@@ -144,10 +144,6 @@ def gemv_config(n: int, k: int, bits: int, moe_rows: int = 0, fuse_silu: bool = 
     return {"BN": 32, "num_warps": 4}
 
 
-# pipeline stages of KIND_INT8_G32's 32-wide K tiles up to 64 rows (LOWBIT_INT8_G32_STAGES=N for a sweep)
-INT8_G32_STAGES = env_count("LOWBIT_INT8_G32_STAGES") or 8
-
-
 def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dict:
     b = bucket(m)
     key = ("unpacked", b, n, k, kind, moe)
@@ -171,9 +167,6 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         # 2026-11-24, benchmarks/large_m.py, M = 4096: 1.30 -> 1.55x cuBLAS on 36864x7168, 0.92 -> 1.37x on
         # 7168x18432); bf16 and fp8-block measured no better with three
         cfg = dict(BM=128, BN=128, BK=128 if kind else 64, num_warps=8, num_stages=3 if kind == 1 else 4)
-    if kind == mu.KIND_INT8_G32:
-        # int8 activations per token and 32 features: a K tile per group, more of them in flight
-        cfg = dict(cfg, BK=mu.ACT_GROUP, num_stages=INT8_G32_STAGES if b <= 64 else 4)
     if not moe and b <= 64:
         cfg["SPLIT_K"] = _split_k(cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]), cdiv(k, cfg["BK"]))
     return cfg

@@ -210,8 +210,10 @@ def test_unpacked_matmul(kind, M, N, K):
     w, ws = random_unpacked(kind, N, K, seed=M * N)
     x = torch.randn(M, K, generator=gen(M + K)).to(DTYPE)
     ref = mu.unpacked_matmul_ref(x.float(), w, kind, ws)
-    bk = mu.ACT_GROUP if kind == mu.KIND_INT8_G32 else 128
-    for config in (None, dict(BM=16, BN=32, BK=bk), dict(BM=16, BN=64, BK=bk, SPLIT_K=-(-K // bk))):
+    configs = [None, dict(BM=16, BN=32, BK=128), dict(BM=16, BN=64, BK=128, SPLIT_K=-(-K // 128))]
+    if kind == mu.KIND_INT8_G32:  # K tiles of two groups and of one
+        configs += [dict(BM=32, BN=32, BK=64), dict(BM=16, BN=32, BK=32, SPLIT_K=3)]
+    for config in configs:
         out = mu.unpacked_matmul(x.to(DEV), w.to(DEV), kind, None if ws is None else ws.to(DEV), config=config)
         assert out.shape == (M, N) and out.dtype == DTYPE
         assert rel(out, ref) < BOUND, config
@@ -249,7 +251,7 @@ def test_int8_groups_quantized_in_the_product_are_the_launch_bit_for_bit(N, K, m
     w, ws = w.to(DEV), ws.to(DEV)
     launches = []
     monkeypatch.setattr(aq, "int8_per_token_group", lambda *a, f=aq.int8_per_token_group: launches.append(1) or f(*a))
-    for config in (None, dict(BM=16, BN=64, BK=32, SPLIT_K=3)):
+    for config in (None, dict(BM=16, BN=64, BK=128, SPLIT_K=3), dict(BM=16, BN=32, BK=64)):
         cfg = config or tuning.unpacked_config(1, N, K, mu.KIND_INT8_G32)
         fused = mu.unpacked_matmul(x, w, mu.KIND_INT8_G32, ws, config=cfg)
         assert not launches
@@ -627,6 +629,51 @@ def test_dequantize_int8_is_each_value_times_its_scale_in_float32(N, K):
     out = mu.dequantize_int8(values.to(DEV), scale.to(DEV), DTYPE)
     want = (values.float() * scale.float()).to(DTYPE)  # the product in float32, as the kernel makes it
     assert out.shape == (3, N, K) and torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("M,K", [(3, 300), (70, 640)])
+def test_int8_groups_in_16_bits(M, K):
+    """w8a8 groups at prefill: the codes times their group's scale, rounded once to x's dtype."""
+    x = torch.randn(M, K, generator=gen(M)) * 3
+    out = mu.activations_16bit(x.to(DTYPE).to(DEV), mu.KIND_INT8_G32)
+    q, s = aq.int8_per_token_group_ref(x.to(DTYPE).float(), 32)
+    want = (q.float() * s.repeat_interleave(32, 1)[:, :K]).to(DTYPE)
+    assert out.dtype == DTYPE and torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("M", [1, 20])
+def test_w8a8_groups_dense_layer(M, monkeypatch):
+    """w8a8 --act-group-size 32: an UnpackedLinear of KIND_INT8_G32, the int8 kernel at decode rows, above
+    DEQUANT_ABOVE_ROWS the matrix library on its 16-bit weights and activations on their groups' grids."""
+    from lowbit.kernels import linear
+    from lowbit.quant.schemes import get_scheme
+    a = get_scheme("w8a8", act_group_size=32)
+    w, ws = random_unpacked(mu.KIND_INT8_G32, 96, 640, seed=M)
+    monkeypatch.setattr(linear, "DEQUANT_ABOVE_ROWS", 8)
+    layer = linear.int8_linear(w.to(DEV), ws.to(DEV), a.weights, a.input_activations)
+    assert isinstance(layer, linear.UnpackedLinear) and layer.kind == mu.KIND_INT8_G32
+    x = torch.randn(M, 640, generator=gen(M)).to(DTYPE)
+    calls = []
+    monkeypatch.setattr(mu, "unpacked_matmul", lambda *a, f=mu.unpacked_matmul, **kw: calls.append(1) or f(*a, **kw))
+    assert rel(layer(x.to(DEV)), mu.unpacked_matmul_ref(x.float(), w, mu.KIND_INT8_G32, ws)) < BOUND
+    assert bool(calls) == (M <= 8)
+
+
+def test_fused_moe_with_many_rows_runs_w8a8_group_experts_dequantized(monkeypatch):
+    """From DEQUANT_ROWS_PER_EXPERT slots per expert on, w8a8's experts with activation groups run in the 16-bit
+    kernel on weights dequantized for the call, their inputs on their groups' grids."""
+    E, H, inter, k, T = 4, 256, 128, 2, 12
+    w13, d13, fq = make_experts("w8a8-g32", E, 2 * inter, H, seed=5)
+    w2, d2, _ = make_experts("w8a8-g32", E, H, inter, seed=6)
+    x = torch.randn(T, H, generator=gen(7)).to(DTYPE)
+    topk = torch.stack([torch.randperm(E, generator=gen(t))[:k] for t in range(T)])
+    weights = torch.rand(T, k, generator=gen(8))
+    ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
+    calls = []
+    monkeypatch.setattr(moe, "DEQUANT_ROWS_PER_EXPERT", 2)
+    monkeypatch.setattr(mu, "dequantize_int8", lambda *a, f=mu.dequantize_int8: calls.append(1) or f(*a))
+    out = moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV))
+    assert len(calls) == 2 and rel(out, ref) < 3 * BOUND
 
 
 def test_fused_moe_with_many_rows_runs_w8a16_experts_dequantized(monkeypatch):
