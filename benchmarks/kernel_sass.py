@@ -140,8 +140,7 @@ def variants():
 SMEM_LIMIT = 227 * 1024  # shared memory one Hopper block may have
 # (kind, weight type, activation type)
 UNPACKED_KINDS = ((mu.KIND_BF16, "*bf16", "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8", "*i8"),
-                  (mu.KIND_FP8_BLOCK, "*fp8e4nv", "*fp8e4nv"), (mu.KIND_INT8_W16, "*i8", "*bf16"),
-                  (mu.KIND_INT8_G32, "*i8", "*i8"))
+                  (mu.KIND_FP8_BLOCK, "*fp8e4nv", "*fp8e4nv"), (mu.KIND_INT8_W16, "*i8", "*bf16"))
 
 
 NORM_PTRS = {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}
@@ -330,8 +329,8 @@ def check_engine_configs() -> list[str]:
                      inspect_unpacked(t, const, cfg, expert="*i64", x=x_t))
                 fits(problems, f"one-token MoE down + slot sum, K in two, unpacked kind={kind} {cfg}",
                      inspect_unpacked(t, dict(const, SPLIT_K=2), cfg, expert="*i64", x=x_t))
-                if kind in (mu.KIND_INT8_CHANNEL, mu.KIND_INT8_G32):  # w8a8: each slot's row quantized in it
-                    const = dict(const, QUANT_IN=True, KP=2048 if kind == mu.KIND_INT8_CHANNEL else 16)
+                if kind == mu.KIND_INT8_CHANNEL:  # w8a8: each slot's 16-bit row quantized in the product
+                    const = dict(const, QUANT_IN=True, KP=2048)
                     fits(problems, f"one-token MoE down + slot sum, int8 quantizing its rows {cfg}",
                          inspect_unpacked(t, const, cfg, expert="*i64", x="*bf16"))
     # w8a8 at one row, the 16-bit row quantized in the product: the widest K it takes, in four K splits
@@ -339,12 +338,6 @@ def check_engine_configs() -> list[str]:
     const = dict(KIND=mu.KIND_INT8_CHANNEL, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"],
                  BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=4, FIXUP=True, QUANT_IN=True, KP=mu.QUANT_IN_MAX_K)
     fits(problems, f"unpacked int8 M=1 quantizing its row, K={mu.QUANT_IN_MAX_K} {cfg}",
-         inspect_unpacked("*i8", const, cfg, x="*bf16"))
-    # w8a8 with activation groups of 32 at one row: R1's o_proj (K = 16384), each K tile's group quantized in it
-    cfg = tuning.unpacked_config(1, 7168, 16384, mu.KIND_INT8_G32)
-    const = dict(KIND=mu.KIND_INT8_G32, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
-                 BK=cfg["BK"], SPLIT_K=cfg.get("SPLIT_K", 1), FIXUP=cfg.get("SPLIT_K", 1) > 1, QUANT_IN=True)
-    fits(problems, f"unpacked int8 groups of 32 M=1 quantizing its row, K=16384 {cfg}",
          inspect_unpacked("*i8", const, cfg, x="*bf16"))
     # the decode kernels around the GEMMs: each compiles (the interpreter does not check what only the compiler does)
     from lowbit.kernels import mla_prep, norm_rope, router, split_kv

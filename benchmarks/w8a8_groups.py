@@ -1,10 +1,11 @@
-"""w8a8 with int8 activations scaled per token and 32 features (`--act-group-size 32`, KIND_INT8_G32) against w8a8
-per token (KIND_INT8_CHANNEL) and cuBLAS bf16, on one GPU, in one run: what the finer activation scales cost.
+"""w8a8 with int8 activations scaled per token and 32 features (`--act-group-size 32`, KIND_INT8_G32: w8a16's product
+on rows put on their groups' grids in 16 bits) against w8a8 per token (KIND_INT8_CHANNEL) and cuBLAS bf16, on one
+GPU, in one run: what the finer activation scales cost.
 
 The ceilings first (copy bandwidth, bf16 matrix rate: kernels.ceilings). Then R1's three dense shapes at M = 1, 16,
 64, 4096 (decode sizes replayed from a CUDA graph with the L2 flushed, as kernels.py; 4096 eagerly), each path as
 the engine calls it (UnpackedLinear: the activations' quantization launch, or quantized inside the product at one
-row; above 64 rows the matrix library on dequantized weights), with the heuristic configuration
+row; the groups' grid launch first; above 64 rows the matrix library on dequantized weights), with the heuristic configuration
 (tuning.unpacked_config) and, for the groups at one row, a sweep of configurations around it (--sweep). Last, the one-token fused MoE at R1's and V2-Lite's expert shapes, routed and shared experts as
 the engine stacks them.
 
@@ -57,7 +58,7 @@ def sweep_configs(m: int, N: int, K: int) -> list[dict]:
                 for split in {base.get("SPLIT_K", 1), max(1, base.get("SPLIT_K", 1) // 2),
                               2 * base.get("SPLIT_K", 1)}:
                     c = dict(base, BN=bn, num_stages=stages, SPLIT_K=split)
-                    if c not in out and split <= -(-K // 32):
+                    if c not in out and split <= -(-K // base["BK"]):
                         out.append(c)
     return out
 

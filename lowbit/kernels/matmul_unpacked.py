@@ -3,10 +3,15 @@ with int8 per-token activations (w8a8: int8 tensor cores, int32 accumulation), i
 activations (w8a16's experts: each int8 tile turned into the activations' dtype, exactly, for the 16-bit tensor
 cores; the channel's scale applied at the end), and FP8 e4m3 with 128x128 block scales and per-token-group FP8
 activations (fp8-block, DeepSeek's `fp8_gemm`: one FP8 product per 128 input features, scaled by the activation
-group's and the weight block's scales), and int8 per channel with int8 activations scaled per token and 32 features
-(w8a8 --act-group-size 32: one int8 product per 32-feature slice of each K tile, scaled by the activation group's
-scale as it lands, the channel's scale at the end; above DEQUANT_ABOVE_ROWS rows the callers run the matrix library
-on dequantized weights instead).
+group's and the weight block's scales).
+
+w8a8 with int8 activations per token and 32 features (--act-group-size 32, KIND_INT8_G32) runs as w8a16's int8
+weights (KIND_INT8_W16) on its activations put on their groups' int8 grids in 16 bits first (activations_16bit: the
+codes times their group's scale, rounded once to the model's dtype, as the torch reference path's fake
+quantization rounds them too). An int8 tensor-core product scaled per 32-feature slice ran at 0.5-0.6x w8a8 per
+token's time at one to 64 rows and 0.3x bf16's rate at 4096 on an H100 (2026-11-25, commits 3a26e27 and 7ff82d4,
+w8a8-groups-h100-80gb-hbm3-2026-11-25-bk32.md and -imma.md), where decode is bound by the int8 weights' bytes, which
+w8a16's kernel reads at the same rate.
 
 Weights are [E, N, K], K contiguous (the operand order FP8 and int8 tensor cores want); dense layers use E = 1.
 The grouped (MOE) and FUSE_SILU modes are those of matmul_packed.
@@ -21,7 +26,7 @@ from lowbit.kernels.rows import grid_and_rows, moe_mode, slot_sum_buffers, split
 KIND_BF16, KIND_INT8_CHANNEL, KIND_FP8_BLOCK, KIND_INT8_W16, KIND_INT8_G32 = 0, 1, 2, 3, 4
 CHANNEL_SCALED = (KIND_INT8_CHANNEL, KIND_INT8_W16, KIND_INT8_G32)  # int8 weights, one float32 scale a channel
 FP8_BLOCK = 128
-ACT_GROUP = 32  # KIND_INT8_G32's activation group: one K tile (BK) each
+ACT_GROUP = 32  # KIND_INT8_G32's activation group
 GROUP_M = 8  # row tiles the persistent kernel walks together (their weight tiles shared in L2)
 
 
@@ -60,82 +65,43 @@ if triton is not None:
                                      store_slot_sum, store_split)
 
     @triton.jit
-    def _int8_groups_tile(acc, x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, n_rows, n_mask, K,
-                          k_groups, t, BK: tl.constexpr, QUANT_IN: tl.constexpr, x_row, GROUP: tl.constexpr = 32):
-        """One BK-wide K tile of KIND 4 (int8 activations per token and GROUP features) into acc: an int8 product per
-        group, scaled by the group's activation scale as it lands. The tile's GROUP-wide slices are loaded apiece (a
-        loop of GROUP-wide tiles ran at 0.5-0.65x w8a8's time on R1's shapes at one row, its loop overhead per byte
-        4x: H100, 2026-11-25). QUANT_IN: the program's one row x_row in 16 bits, each group's scale and codes made
-        here, as act_quant.int8_per_token_group makes them."""
-        offs = tl.arange(0, GROUP)
-        for j in tl.static_range(BK // GROUP):
-            cols = t * BK + j * GROUP + offs
-            if QUANT_IN:
-                v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-                s = absmax_scale(v, 127.0)
-                a = tl.where(row_mask[:, None], int8_codes(v, s)[None, :], 0).to(tl.int8)
-            else:
-                g = t * (BK // GROUP) + j
-                a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
-                            mask=row_mask[:, None] & (cols[None, :] < K), other=0)
-                s = tl.load(xs_ptr + x_rows * k_groups + g, mask=row_mask & (x_rows * 0 + g < k_groups),
-                            other=0.0)[:, None]
-            b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
-                        mask=n_mask[:, None] & (cols[None, :] < K), other=0)
-            acc += tl.dot(a, tl.trans(b)).to(tl.float32) * s
-        return acc
-
-    @triton.jit
-    def _unpacked_tile(acc, acc_i, x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
-                       n_rows, n_mask, K, k_groups, t, KIND: tl.constexpr, BK: tl.constexpr, QUANT_IN: tl.constexpr,
-                       in_scale, x_row):
-        """One K tile of KINDs 0-3 into acc (float32) or acc_i (int32, KIND 1)."""
-        cols = t * BK + tl.arange(0, BK)
-        if QUANT_IN:
-            v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
-            a = tl.where(row_mask[:, None], int8_codes(v, in_scale)[None, :], 0).to(tl.int8)
-        else:
-            a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
-                        mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
-        b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
-                    mask=n_mask[:, None] & (cols[None, :] < K), other=0.0)
-        if KIND == 0 or KIND == 3:
-            if KIND == 3:  # int8 values are exact in 16 bits (and in float32)
-                b = b.to(a.dtype)
-            if a.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
-                acc += tl.dot(a, tl.trans(b), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(b))
-        elif KIND == 1:
-            acc_i += tl.dot(a, tl.trans(b))
-        else:
-            xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
-            ws = tl.load(ws_base + (n_rows // 128) * stride_wsn + t, mask=n_mask, other=0.0)
-            # each block's product scaled as it lands: Triton waits for the MMA here (wgmma.wait_group 0 after
-            # every K step, so the tensor cores idle while it scales; 641-667 TFLOP/s at M = 4096 on an H100).
-            # Scaling the previous block's product while this one's runs (tried 2026-11-24) compiled to the same
-            # wait and a second accumulator: 386 TFLOP/s
-            acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
-        return acc, acc_i
-
-    @triton.jit
     def _unpacked_acc(x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, ws_base, stride_wsn,
                       n_rows, n_mask, K, k_groups, t_start, t_end,
                       KIND: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       QUANT_IN: tl.constexpr = False, in_scale=1.0, x_row=0):
         """QUANT_IN (int8): x's one row x_row of this program in 16 bits, quantized here with its scale in_scale (a
         K tile's codes made once, as a vector, and put in the tile's row of the program's one real row: the
-        whole tile's took 2-4x the product's time, H100, 2026-11-25); KIND 4: _int8_groups_tile, in_scale unused."""
+        whole tile's took 2-4x the product's time, H100, 2026-11-25)."""
+        offs_k = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         acc_i = tl.zeros([BM, BN], dtype=tl.int32)
         for t in range(t_start, t_end):
-            if KIND == 4:
-                acc = _int8_groups_tile(acc, x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base, stride_wn, n_rows,
-                                        n_mask, K, k_groups, t, BK, QUANT_IN, x_row)
+            cols = t * BK + offs_k
+            if QUANT_IN:
+                v = tl.load(x_ptr + x_row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32)
+                a = tl.where(row_mask[:, None], int8_codes(v, in_scale)[None, :], 0).to(tl.int8)
             else:
-                acc, acc_i = _unpacked_tile(acc, acc_i, x_ptr, x_rows, row_mask, stride_xm, xs_ptr, w_base,
-                                            stride_wn, ws_base, stride_wsn, n_rows, n_mask, K, k_groups, t, KIND, BK,
-                                            QUANT_IN, in_scale, x_row)
+                a = tl.load(x_ptr + x_rows[:, None] * stride_xm + cols[None, :],
+                            mask=row_mask[:, None] & (cols[None, :] < K), other=0.0)
+            b = tl.load(w_base + n_rows[:, None] * stride_wn + cols[None, :],
+                        mask=n_mask[:, None] & (cols[None, :] < K), other=0.0)
+            if KIND == 0 or KIND == 3:
+                if KIND == 3:  # int8 values are exact in 16 bits (and in float32)
+                    b = b.to(a.dtype)
+                if a.dtype == tl.float32:  # float32 models stay float32 (Triton's default would be tf32)
+                    acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+                else:
+                    acc += tl.dot(a, tl.trans(b))
+            elif KIND == 1:
+                acc_i += tl.dot(a, tl.trans(b))
+            else:
+                xs = tl.load(xs_ptr + x_rows * k_groups + t, mask=row_mask, other=0.0)
+                ws = tl.load(ws_base + (n_rows // 128) * stride_wsn + t, mask=n_mask, other=0.0)
+                # each block's product scaled as it lands: Triton waits for the MMA here (wgmma.wait_group 0 after
+                # every K step, so the tensor cores idle while it scales; 641-667 TFLOP/s at M = 4096 on an H100).
+                # Scaling the previous block's product while this one's runs (tried 2026-11-24) compiled to the same
+                # wait and a second accumulator: 386 TFLOP/s
+                acc += tl.dot(a, tl.trans(b)) * xs[:, None] * ws[None, :]
         if KIND == 1:
             if QUANT_IN:
                 xs = tl.zeros([BM], dtype=tl.float32) + in_scale
@@ -143,7 +109,7 @@ if triton is not None:
                 xs = tl.load(xs_ptr + x_rows, mask=row_mask, other=0.0)
             ws = tl.load(ws_base + n_rows, mask=n_mask, other=0.0)
             acc = acc_i.to(tl.float32) * xs[:, None] * ws[None, :]
-        elif KIND == 3 or KIND == 4:
+        elif KIND == 3:
             acc = acc * tl.load(ws_base + n_rows, mask=n_mask, other=0.0)[None, :]
         return acc
 
@@ -159,8 +125,7 @@ if triton is not None:
                                 KP: tl.constexpr = 16, PDL: tl.constexpr = 0):
         """QUANT_IN (int8, one row a program: M = 1 or one token's slots): x is that row in 16 bits, K <= KP, its
         per-token int8 scale taken from the whole row read at once, its codes made in the K loop: what
-        act_quant.int8_per_token's launch would give, without the launch (KIND 4: each K tile's group scale taken
-        in the loop, any K)."""
+        act_quant.int8_per_token's launch would give, without the launch."""
         enter(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -178,11 +143,10 @@ if triton is not None:
         in_scale = 1.0
         xr = 0
         if QUANT_IN:
+            kk = tl.arange(0, KP)
             xr = tl.max(tl.where(row_mask, x_rows, 0), axis=0)  # (the program's one row)
-            if KIND == 1:
-                kk = tl.arange(0, KP)
-                v = tl.load(x_ptr + xr * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-                in_scale = absmax_scale(v, 127.0)
+            v = tl.load(x_ptr + xr * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+            in_scale = absmax_scale(v, 127.0)
         tiles = tl.cdiv(k_tiles, SPLIT_K)  # the last split may have fewer K tiles (V2-Lite's 1408 = 11 x 128)
         t_start = pid_k * tiles
         t_end = tl.minimum(t_start + tiles, k_tiles)
@@ -284,20 +248,23 @@ def dequantize_int8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 def quantize_input(x: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if kind == KIND_INT8_CHANNEL:
         return act_quant.int8_per_token(x)
-    if kind == KIND_INT8_G32:
-        return act_quant.int8_per_token_group(x, ACT_GROUP)
     if kind == KIND_FP8_BLOCK:
         return act_quant.fp8_per_token_group(x, FP8_BLOCK)
-    return x, None
+    return activations_16bit(x, kind), None
 
 
 def activations_16bit(x: torch.Tensor, kind: int) -> torch.Tensor:
-    """x as the kind's product sees it, in x's dtype, for a 16-bit product on dequantized weights (prefill): int8
-    groups of 32 (KIND_INT8_G32) their codes times their scale rounded once; weight-only kinds x itself."""
+    """x as a 16-bit product sees it: KIND_INT8_G32's on their groups' int8 grids (the codes times their scale,
+    rounded once to x's dtype); the weight-only kinds x itself."""
     if kind == KIND_INT8_G32:
-        return act_quant.int8_per_token_group(x, ACT_GROUP, dequant=True)[0]
+        return act_quant.int8_per_token_group(x.contiguous(), ACT_GROUP, dequant=True)[0]
     assert kind in (KIND_BF16, KIND_INT8_W16), f"kind {kind} has no 16-bit activations"
     return x
+
+
+def kernel_kind(kind: int) -> int:
+    """The kernel's KIND for a kind: KIND_INT8_G32 runs KIND_INT8_W16's product on activations_16bit's rows."""
+    return KIND_INT8_W16 if kind == KIND_INT8_G32 else kind
 
 
 # one-row int8 products whose K is at most this quantize their row themselves (QUANT_IN: the row read at once, in
@@ -309,9 +276,7 @@ def kernel_input(x: torch.Tensor, kind: int, one_row: bool) -> tuple[torch.Tenso
     """-> (the rows the kernel reads, their scales, QUANT_IN): an int8 product whose programs each own one row
     (one_row: M = 1, or one token's slots) of K <= QUANT_IN_MAX_K takes the 16-bit row and quantizes it itself,
     one launch fewer at batch-1 decode, unless the row comes quantized already (the norm before it did it:
-    act_quant.attach_int8_rows). Groups of 32 (KIND_INT8_G32) are quantized tile by tile in the product at any K."""
-    if one_row and kind == KIND_INT8_G32:
-        return x, None, True
+    act_quant.attach_int8_rows)."""
     if (kind == KIND_INT8_CHANNEL and one_row and x.shape[1] <= QUANT_IN_MAX_K
             and act_quant.attached_int8_rows(x) is None):
         return x, None, True
@@ -338,13 +303,12 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
     """Run the kernel on already-quantized activations x (+ scales xs), or (quant_in: kernel_input's) on 16-bit
     rows it quantizes itself. w [E, N, K]; w_scale [E, N] (int8) or [E, N/128, K/128] (fp8-block); moe and
     sum_slots as in matmul_packed.launch."""
+    kind = kernel_kind(kind)
     E, n_w, K = w.shape
     n = n_w // 2 if fuse_silu else n_w
     bm, bn, bk = config["BM"], config["BN"], config["BK"]
     if kind == KIND_FP8_BLOCK:
         assert bk == FP8_BLOCK, "fp8-block takes one K tile per 128-feature block"
-    if kind == KIND_INT8_G32:
-        assert bk % ACT_GROUP == 0, f"int8 activation groups: K tiles of whole {ACT_GROUP}-feature groups"
     split_k = config.get("SPLIT_K", 1) if not fuse_silu else 1  # SiLU needs the whole sum
     k_tiles = cdiv(K, bk)
     assert split_k <= k_tiles, f"SPLIT_K={split_k}: at most the {k_tiles} K tiles"
@@ -353,7 +317,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
         w_scale = torch.empty(E, 1, 1, device=w.device)
     ws3 = w_scale.view(E, w_scale.shape[1], -1)
     if quant_in:
-        assert xs is None and (kind == KIND_INT8_G32 or (kind == KIND_INT8_CHANNEL and K <= QUANT_IN_MAX_K))
+        assert kind == KIND_INT8_CHANNEL and xs is None and K <= QUANT_IN_MAX_K
         assert (moe is not None and moe[0] is None) or (moe is None and x.shape[0] == 1), "one row a program"
     grid, sorted_ids, block_expert, num_padded, m = grid_and_rows(moe, x.shape[0], n, bm, bn, split_k, dummy)
     # (a zeroed float32 output takes atomic adds instead; the slots' sum adds the splits itself)
@@ -367,7 +331,7 @@ def launch(x: torch.Tensor, xs: torch.Tensor | None, w: torch.Tensor, w_scale: t
     _unpacked_matmul_kernel[grid](
         x, xs if xs is not None else dummy, w, ws3, out,
         sorted_ids, block_expert, num_padded, routed_weights if routed_weights is not None else dummy, part, counters,
-        m, n, K, k_tiles, cdiv(K, ACT_GROUP if kind == KIND_INT8_G32 else FP8_BLOCK), x_row_div,
+        m, n, K, k_tiles, cdiv(K, FP8_BLOCK), x_row_div,
         x.stride(0), out.stride(0), w.stride(0), w.stride(1), ws3.stride(0), ws3.stride(1),
         KIND=kind, MOE=moe_mode(moe), FUSE_SILU=fuse_silu, ROUTED_WEIGHT=routed_weights is not None,
         BM=bm, BN=bn, BK=bk, SPLIT_K=split_k, FIXUP=fixup, SUM_SLOTS=sum_slots, QUANT_IN=quant_in,

@@ -320,7 +320,7 @@ def one_token_down_split(w2, inter_size: int, cfg2: dict, slots: int) -> int:
         want = 2 if slots * cdiv(w2.shape[1], cfg2["BN"]) < 2 * tuning.num_sms() else 1
     elif not want:
         large = w2.shape[1] * inter_size >= tuning.LARGE_EXPERT
-        want = tuning.LARGE_UNPACKED_DOWN_SPLITS.get(w2.kind, 1) if large else 1
+        want = tuning.LARGE_UNPACKED_DOWN_SPLITS.get(mu.kernel_kind(w2.kind), 1) if large else 1
     split = max(1, min(want, k_tiles))
     while packed and k_tiles % split:
         split -= 1

@@ -145,6 +145,7 @@ def gemv_config(n: int, k: int, bits: int, moe_rows: int = 0, fuse_silu: bool = 
 
 
 def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dict:
+    kind = mu.kernel_kind(kind)  # (w8a8's activation groups run w8a16's product)
     b = bucket(m)
     key = ("unpacked", b, n, k, kind, moe)
     if key in TUNED:
@@ -256,7 +257,7 @@ def tune_model(model: torch.nn.Module, max_tokens: int, dtype: torch.dtype) -> d
                 cands = candidates(True, m, w.k, w.bits)
             else:
                 n, k = kern.weight.shape
-                key = ("unpacked", b, n, k, kern.kind, False)
+                key = ("unpacked", b, n, k, mu.kernel_kind(kern.kind), False)
                 x = torch.randn(m, k, dtype=dtype, device=kern.weight.device)
 
                 def run(cfg, x=x, kern=kern):

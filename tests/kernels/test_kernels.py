@@ -211,8 +211,6 @@ def test_unpacked_matmul(kind, M, N, K):
     x = torch.randn(M, K, generator=gen(M + K)).to(DTYPE)
     ref = mu.unpacked_matmul_ref(x.float(), w, kind, ws)
     configs = [None, dict(BM=16, BN=32, BK=128), dict(BM=16, BN=64, BK=128, SPLIT_K=-(-K // 128))]
-    if kind == mu.KIND_INT8_G32:  # K tiles of two groups and of one
-        configs += [dict(BM=32, BN=32, BK=64), dict(BM=16, BN=32, BK=32, SPLIT_K=3)]
     for config in configs:
         out = mu.unpacked_matmul(x.to(DEV), w.to(DEV), kind, None if ws is None else ws.to(DEV), config=config)
         assert out.shape == (M, N) and out.dtype == DTYPE
@@ -241,25 +239,23 @@ def test_one_int8_row_quantized_in_the_product_is_the_launch_bit_for_bit(N, K, m
     assert mu.kernel_input(x, mu.KIND_INT8_CHANNEL, True) == (q, s, False)
 
 
-@pytest.mark.parametrize("N,K", [(96, 640), (72, 5000)])
-def test_int8_groups_quantized_in_the_product_are_the_launch_bit_for_bit(N, K, monkeypatch):
-    """w8a8 with activation groups of 32 at one row: the product quantizes each K tile's group itself (QUANT_IN, at
-    any K) and gives exactly what act_quant's launch first gives; the reference within the bound."""
+@pytest.mark.parametrize("M,N,K", [(1, 96, 640), (5, 72, 5000)])
+def test_int8_groups_run_w8a16_on_their_grid_rows(M, N, K, monkeypatch):
+    """w8a8 with activation groups of 32 (KIND_INT8_G32): one launch puts the rows on their groups' int8 grids in 16
+    bits, then w8a16's product (KIND_INT8_W16) on them, bit for bit; the float64 reference within the bound."""
     w, ws = random_unpacked(mu.KIND_INT8_G32, N, K, seed=N)
-    x = (torch.randn(1, K, generator=gen(K)) * 3).to(DTYPE).to(DEV)
+    x = (torch.randn(M, K, generator=gen(K)) * 3).to(DTYPE).to(DEV)
     x[0, 7] = 300.0
     w, ws = w.to(DEV), ws.to(DEV)
     launches = []
-    monkeypatch.setattr(aq, "int8_per_token_group", lambda *a, f=aq.int8_per_token_group: launches.append(1) or f(*a))
-    for config in (None, dict(BM=16, BN=64, BK=128, SPLIT_K=3), dict(BM=16, BN=32, BK=64)):
-        cfg = config or tuning.unpacked_config(1, N, K, mu.KIND_INT8_G32)
-        fused = mu.unpacked_matmul(x, w, mu.KIND_INT8_G32, ws, config=cfg)
-        assert not launches
-        out = torch.empty_like(fused)
-        xq, xs = mu.quantize_input(x, mu.KIND_INT8_G32)
-        assert torch.equal(fused, mu.quantized_matmul(xq, xs, w, mu.KIND_INT8_G32, ws, out, cfg)) and launches
-        launches.clear()
-    assert rel(fused, mu.unpacked_matmul_ref(x.cpu().float(), w.cpu(), mu.KIND_INT8_G32, ws.cpu())) < BOUND
+    monkeypatch.setattr(aq, "int8_per_token_group", lambda *a, f=aq.int8_per_token_group, **kw:
+                        launches.append(1) or f(*a, **kw))
+    out = mu.unpacked_matmul(x, w, mu.KIND_INT8_G32, ws)
+    assert launches == [1]
+    rows = mu.activations_16bit(x, mu.KIND_INT8_G32)
+    assert tuning.unpacked_config(M, N, K, mu.KIND_INT8_G32) == tuning.unpacked_config(M, N, K, mu.KIND_INT8_W16)
+    assert torch.equal(out, mu.unpacked_matmul(rows, w, mu.KIND_INT8_W16, ws))
+    assert rel(out, mu.unpacked_matmul_ref(x.cpu().float(), w.cpu(), mu.KIND_INT8_G32, ws.cpu())) < BOUND
 
 
 @pytest.mark.parametrize("kind", [mu.KIND_INT8_CHANNEL, pytest.param(mu.KIND_FP8_BLOCK, marks=gpu_only)])
@@ -436,9 +432,8 @@ def test_one_token_moe_sorts_nothing(scheme, gemv_moe, monkeypatch):
     ref = moe.fused_moe_ref(x, d13, d2, weights, topk, fq, fq)
     assert out.shape == (1, H) and rel(out, ref) < BOUND * (3 if fq is not None else 1)
     assert calls == []
-    if scheme in ("w8a8", "w8a8-g32"):  # int8 experts quantize each slot's row in the product: no launch of their own
+    if scheme == "w8a8":  # int8 experts quantize each slot's row in the product: no launch of their own
         monkeypatch.setattr(aq, "_quant_rows", lambda *a, **kw: calls.append("quant"))
-        monkeypatch.setattr(aq, "int8_per_token_group", lambda *a, **kw: calls.append("quant"))
         assert torch.equal(out, moe.fused_moe(x.to(DEV), w13, w2, weights.to(DEV), topk.to(DEV), may_skip=True))
         assert calls == []
     assert all(int(c.abs().sum()) == 0 for c in rows._COUNTERS.values())
@@ -634,11 +629,11 @@ def test_dequantize_int8_is_each_value_times_its_scale_in_float32(N, K):
 @pytest.mark.parametrize("M,K", [(3, 300), (70, 640)])
 def test_int8_groups_in_16_bits(M, K):
     """w8a8 groups at prefill: the codes times their group's scale, rounded once to x's dtype."""
-    x = torch.randn(M, K, generator=gen(M)) * 3
-    out = mu.activations_16bit(x.to(DTYPE).to(DEV), mu.KIND_INT8_G32)
-    q, s = aq.int8_per_token_group_ref(x.to(DTYPE).float(), 32)
+    x = (torch.randn(M, K, generator=gen(M)) * 3).to(DTYPE).to(DEV)
+    out = mu.activations_16bit(x, mu.KIND_INT8_G32)
+    q, s = aq.int8_per_token_group(x, 32)  # (the same launch's codes and scales, checked against the reference above)
     want = (q.float() * s.repeat_interleave(32, 1)[:, :K]).to(DTYPE)
-    assert out.dtype == DTYPE and torch.equal(out.cpu(), want)
+    assert out.dtype == DTYPE and torch.equal(out, want)
 
 
 @pytest.mark.parametrize("M", [1, 20])
