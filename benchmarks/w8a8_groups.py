@@ -1,6 +1,6 @@
-"""w8a8 with int8 activations scaled per token and 32 features (`--act-group-size 32`, KIND_INT8_G32: w8a16's product
-on rows put on their groups' grids in 16 bits) against w8a8 per token (KIND_INT8_CHANNEL) and cuBLAS bf16, on one
-GPU, in one run: what the finer activation scales cost.
+"""w8a8 with int8 activations scaled per token and 32 features (`--act-group-size 32`, KIND_INT8_G32: w8a16's
+product on rows put on their groups' grids in 16 bits) against w8a8 per token (KIND_INT8_CHANNEL) and cuBLAS bf16,
+on one GPU, in one run: what the finer activation scales cost.
 
 The ceilings first (copy bandwidth, bf16 matrix rate: kernels.ceilings). Then R1's three dense shapes at M = 1, 16,
 64, 4096 (decode sizes replayed from a CUDA graph with the L2 flushed, as kernels.py; 4096 eagerly), each path as
