@@ -143,8 +143,7 @@ UNPACKED_KINDS = ((mu.KIND_BF16, "*bf16", "*bf16"), (mu.KIND_INT8_CHANNEL, "*i8"
                   (mu.KIND_FP8_BLOCK, "*fp8e4nv", "*fp8e4nv"), (mu.KIND_INT8_W16, "*i8", "*bf16"))
 
 
-NORM_PTRS = {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
-             "g_ptr": "*bf16"}
+NORM_PTRS = {"x_ptr": "*bf16", "res_ptr": "*bf16", "sum_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"}
 
 
 def unpacked_ptrs(t: str, expert: str = "*i32", x: str | None = None) -> dict:
@@ -349,9 +348,6 @@ def check_engine_configs() -> list[str]:
          dict(BLOCK=8192, HAS_RES=True, INT8_ROWS=False), 16, ("eps",)),
         ("residual add + rms_norm bf16 7168 + int8 rows", norm_rope._rms_norm_kernel,
          dict(NORM_PTRS, q_ptr="*i8", s_ptr="*fp32"), dict(BLOCK=8192, HAS_RES=True, INT8_ROWS=True), 16, ("eps",)),
-        ("residual add + rms_norm bf16 7168 + int8 group grid rows", norm_rope._rms_norm_kernel,
-         dict(NORM_PTRS, q_ptr="*bf16", s_ptr="*bf16"), dict(BLOCK=8192, HAS_RES=True, INT8_ROWS=False,
-                                                            GRID_ROWS=True), 16, ("eps",)),
         ("split-KV combine, 16 splits x 512", split_kv._combine_kernel,
          {"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"}, dict(S=16, S_P=16, BR=1, D_P=512), 4, ()),
         ("rope bf16 interleaved 64, 128 heads", norm_rope._rope_kernel,

@@ -136,36 +136,22 @@ if triton is not None:
                 _quant_group(v, mask, q_ptr + row * stride_q + cols, TO_FP8, scale)
 
     @triton.jit
-    def int8_group_grid(v, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-        """A row's float32 values v [BLOCK] (0 where masked off) -> (codes [BLOCK // GROUP, GROUP], scales
-        [BLOCK // GROUP]): absmax / 127 per group (absmax_scale's formula), rounded half to even. What every int8
-        group quantization here computes (the norm's grid rows too)."""
-        v = tl.reshape(v, [BLOCK // GROUP, GROUP])
-        scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-10) / 127.0
-        return int8_codes(v, scale[:, None]), scale
-
-    @triton.jit
-    def int8_grid_values(v, BLOCK: tl.constexpr, GROUP: tl.constexpr):
-        """v [BLOCK] on its groups' int8 grids, float32: the codes times their scale."""
-        q, scale = int8_group_grid(v, BLOCK, GROUP)
-        return tl.reshape(q.to(tl.float32) * scale[:, None], [BLOCK])
-
-    @triton.jit
     def _int8_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, num_groups, GROUP: tl.constexpr,
                             BLOCK: tl.constexpr, PDL: tl.constexpr, DEQUANT: tl.constexpr = False):
         """BLOCK features of one row, BLOCK // GROUP groups of them: each group's scale and codes as
         quant_group_once computes them (a program per group was one program per 32 features: 917K programs for
-        4096 rows of 7168). DEQUANT: codes times their scale, rounded once to q's dtype, and no scales stored (the
-        codes and scales themselves check that against the reference)."""
+        4096 rows of 7168). DEQUANT: codes times their scale, rounded once to q's dtype, and no scales stored."""
         enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        v = tl.reshape(v, [BLOCK // GROUP, GROUP])
+        scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-10) / 127.0  # (absmax_scale, per group)
+        q = int8_codes(v, scale[:, None])
         if DEQUANT:
-            out = int8_grid_values(v, BLOCK, GROUP).to(q_ptr.dtype.element_ty)
+            out = tl.reshape(q.to(tl.float32) * scale[:, None], [BLOCK]).to(q_ptr.dtype.element_ty)
             tl.store(q_ptr + row * stride_q + cols, out, mask=cols < K)
         else:
-            q, scale = int8_group_grid(v, BLOCK, GROUP)
             tl.store(q_ptr + row * stride_q + cols, tl.reshape(q, [BLOCK]), mask=cols < K)
             g = tl.program_id(1) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
             tl.store(s_ptr + row * num_groups + g, scale, mask=g < num_groups)
@@ -231,19 +217,6 @@ def attach_int8_rows(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
 def attached_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What attach_int8_rows gave x, or None."""
     return getattr(x, "_int8_rows", None)
-
-
-def attach_grid_rows(x: torch.Tensor, rows: torch.Tensor) -> None:
-    """Give x [M, K] its rows on their 32-feature groups' int8 grids in x's dtype (int8_per_token_group(x, 32,
-    dequant=True)), computed by the kernel that wrote x (an RMSNorm's), as attach_int8_rows does for per-token
-    codes: the same rules."""
-    assert rows.shape == x.shape and rows.dtype == x.dtype
-    x._grid_rows = rows
-
-
-def attached_grid_rows(x: torch.Tensor) -> torch.Tensor | None:
-    """What attach_grid_rows gave x, or None."""
-    return getattr(x, "_grid_rows", None)
 
 
 def int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

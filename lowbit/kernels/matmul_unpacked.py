@@ -257,8 +257,7 @@ def activations_16bit(x: torch.Tensor, kind: int) -> torch.Tensor:
     """x as a 16-bit product sees it: KIND_INT8_G32's on their groups' int8 grids (the codes times their scale,
     rounded once to x's dtype); the weight-only kinds x itself."""
     if kind == KIND_INT8_G32:
-        done = act_quant.attached_grid_rows(x)  # (the norm before it made them: act_quant.attach_grid_rows)
-        return done if done is not None else act_quant.int8_per_token_group(x.contiguous(), ACT_GROUP, dequant=True)[0]
+        return act_quant.int8_per_token_group(x.contiguous(), ACT_GROUP, dequant=True)[0]
     assert kind in (KIND_BF16, KIND_INT8_W16), f"kind {kind} has no 16-bit activations"
     return x
 

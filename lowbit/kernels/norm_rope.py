@@ -14,19 +14,17 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from lowbit.kernels.act_quant import int8_grid_values, quant_group_once
+    from lowbit.kernels.act_quant import quant_group_once
     from lowbit.kernels.pdl import enter
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, q_ptr, s_ptr, g_ptr, N, stride_x, stride_r,
-                         stride_o, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, INT8_ROWS: tl.constexpr,
-                         PDL: tl.constexpr, GRID_ROWS: tl.constexpr = False):
+    def _rms_norm_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, out_ptr, q_ptr, s_ptr, N, stride_x, stride_r, stride_o,
+                         eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, INT8_ROWS: tl.constexpr,
+                         PDL: tl.constexpr):
         """One row: x / sqrt(mean(x^2) + eps), rounded to x's dtype, times the weight (as the HF models do).
         HAS_RES: x + residual first, rounded to x's dtype as torch's add rounds, and written to sum_ptr.
         INT8_ROWS: the output row also quantized to int8 per token (act_quant's _quant_rows_kernel on the rounded
-        output: the same codes and scale) into q_ptr [rows, N] and s_ptr [rows]. GRID_ROWS: the output row also put
-        on its 32-feature groups' int8 grids in its dtype (act_quant.int8_per_token_group(..., dequant=True) on the
-        rounded output: the same values) into g_ptr [rows, N]."""
+        output: the same codes and scale) into q_ptr [rows, N] and s_ptr [rows]."""
         enter(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -44,9 +42,6 @@ if triton_available():
         tl.store(out_ptr + row * stride_o + cols, o, mask=mask)
         if INT8_ROWS:
             quant_group_once(tl.where(mask, o.to(tl.float32), 0.0), mask, q_ptr + row * N + cols, s_ptr + row, False)
-        if GRID_ROWS:
-            g = int8_grid_values(tl.where(mask, o.to(tl.float32), 0.0), BLOCK, 32)
-            tl.store(g_ptr + row * N + cols, g.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
@@ -75,13 +70,12 @@ if triton_available():
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             int8_rows: bool = False, grid_rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+             int8_rows: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [..., N] (rows with unit stride) -> the same shape, in the dtype `weight * x` has in torch. With a residual
     (the decoder's running sum, same shape and dtype): (the norm of x + residual, x + residual), one launch where
     the add and the norm were two. int8_rows (x [T, N]): the output also quantized to int8 per token in the same
     launch, what act_quant.int8_per_token returns for it (act_quant.attach_int8_rows): the int8 layers reading it
-    (w8a8, w4a8-int8) then skip their own quantization launch. grid_rows (x [T, N], N >= 32): the output also on its
-    32-feature groups' int8 grids (act_quant.attach_grid_rows), for w8a8 --act-group-size 32's layers."""
+    (w8a8, w4a8-int8) then skip their own quantization launch."""
     N = x.shape[-1]
     assert weight.shape == (N,) and x.stride(-1) == 1, f"x {tuple(x.shape)} vs weight {tuple(weight.shape)}"
     x2 = x.reshape(-1, N)
@@ -92,23 +86,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         res = residual.reshape(-1, N)
         summed = torch.empty_like(x2)
     int8_rows = int8_rows and x.dim() == 2
-    grid_rows = grid_rows and x.dim() == 2 and N >= 32
-    grid = torch.empty_like(out) if grid_rows else out
     q = s = out
     if int8_rows:
         q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
         s = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0]:
         block = triton.next_power_of_2(N)
-        _rms_norm_kernel[(x2.shape[0],)](x2, res, summed, weight, out, q, s, grid, N, x2.stride(0), res.stride(0),
+        _rms_norm_kernel[(x2.shape[0],)](x2, res, summed, weight, out, q, s, N, x2.stride(0), res.stride(0),
                                          out.stride(0), eps, BLOCK=block, HAS_RES=residual is not None,
-                                         INT8_ROWS=int8_rows, GRID_ROWS=grid_rows,
-                                         num_warps=min(16, max(1, block // 512)), **pdl.launch(x2.device))
+                                         INT8_ROWS=int8_rows, num_warps=min(16, max(1, block // 512)),
+                                         **pdl.launch(x2.device))
     normed = out.view(x.shape)
     if int8_rows:
         act_quant.attach_int8_rows(normed, q, s)
-    if grid_rows:
-        act_quant.attach_grid_rows(normed, grid)
     if residual is None:
         return normed
     return normed, summed.view(x.shape)

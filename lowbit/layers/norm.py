@@ -13,8 +13,6 @@ class RMSNorm(nn.Module):
         # the kernel also quantizes its output to int8 per token (norm_rope.rms_norm): set at load time where layers
         # with int8 per-token activations run in the kernels (models/loader.py)
         self.int8_rows = False
-        # ... and puts it on its 32-feature groups' int8 grids (w8a8 --act-group-size 32's layers), likewise
-        self.grid_rows = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +20,7 @@ class RMSNorm(nn.Module):
         norm, one launch on the kernel path."""
         if x.is_cuda and kernels_enabled(x.device) and x.stride(-1) == 1 and (
                 residual is None or residual.stride(-1) == 1):
-            return rms_norm(x, self.weight, self.eps, residual, self.int8_rows, self.grid_rows)
+            return rms_norm(x, self.weight, self.eps, residual, self.int8_rows)
         if residual is not None:
             x = x + residual
             return self._norm(x), x

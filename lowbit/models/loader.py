@@ -18,7 +18,6 @@ from torch import nn
 from lowbit.config import ConfigError, ModelConfig
 from lowbit.kernels.linear import activation_kind
 from lowbit.kernels.matmul_packed import ACT_INT8_TOKEN
-from lowbit.kernels.matmul_unpacked import ACT_GROUP
 from lowbit.layers.norm import RMSNorm
 from lowbit.quant.config import quant_config_for
 
@@ -278,16 +277,11 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> No
             hook()
     # where layers take int8 per-token activations (w8a8, w4a8-int8), the norms before them quantize their output in
     # their own launch (norm_rope.rms_norm): one launch a norm fewer at decode
-    acts = [getattr(m.quant_method, "input_activations", None) for m in model.modules()
-            if getattr(m, "quant_method", None) is not None]
-    int8 = any(activation_kind(a) == ACT_INT8_TOKEN for a in acts)
-    # and where they take int8 activations per token and 32 features (w8a8 --act-group-size 32), the norms put their
-    # output on those grids in 16 bits (matmul_unpacked.activations_16bit) in the same launch
-    grid = any(a is not None and a.type == "int" and a.num_bits == 8 and a.dynamic and a.strategy == "group"
-               and a.group_size == ACT_GROUP for a in acts)
+    int8 = any(activation_kind(getattr(m.quant_method, "input_activations", None)) == ACT_INT8_TOKEN
+               for m in model.modules() if getattr(m, "quant_method", None) is not None)
     for module in model.modules():
         if isinstance(module, RMSNorm):
-            module.int8_rows, module.grid_rows = int8, grid
+            module.int8_rows = int8
 
 
 def _check_complete(model, params: dict, loaded: set, ckpt: Checkpoint) -> None:

@@ -81,7 +81,6 @@ def test_kernel_path_matches_reference(source, tmp_path, monkeypatch, scheme):
     # the norms quantize their output for int8 per-token layers (on CUDA: the CPU runs the torch norm)
     from lowbit.layers.norm import RMSNorm
     assert {m.int8_rows for m in model.modules() if isinstance(m, RMSNorm)} == {scheme in ("w8a8", "w4a8-int8")}
-    assert {m.grid_rows for m in model.modules() if isinstance(m, RMSNorm)} == {scheme == "w8a8:g32"}
     attention = [m for m in model.modules() if hasattr(m, "_q_kv_a")]
     # q_a_proj and kv_a_proj_with_mqa in one product (w4a8 only where their calibrated input scales agree)
     assert attention and (scheme == "w4a8" or all(m._q_kv_a is not None for m in attention))

@@ -57,29 +57,6 @@ def test_add_rms_norm_equals_the_torch_layer(dtype, rows, n):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n,residual", [(1, 64, False), (5, 2048, True), (3, 1000, True)])
-def test_grid_rows_are_what_the_groups_launch_gives_the_output(dtype, rows, n, residual):
-    """grid_rows: the norm's output unchanged, and the output on its 32-feature groups' int8 grids (attached to it,
-    read back by activations_16bit without a launch) equal to what act_quant's launch computes from that output."""
-    from lowbit.kernels import act_quant
-    from lowbit.kernels import matmul_unpacked as mu
-    x = (torch.randn(rows, n, generator=gen(n)) * 3).to(dtype).to(DEV)
-    x[0, 5] = 200.0
-    w = (torch.rand(n, generator=gen(n + 1)) + 0.5).to(dtype).to(DEV)
-    r = (torch.randn(rows, n, generator=gen(n + 2)) * 3).to(dtype).to(DEV) if residual else None
-    plain = rms_norm(x, w, 1e-6, r)
-    fused = rms_norm(x, w, 1e-6, r, grid_rows=True)
-    if residual:
-        assert torch.equal(plain[1], fused[1])
-        plain, fused = plain[0], fused[0]
-    assert torch.equal(plain, fused) and not hasattr(plain, "_grid_rows")
-    rows16 = mu.activations_16bit(fused, mu.KIND_INT8_G32)
-    assert rows16 is fused._grid_rows  # the attached rows themselves: no launch
-    launched = mu.activations_16bit(fused.clone(), mu.KIND_INT8_G32)  # a copy carries nothing: its own launch
-    assert torch.equal(rows16, launched) and not torch.equal(rows16, fused)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n,residual", [(1, 64, False), (5, 2048, True), (3, 1000, True)])
 def test_int8_rows_are_what_int8_per_token_gives_the_output(dtype, rows, n, residual):
     """int8_rows: the norm's output unchanged, and its int8 per-token codes and scales (attached to it, read back by
     int8_per_token without a launch) equal to those act_quant's own kernel computes from that output."""
