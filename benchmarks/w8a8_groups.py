@@ -3,13 +3,14 @@ product on rows put on their groups' grids in 16 bits) against w8a8 per token (K
 on one GPU, in one run: what the finer activation scales cost.
 
 The ceilings first (copy bandwidth, bf16 matrix rate: kernels.ceilings). Then R1's three dense shapes at M = 1, 16,
-64, 4096 (decode sizes replayed from a CUDA graph with the L2 flushed, as kernels.py; 4096 eagerly), each path as
-the engine calls it (UnpackedLinear: the activations' quantization launch, or quantized inside the product at one
-row; the groups' grid launch first; above 64 rows the matrix library on dequantized weights), with the heuristic configuration
-(tuning.unpacked_config) and, for the groups at one row, a sweep of configurations around it (--sweep). Last, the one-token fused MoE at R1's and V2-Lite's expert shapes, routed and shared experts as
-the engine stacks them.
+32, 64, 4096 (decode sizes replayed from a CUDA graph with the L2 flushed, as kernels.py; 4096 eagerly), each path as
+the engine calls it (UnpackedLinear: w8a8 per token's quantization launch, or its row quantized inside the product
+at one row; the groups' grid launch, then w8a16's product; above 64 rows the matrix library on dequantized weights),
+with the heuristic configuration (tuning.unpacked_config) and, for the groups at the row counts --sweep names (1
+when given alone), a sweep of configurations around it. Last, the one-token fused MoE at R1's and V2-Lite's expert
+shapes, routed and shared experts as the engine stacks them.
 
-    python benchmarks/w8a8_groups.py [--sweep] [--out benchmarks/results]
+    python benchmarks/w8a8_groups.py [--sweep [ROWS]] [--out benchmarks/results]
 Writes w8a8-groups-<device>-<date>.md (and .json).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from results_file import write_results  # noqa: E402
 from lowbit.kernels import linear, moe, tuning  # noqa: E402
 from lowbit.kernels import matmul_unpacked as mu  # noqa: E402
 
-MS = [1, 16, 64, 4096]
+MS = [1, 16, 32, 64, 4096]
 SCHEMES = ["bf16", "w8a8", "w8a8-g32"]
 
 
@@ -52,7 +53,14 @@ def dense_layer(scheme: str, N: int, K: int):
 def sweep_configs(m: int, N: int, K: int) -> list[dict]:
     base = tuning.unpacked_config(m, N, K, mu.KIND_INT8_G32)
     out = [base]
-    if m <= 64:
+    if m > 16:  # row tiles: wgmma from 64 rows (its operand tiles through shared memory), mma below
+        for bm in (16, 32, 64):
+            for bn in (32, 64, 128):
+                for stages in (3, 4):
+                    c = dict(base, BM=bm, BN=bn, num_stages=stages)
+                    if c not in out:
+                        out.append(c)
+    elif m <= 64:
         for bn in (32, 64, 128):
             for stages in (3, 4, 6):
                 for split in {base.get("SPLIT_K", 1), max(1, base.get("SPLIT_K", 1) // 2),
@@ -63,7 +71,7 @@ def sweep_configs(m: int, N: int, K: int) -> list[dict]:
     return out
 
 
-def dense_table(ceil: dict, sweep: bool) -> tuple[list[dict], list[dict]]:
+def dense_table(ceil: dict, sweep: set[int]) -> tuple[list[dict], list[dict]]:
     rows, swept = [], []
     for sname, (N, K) in kb.SHAPES.items():
         for m in MS:
@@ -72,7 +80,7 @@ def dense_table(ceil: dict, sweep: bool) -> tuple[list[dict], list[dict]]:
             for scheme in SCHEMES:
                 fn, nbytes, kind = dense_layer(scheme, N, K)
                 times[scheme] = timed(lambda fn=fn, x=x: fn(x), m)
-                if scheme == "w8a8-g32" and sweep and m == 1:
+                if scheme == "w8a8-g32" and m in sweep:
                     for cfg in sweep_configs(m, N, K):
                         try:
                             t = timed(lambda fn=fn, cfg=cfg, x=x: fn(x, cfg), m)
@@ -121,16 +129,17 @@ def moe_table(ceil: dict) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true", help="time configurations around the heuristic's (groups)")
+    ap.add_argument("--sweep", nargs="?", const="1", default="",
+                    help="time configurations around the heuristic's (groups) at these row counts (default 1)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     device = torch.cuda.get_device_name()
     ceil = kb.ceilings()
     print(f"{device}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 {ceil['bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
-    rows, swept = dense_table(ceil, args.sweep)
+    rows, swept = dense_table(ceil, {int(m) for m in args.sweep.split(",") if m})
     moe_rows = moe_table(ceil)
     L = [f"# w8a8 with int8 activation groups of 32 against w8a8 per token and cuBLAS bf16: {device}", "",
-         "`python benchmarks/w8a8_groups.py" + (" --sweep" if args.sweep else "") + "`. Copy bandwidth "
+         "`python benchmarks/w8a8_groups.py" + (f" --sweep {args.sweep}" if args.sweep else "") + "`. Copy bandwidth "
          f"{ceil['copy_GBps']:.0f} GB/s, bf16 matrix rate {ceil['bf16_TFLOPs']:.0f} TFLOP/s, both in this run. "
          "Times in us: M <= 64 replayed from a CUDA graph with the L2 flushed, M = 4096 eagerly; each path as the "
          "engine's layer calls it (the activations' quantization included), heuristic configurations.", "",

@@ -156,6 +156,13 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         # the MoE's bf16 experts at 17-64 rows each: 32 rows a block (H100, 2026-11-25, V2-Lite bf16 at 256 tokens,
         # moe-configs-paired-...-session18-batch.md: gate_up 300.4 -> 274.2 us, down 166.7 -> 148.0 against BM 64)
         cfg = dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=4)
+    elif b <= 64 and not moe and kind == mu.KIND_INT8_W16:
+        # dense int8 weights on the 16-bit tensor cores (w8a16; w8a8's activation groups) at 17-64 rows: 128 columns
+        # a block in three stages (H100, 2026-11-25, w8a8-groups-...-sweep64.md, R1's shapes at 64 rows, heuristic
+        # split: 36864x7168 182.7 -> 166.2 us, 7168x16384 85.4 -> 64.5, 7168x18432 94.9 -> 71.8; four stages
+        # lost: 199.3 / 86.3 / 95.3); K split as for 64 columns a block (the split for 128 columns, twice that on
+        # 7168 rows, measured 78.0 and 86.5 us on the last two)
+        cfg = dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=3, SPLIT_COLUMNS=64)
     elif b <= 64:
         cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
     elif not moe and b > 256 and kind == mu.KIND_FP8_BLOCK and mu.persistent_ok(k, kind):
@@ -169,7 +176,8 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         # 7168x18432); bf16 and fp8-block measured no better with three
         cfg = dict(BM=128, BN=128, BK=128 if kind else 64, num_warps=8, num_stages=3 if kind == 1 else 4)
     if not moe and b <= 64:
-        cfg["SPLIT_K"] = _split_k(cdiv(m, cfg["BM"]) * cdiv(n, cfg["BN"]), cdiv(k, cfg["BK"]))
+        columns = cfg.pop("SPLIT_COLUMNS", cfg["BN"])
+        cfg["SPLIT_K"] = _split_k(cdiv(m, cfg["BM"]) * cdiv(n, columns), cdiv(k, cfg["BK"]))
     return cfg
 
 
