@@ -23,7 +23,7 @@ def test_int8_per_token_matches_definition():
 
 def test_int8_per_token_group_matches_definition():
     """w8a8 --act-group-size 32: one scale per token and 32 features, a last partial group on its own."""
-    x = torch.randn(4, 80) * 3
+    x = torch.randn(4, 80, generator=torch.Generator().manual_seed(0)) * 3
     x[1, 40] = 500.0
     ref = x.double()
     out = torch.empty_like(ref)
@@ -32,8 +32,9 @@ def test_int8_per_token_group_matches_definition():
         s = part.abs().amax(-1, keepdim=True) / 127
         out[:, g:g + 32] = torch.round(part / s).clamp(-128, 127) * s
     assert torch.allclose(fake_quant_int8_per_token_group(x, 32).double(), out, rtol=1e-6, atol=1e-6)
-    # the outlier costs only its own group: the others keep their precision
-    assert (fake_quant_int8_per_token_group(x, 32)[1, :32] - x[1, :32]).abs().max() < 3 / 127
+    # the outlier costs only its own group: the others keep their own half step (500 / 254 where it shares a scale)
+    err = (fake_quant_int8_per_token_group(x, 32)[1, :32] - x[1, :32]).abs().max()
+    assert err <= x[1, :32].abs().max() / 254 * (1 + 1e-5) < 0.1
 
 
 def test_fp8_static_clamps_at_448_scale_units():
