@@ -94,7 +94,8 @@ def dense_table(ceil: dict, sweep: set[int]) -> tuple[list[dict], list[dict]]:
             r = {"shape": sname, "M": m, **{f"{s}_us": times[s] * 1e6 for s in SCHEMES},
                  "g32_over_bf16": times["bf16"] / times["w8a8-g32"], "g32_over_w8a8": times["w8a8"] / times["w8a8-g32"],
                  "g32_of_copy": (N * K + N * 2) / times["w8a8-g32"] / 1e9 / ceil["copy_GBps"],
-                 "config": tuning.unpacked_config(m, N, K, mu.KIND_INT8_G32)}
+                 "config": ("dequantized weights, the matrix library" if m > linear.DEQUANT_ABOVE_ROWS
+                            else tuning.unpacked_config(m, N, K, mu.KIND_INT8_G32))}
             rows.append(r)
             print(f"{sname} M={m}: bf16 {r['bf16_us']:.1f} us, w8a8 {r['w8a8_us']:.1f}, w8a8-g32 "
                   f"{r['w8a8-g32_us']:.1f} ({r['g32_over_bf16']:.2f}x bf16, {r['g32_over_w8a8']:.2f}x w8a8, "
