@@ -339,6 +339,12 @@ def check_engine_configs() -> list[str]:
                  BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=4, FIXUP=True, QUANT_IN=True, KP=mu.QUANT_IN_MAX_K)
     fits(problems, f"unpacked int8 M=1 quantizing its row, K={mu.QUANT_IN_MAX_K} {cfg}",
          inspect_unpacked("*i8", const, cfg, x="*bf16"))
+    # int8 weights on the 16-bit tensor cores at 17-64 rows (w8a16, w8a8's activation groups): a rule of their own
+    cfg = tuning.unpacked_config(64, 7168, 16384, mu.KIND_INT8_W16)
+    const = dict(KIND=mu.KIND_INT8_W16, MOE=False, FUSE_SILU=False, ROUTED_WEIGHT=False, BM=cfg["BM"], BN=cfg["BN"],
+                 BK=cfg["BK"], SPLIT_K=cfg["SPLIT_K"], FIXUP=cfg["SPLIT_K"] > 1)
+    fits(problems, f"unpacked int8 weights, 16-bit products, M=64 {cfg}",
+         inspect_unpacked("*i8", const, cfg, x="*bf16"))
     # the decode kernels around the GEMMs: each compiles (the interpreter does not check what only the compiler does)
     from lowbit.kernels import mla_prep, norm_rope, router, split_kv
     small = [
