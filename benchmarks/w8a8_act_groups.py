@@ -33,12 +33,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def int8_per_token_group(group: int):
-    def fake_quant(x: torch.Tensor) -> torch.Tensor:
-        T, n = x.shape
-        xf = F.pad(x.float(), (0, -n % group)).view(T, -1, group)
-        s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
-        return (torch.round(xf / s).clamp(-128, 127) * s).view(T, -1)[:, :n].to(x.dtype)
-    return fake_quant
+    """The runtime's grouped int8 fake quantization (w8a8 --act-group-size's) at any group size."""
+    return lambda x: methods.fake_quant_int8_per_token_group(x, group)
 
 
 def int8_per_token_asymmetric(x: torch.Tensor) -> torch.Tensor:

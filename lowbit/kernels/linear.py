@@ -75,7 +75,7 @@ class UnpackedLinear:
 
     def runs_dequantized(self, rows: int) -> bool:
         """w8a16's int8 weights and w8a8's with activation groups above DEQUANT_ABOVE_ROWS rows, as PackedLinear."""
-        return self.kind in (mu.KIND_INT8_W16, mu.KIND_INT8_G32) and rows > DEQUANT_ABOVE_ROWS
+        return mu.kernel_kind(self.kind) == mu.KIND_INT8_W16 and rows > DEQUANT_ABOVE_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_dequantized(x.shape[0]):

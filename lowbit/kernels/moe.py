@@ -222,7 +222,7 @@ def _dequantizes(w) -> bool:
     """Experts that run dequantized to 16 bits at prefill: packed ones (every packed scheme), w8a16's int8 and w8a8's
     with activation groups."""
     return isinstance(w, PackedExperts) or (isinstance(w, UnpackedExperts)
-                                            and w.kind in (mu.KIND_INT8_W16, mu.KIND_INT8_G32))
+                                            and mu.kernel_kind(w.kind) == mu.KIND_INT8_W16)
 
 
 @dataclass

@@ -147,6 +147,7 @@ def gemv_config(n: int, k: int, bits: int, moe_rows: int = 0, fuse_silu: bool = 
 def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dict:
     kind = mu.kernel_kind(kind)  # (w8a8's activation groups run w8a16's product)
     b = bucket(m)
+    split_columns = None  # the columns a block the K split is sized for (None: the block's)
     key = ("unpacked", b, n, k, kind, moe)
     if key in TUNED:
         return TUNED[key]
@@ -162,7 +163,8 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         # split: 36864x7168 182.7 -> 166.2 us, 7168x16384 85.4 -> 64.5, 7168x18432 94.9 -> 71.8; four stages
         # lost: 199.3 / 86.3 / 95.3); K split as for 64 columns a block (the split for 128 columns, twice that on
         # 7168 rows, measured 78.0 and 86.5 us on the last two)
-        cfg = dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=3, SPLIT_COLUMNS=64)
+        cfg = dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=3)
+        split_columns = 64
     elif b <= 64:
         cfg = dict(BM=64, BN=64, BK=128, num_warps=4, num_stages=4)
     elif not moe and b > 256 and kind == mu.KIND_FP8_BLOCK and mu.persistent_ok(k, kind):
@@ -176,8 +178,7 @@ def unpacked_config(m: int, n: int, k: int, kind: int, moe: bool = False) -> dic
         # 7168x18432); bf16 and fp8-block measured no better with three
         cfg = dict(BM=128, BN=128, BK=128 if kind else 64, num_warps=8, num_stages=3 if kind == 1 else 4)
     if not moe and b <= 64:
-        columns = cfg.pop("SPLIT_COLUMNS", cfg["BN"])
-        cfg["SPLIT_K"] = _split_k(cdiv(m, cfg["BM"]) * cdiv(n, columns), cdiv(k, cfg["BK"]))
+        cfg["SPLIT_K"] = _split_k(cdiv(m, cfg["BM"]) * cdiv(n, split_columns or cfg["BN"]), cdiv(k, cfg["BK"]))
     return cfg
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.kernels import linear as kl
+from lowbit.kernels.act_quant import int8_per_token_group_ref
 from lowbit.kernels.linear import kernels_enabled
 from lowbit.layers.linear import LinearBase, LinearMethod
 from lowbit.quant.formats import (FP8_MAX, dequant_float_quantized, dequant_int_quantized, dequant_pack_quantized,
@@ -58,12 +59,11 @@ def fake_quant_int8_per_token(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_int8_per_token_group(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [T, in] through int8 with one dynamic scale per token and group of `group_size` features (absmax / 127,
-    rounded half to even as the kernels: lowbit.kernels.act_quant), back to x's dtype."""
-    T, n = x.shape
-    xf = F.pad(x.float(), (0, -n % group_size)).view(T, -1, group_size)  # [T, G, g]
-    s = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / 127.0
-    return (torch.round(xf / s).clamp(-128, 127) * s).view(T, -1)[:, :n].to(x.dtype)
+    """x [..., in] through int8 with one dynamic scale per token and group of `group_size` features
+    (act_quant.int8_per_token_group_ref: absmax / 127, rounded half to even as the kernels), back to x's dtype."""
+    n = x.shape[-1]
+    q, s = int8_per_token_group_ref(x.reshape(-1, n), group_size)
+    return (q.float() * s.repeat_interleave(group_size, dim=1)[:, :n]).to(x.dtype).view(x.shape)
 
 
 def fake_quant_fp8_per_token_group(x: torch.Tensor, group_size: int) -> torch.Tensor:
